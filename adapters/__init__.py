@@ -1,0 +1,3 @@
+"""Adapters shipped with trimkit; each registers itself on import."""
+
+from . import timm_vit  # noqa: F401

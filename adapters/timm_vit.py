@@ -1,0 +1,72 @@
+"""timm's `VisionTransformer` family (ViT, DeiT, ViTs with registers, LayerScale, qk_norm…)."""
+
+from __future__ import annotations
+
+import types
+
+import torch
+from torch import nn
+
+from trimkit import Adapter, LayerDesc, ModelDescription, StreamDesc, register_adapter
+from trimkit.sites import TrimContext
+
+STREAM = "image"
+
+
+def _vit_class() -> type | None:
+    try:
+        from timm.models.vision_transformer import VisionTransformer
+    except ImportError:  # timm absent: this adapter recognises nothing
+        return None
+    return VisionTransformer
+
+
+@register_adapter
+class TimmViTAdapter(Adapter):
+    """Every block's `attn` is rewritten through fx; the prefix tokens (CLS, registers,
+    distillation token) are protected; average pooling becomes size-weighted over live tokens."""
+
+    name = "timm-vit"
+
+    def detect(self, model: nn.Module) -> bool:
+        cls = _vit_class()
+        return cls is not None and isinstance(model, cls)
+
+    def describe(self, model: nn.Module) -> ModelDescription:
+        layers = []
+        for i, blk in enumerate(model.blocks):
+            attn = getattr(blk, "attn", None)
+            if attn is None or not hasattr(attn, "num_heads"):
+                raise TypeError(f"block {i} ({type(blk).__name__}) has no `attn` with `num_heads`;"
+                                f" trimkit's timm adapter supports blocks of the Block shape")
+            layers.append(LayerDesc(block=f"blocks.{i}", attention="attn",
+                                    num_heads=attn.num_heads, dim=model.embed_dim))
+        n = None
+        if not getattr(model, "dynamic_img_size", False):
+            n = model.patch_embed.num_patches + model.num_prefix_tokens
+        stream = StreamDesc(STREAM, tuple(layers), num_tokens=n,
+                            num_protected=model.num_prefix_tokens)
+        return ModelDescription("timm-vit", {STREAM: stream})
+
+    def install(self, model, desc, sites, ctx: TrimContext):
+        undo = super().install(model, desc, sites, ctx)
+        if model.attn_pool is None and model.global_pool == "avg":
+            original = model.pool
+
+            def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
+                state = ctx.states.get(STREAM)
+                if ((pool_type or self.global_pool) != "avg" or state is None
+                        or state.keep.shape != x.shape[:2] or not (state.sized or state.has_dead)):
+                    return original(x, pool_type)
+                p = self.num_prefix_tokens
+                include = getattr(self, "pool_include_prefix", False)
+                w = state.size * state.live
+                if not include:
+                    w = w[:, p:]
+                    x = x[:, p:]
+                w = w.to(x.dtype)[..., None]
+                return (x * w).sum(1) / w.sum(1).clamp_min(1e-6)
+
+            model.__dict__["pool"] = types.MethodType(pool, model)
+            undo.append(lambda: model.__dict__.pop("pool", None))
+        return undo

@@ -1,0 +1,58 @@
+"""trimkit: token pruning, token merging and attention-head trimming for the transformers
+you already use, in one call: ``trimkit.apply(model, recipe="tome")``."""
+
+from .adapter import Adapter, install_fx_sites
+from .api import (
+    ForwardStats,
+    UnsupportedModelError,
+    apply,
+    count_flops,
+    describe,
+    find_adapter,
+    forward_stats,
+    is_applied,
+    last_stats,
+    list_adapters,
+    list_recipes,
+    remove,
+    set_mode,
+    trimming_disabled,
+)
+from .describe import LayerDesc, ModelDescription, StreamDesc
+from .recipe import Option, Recipe, SitePlan
+from .registry import register_adapter, register_recipe
+from .sites import Site, TokenOp, TrimContext
+from .state import TokenState
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Adapter",
+    "ForwardStats",
+    "LayerDesc",
+    "ModelDescription",
+    "Option",
+    "Recipe",
+    "Site",
+    "SitePlan",
+    "StreamDesc",
+    "TokenOp",
+    "TokenState",
+    "TrimContext",
+    "UnsupportedModelError",
+    "apply",
+    "count_flops",
+    "describe",
+    "find_adapter",
+    "forward_stats",
+    "install_fx_sites",
+    "is_applied",
+    "last_stats",
+    "list_adapters",
+    "list_recipes",
+    "register_adapter",
+    "register_recipe",
+    "remove",
+    "set_mode",
+    "trimming_disabled",
+]

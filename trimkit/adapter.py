@@ -1,0 +1,104 @@
+"""The `Adapter` base: how one model family is laid out, and how sites get into its forward.
+
+A family whose blocks trace with `torch.fx` needs only `detect` and `describe`: the default
+`install` rewrites each layer's attention module and block through the engine's fx pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .describe import ModelDescription
+from .rewrite import (
+    RewriteError,
+    find_attention,
+    insert_after_residual,
+    insert_at_input,
+    patch_forward,
+)
+from .sites import Site, TrimContext
+
+__all__ = ["Adapter", "Undo", "install_fx_sites"]
+
+Undo = Callable[[], None]
+
+
+class Adapter:
+    """Base class of adapters. Subclass, set ``name``, implement `detect` and `describe`."""
+
+    name: str = ""
+
+    def detect(self, model: nn.Module) -> bool:
+        """Whether ``model`` belongs to this family."""
+        raise NotImplementedError
+
+    def describe(self, model: nn.Module) -> ModelDescription:
+        """The model's streams, layers, heads and protected tokens."""
+        raise NotImplementedError
+
+    def install(self, model: nn.Module, desc: ModelDescription, sites: dict[tuple[str, int], Site],
+                ctx: TrimContext) -> list[Undo]:
+        """Put ``sites`` into the model's forward; return what undoes it, in order."""
+        return install_fx_sites(model, desc, sites)
+
+
+def _route_attention(site: Site) -> Callable[[fx.GraphModule], None]:
+    def edit(gm: fx.GraphModule) -> None:
+        found = find_attention(gm)
+        if len(found) != 1:
+            raise RewriteError(f"expected one attention product in {type(gm).__name__}, "
+                               f"found {len(found)}")
+        spec = found[0]
+        gm.add_submodule("trimkit_core", site.core)
+        dropout = spec["dropout"]
+        if isinstance(dropout, str):
+            mod = gm.get_submodule(dropout)
+            dropout = float(getattr(mod, "p", 0.0)) if mod.training else 0.0
+        out = spec["out"]
+        with gm.graph.inserting_before(out):
+            new = gm.graph.call_module("trimkit_core", (spec["q"], spec["k"], spec["v"]), dict(
+                attn_mask=spec["attn_mask"], dropout_p=dropout, is_causal=spec["is_causal"],
+                scale=spec["scale"]))
+        out.replace_all_uses_with(new)
+        gm.graph.erase_node(out)
+        for node in spec["erase"]:
+            if not node.users:
+                gm.graph.erase_node(node)
+        gm.graph.eliminate_dead_code()
+    return edit
+
+
+def _route_block(site: Site, attention: str, stream_arg: int) -> Callable[[fx.GraphModule], None]:
+    def edit(gm: fx.GraphModule) -> None:
+        gm.add_submodule("trimkit_enter", site.enter)
+        gm.add_submodule("trimkit_leave", site.leave)
+        insert_at_input(gm, "trimkit_enter", stream_arg)
+        insert_after_residual(gm, attention, "trimkit_leave")
+    return edit
+
+
+def install_fx_sites(model: nn.Module, desc: ModelDescription,
+                     sites: dict[tuple[str, int], Site]) -> list[Undo]:
+    """Rewrite every described layer's block and attention module with its site."""
+    undo: list[Undo] = []
+    try:
+        for stream in desc.streams.values():
+            for i, layer in enumerate(stream.layers):
+                site = sites[(stream.name, i)]
+                block = model.get_submodule(layer.block)
+                attn = block.get_submodule(layer.attention)
+                x = torch.zeros(1, 4, layer.dim)
+                undo.append(patch_forward(attn, _route_attention(site), (x,)).undo)
+                example = [x] if layer.stream_arg == 0 else [None] * layer.stream_arg + [x]
+                undo.append(patch_forward(
+                    block, _route_block(site, layer.attention, layer.stream_arg),
+                    tuple(example)).undo)
+    except Exception:
+        for u in reversed(undo):
+            u()
+        raise
+    return undo

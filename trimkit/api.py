@@ -1,0 +1,195 @@
+"""The public entry points: `apply`, `remove`, listings, statistics and FLOPs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .adapter import Adapter, Undo
+from .describe import ModelDescription
+from .registry import ADAPTERS, RECIPES, _load_builtins
+from .sites import MODES, LayerStats, Site, TrimContext
+
+__all__ = [
+    "Applied",
+    "ForwardStats",
+    "UnsupportedModelError",
+    "apply",
+    "count_flops",
+    "describe",
+    "find_adapter",
+    "forward_stats",
+    "is_applied",
+    "last_stats",
+    "list_adapters",
+    "list_recipes",
+    "remove",
+    "set_mode",
+    "trimming_disabled",
+]
+
+SITES_ATTR = "trimkit"
+STATE_ATTR = "_trimkit_applied"
+
+
+class UnsupportedModelError(TypeError):
+    """No registered adapter recognises the model."""
+
+
+@dataclass
+class Applied:
+    """What `apply` did to one model, kept on the instance so `remove` can undo it."""
+
+    recipe: str
+    options: dict[str, Any]
+    adapter: str
+    description: ModelDescription
+    ctx: TrimContext
+    undo: list[Undo] = field(default_factory=list)
+
+
+def list_adapters() -> list[str]:
+    """Names of the registered adapters."""
+    _load_builtins()
+    return sorted(ADAPTERS)
+
+
+def list_recipes() -> list[str]:
+    """Names of the registered recipes."""
+    _load_builtins()
+    return sorted(RECIPES)
+
+
+def find_adapter(model: nn.Module) -> Adapter:
+    """The adapter that recognises ``model``, or `UnsupportedModelError` saying what exists."""
+    _load_builtins()
+    for adapter in ADAPTERS.values():
+        if adapter.detect(model):
+            return adapter
+    raise UnsupportedModelError(
+        f"trimkit has no adapter for {type(model).__module__}.{type(model).__qualname__}. "
+        f"Adapters: {', '.join(sorted(ADAPTERS))}. To add one, subclass trimkit.Adapter, "
+        f"implement detect() and describe(), and decorate it with @trimkit.register_adapter "
+        f"(see docs/architecture.md).")
+
+
+def describe(model: nn.Module) -> ModelDescription:
+    """The adapter's description of ``model`` (streams, layers, heads, protected tokens)."""
+    return find_adapter(model).describe(model)
+
+
+def is_applied(model: nn.Module) -> bool:
+    """Whether ``model`` currently carries trimkit's sites."""
+    return STATE_ATTR in model.__dict__
+
+
+def _applied(model: nn.Module) -> Applied:
+    if not is_applied(model):
+        raise ValueError("this model has no trimming applied; call trimkit.apply(model, ...) first")
+    return model.__dict__[STATE_ATTR]
+
+
+def apply(model: nn.Module, recipe: str = "tome", *, mode: str = "auto",
+          track_source: bool = False, **overrides: Any) -> nn.Module:
+    """Insert ``recipe``'s trimmers into ``model`` (in place) and return it.
+
+    ``mode`` is ``"auto"`` (masked in training, compacted in eval), ``"masked"`` or
+    ``"compacted"``; ``track_source`` records which input tokens each token covers (for
+    pictures). Every recipe default can be overridden by keyword. Nothing is changed
+    unless everything checks out: errors leave the model as it was.
+    """
+    _load_builtins()
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; recipes: {', '.join(sorted(RECIPES))}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if is_applied(model):
+        raise ValueError(f"this model already has recipe {_applied(model).recipe!r} applied; "
+                         f"call trimkit.remove(model) first")
+    adapter = find_adapter(model)
+    rec = RECIPES[recipe]
+    options = rec.resolve(overrides)
+    desc = adapter.describe(model)
+    plan = rec.plan(desc, options)
+    ctx = TrimContext(mode=mode, track_source=track_source,
+                      protected={s.name: s.num_protected for s in desc.streams.values()})
+    sites: dict[tuple[str, int], Site] = {}
+    for stream in desc.streams.values():
+        for i, layer in enumerate(stream.layers):
+            p = plan.get((stream.name, i))
+            site = Site(stream.name, i, layer.num_heads, first=(i == 0),
+                        pre=p.pre if p else None, post=p.post if p else None,
+                        proportional=p.proportional if p else False)
+            site.ctx = ctx
+            sites[(stream.name, i)] = site
+    undo = adapter.install(model, desc, sites, ctx)
+    container = nn.ModuleDict({f"{s}_{i}": site for (s, i), site in sites.items()})
+    container.train(model.training)
+    model.add_module(SITES_ATTR, container)
+    model.__dict__[STATE_ATTR] = Applied(recipe, options, adapter.name, desc, ctx, undo)
+    return model
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Undo `apply`: the original forward, submodules and ``state_dict``, bit for bit."""
+    applied = _applied(model)
+    for u in reversed(applied.undo):
+        u()
+    del model._modules[SITES_ATTR]
+    del model.__dict__[STATE_ATTR]
+    return model
+
+
+def set_mode(model: nn.Module, mode: str) -> None:
+    """Switch execution: ``"masked"``, ``"compacted"`` or ``"auto"``."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    _applied(model).ctx.mode = mode
+
+
+class trimming_disabled:
+    """Context manager: run ``model`` untrimmed (e.g. the self-distillation teacher)."""
+
+    def __init__(self, model: nn.Module):
+        self.ctx = _applied(model).ctx
+
+    def __enter__(self) -> None:
+        self.was, self.ctx.enabled = self.ctx.enabled, False
+
+    def __exit__(self, *exc: object) -> None:
+        self.ctx.enabled = self.was
+
+
+@dataclass
+class ForwardStats:
+    """Per-layer live tokens and heads of one forward, and its FLOPs if they were counted."""
+
+    layers: list[LayerStats]
+    flops: int | None = None
+
+    def table(self) -> list[dict]:
+        return [s.as_dict() for s in self.layers]
+
+
+def last_stats(model: nn.Module) -> ForwardStats:
+    """Statistics of the last forward of a trimmed model (no FLOPs: see `forward_stats`)."""
+    return ForwardStats(list(_applied(model).ctx.stats))
+
+
+def count_flops(model: nn.Module, *args: Any, **kwargs: Any) -> int:
+    """FLOPs of one forward of ``model`` (trimmed or not), trimmers' own work included."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(*args, **kwargs)
+    return int(counter.get_total_flops())
+
+
+def forward_stats(model: nn.Module, *args: Any, **kwargs: Any) -> ForwardStats:
+    """Run one forward and return its per-layer statistics with its FLOPs."""
+    flops = count_flops(model, *args, **kwargs)
+    stats = last_stats(model) if is_applied(model) else ForwardStats([])
+    stats.flops = flops
+    return stats

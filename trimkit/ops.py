@@ -1,0 +1,273 @@
+"""Pure tensor functions for trimming tokens. They know no model and no module.
+
+Every decision is applied in *masked* form first: tokens stay in place, dropped ones get
+``keep = 0`` and merged ones hand their value and size to their destination. `compact`
+then gathers the live tokens away for real. Compacted execution is therefore "masked, then
+gathered", and the two agree by construction.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import torch
+
+from .state import TokenState
+
+__all__ = [
+    "NEG",
+    "attention_bias",
+    "bipartite_soft_matching",
+    "compact",
+    "drop_tokens",
+    "fuse_tokens",
+    "gumbel_sigmoid_st",
+    "masked_softmax",
+    "merge_tokens",
+    "query_attention",
+    "topk_by_score",
+]
+
+
+def NEG(dtype: torch.dtype) -> float:
+    """A large negative logit that stays finite when up to four of them are added."""
+    return torch.finfo(dtype).min / 4
+
+
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Softmax over ``mask``-ed entries; a row with every entry masked gives zeros, never NaN."""
+    filled = scores.masked_fill(~mask, NEG(scores.dtype))
+    return torch.softmax(filled, dim=dim) * mask
+
+
+def gumbel_sigmoid_st(
+    logits: torch.Tensor, tau: float = 1.0, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Two-way Gumbel-softmax with the straight-through estimator.
+
+    The forward value is a hard 0/1 keep mask; the gradient is that of the soft sample
+    ``sigmoid((logits + g1 - g2) / tau)``. The difference of two Gumbels is a logistic variable.
+    """
+    u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
+    u = u.clamp(1e-6, 1 - 1e-6)
+    soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / tau)
+    hard = (soft > 0.5).to(soft.dtype)
+    return hard - soft.detach() + soft
+
+
+def attention_bias(state: TokenState, dtype: torch.dtype, proportional: bool) -> torch.Tensor | None:
+    """Additive key bias B×1×1×N from ``keep`` (dead keys) and, if ``proportional``, log(size).
+
+    Returns ``None`` when it would be all zeros, so attention runs unmasked. A soft ``keep``
+    that carries gradient enters as ``log(keep)`` so the gradient reaches the trimmer.
+    """
+    parts = []
+    keep = state.keep
+    if keep.dtype == torch.bool:
+        if state.has_dead:
+            parts.append(torch.zeros(keep.shape, dtype=dtype, device=keep.device)
+                         .masked_fill(~keep, NEG(dtype)))
+    elif keep.requires_grad:
+        parts.append(torch.log(keep.float() + 1e-20).to(dtype))
+    elif state.has_dead:
+        parts.append(torch.where(keep > 0, torch.log(keep.float().clamp_min(1e-20)),
+                                 NEG(torch.float32)).to(dtype))
+    if proportional and state.sized:
+        parts.append(torch.log(state.size.float()).to(dtype))
+    if not parts:
+        return None
+    bias = parts[0] if len(parts) == 1 else parts[0] + parts[1]
+    return bias[:, None, None, :]
+
+
+def query_attention(
+    q_rows: torch.Tensor,
+    k: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: float,
+    row_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention that a few query rows pay every key, averaged over heads and rows: B×N.
+
+    Computes only ``q_rows · kᵀ`` (B×H×R×N), never the full attention map, so the main
+    attention can stay on a fused kernel. ``row_weights`` (B×R) weighs the rows (e.g. zero
+    for padding queries); by default rows count equally.
+    """
+    logits = torch.matmul(q_rows, k.transpose(-2, -1)) * scale
+    if bias is not None:
+        logits = logits + bias
+    probs = torch.softmax(logits.float(), dim=-1).mean(1)  # B×R×N
+    if row_weights is None:
+        return probs.mean(1)
+    w = row_weights.float()
+    return (probs * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1e-6)
+
+
+def _slot_map(state: TokenState) -> torch.Tensor:
+    b, n = state.keep.shape
+    return torch.arange(n, device=state.keep.device).expand(b, n).clone()
+
+
+def _remap_source(source: torch.Tensor | None, slot_map: torch.Tensor) -> torch.Tensor | None:
+    """Follow each entry token to its new slot; -1 stays -1."""
+    if source is None:
+        return None
+    new = slot_map.gather(1, source.clamp_min(0))
+    return new.masked_fill(source < 0, -1)
+
+
+def _dead(keep: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    return keep.masked_fill(where, False if keep.dtype == torch.bool else 0.0)
+
+
+def drop_tokens(state: TokenState, drop: torch.Tensor) -> TokenState:
+    """Mark ``drop`` (B×N bool) dead. Protected tokens are never dropped."""
+    drop = drop & ~state.protected
+    source = None
+    if state.source is not None:
+        source = _remap_source(state.source, _slot_map(state).masked_fill(drop, -1))
+    return replace(state, keep=_dead(state.keep, drop), source=source, has_dead=True)
+
+
+def bipartite_soft_matching(
+    metric: torch.Tensor, r: int, eligible: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ToMe's matching among ``eligible`` tokens (B×N bool): returns ``(src, dst, valid)``, B×r'.
+
+    Eligible tokens are split alternately by their rank among eligible ones into sets A and
+    B; each A token is linked to its most similar B token (cosine of ``metric``); the ``r``
+    strongest links are merged, A into B. A sample with E eligible tokens merges at most
+    ``ceil(E / 2)`` (none if E < 2); ``valid`` marks which of the r' returned pairs are real.
+    """
+    bsz, n, _ = metric.shape
+    rank = eligible.cumsum(1) - 1
+    is_a = eligible & (rank % 2 == 0)
+    is_b = eligible & (rank % 2 == 1)
+    n_b = is_b.sum(1)
+    r_each = torch.where(n_b > 0, is_a.sum(1), 0).clamp(max=r)
+    r_top = int(r_each.max()) if r > 0 else 0
+    if r_top == 0:
+        empty = torch.zeros(bsz, 0, dtype=torch.long, device=metric.device)
+        return empty, empty, empty.bool()
+    n_a_max, n_b_max = int(is_a.sum(1).max()), int(n_b.max())
+    a_idx = torch.argsort((~is_a).to(torch.uint8), dim=1, stable=True)[:, :n_a_max]
+    b_idx = torch.argsort((~is_b).to(torch.uint8), dim=1, stable=True)[:, :n_b_max]
+    m = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    d = m.shape[-1]
+    a = m.gather(1, a_idx[..., None].expand(-1, -1, d))
+    bm = m.gather(1, b_idx[..., None].expand(-1, -1, d))
+    scores = a @ bm.transpose(-1, -2)
+    ok = is_a.gather(1, a_idx)[:, :, None] & is_b.gather(1, b_idx)[:, None, :]
+    scores = scores.masked_fill(~ok, -math.inf)
+    node_max, node_j = scores.max(dim=-1)
+    order = torch.argsort(node_max, dim=-1, descending=True, stable=True)[:, :r_top]
+    src = a_idx.gather(1, order)
+    dst = b_idx.gather(1, node_j.gather(1, order))
+    valid = torch.arange(r_top, device=metric.device)[None, :] < r_each[:, None]
+    return src, dst, valid
+
+
+def merge_tokens(
+    state: TokenState, src: torch.Tensor, dst: torch.Tensor, valid: torch.Tensor
+) -> TokenState:
+    """Merge token ``src[b, i]`` into ``dst[b, i]`` where ``valid``: size-weighted average.
+
+    Sources become dead; destinations carry the summed size. Total size is conserved.
+    """
+    if src.shape[1] == 0:
+        return state
+    x, size = state.x, state.size
+    d = x.shape[-1]
+    w = size.gather(1, src) * valid.to(size.dtype)
+    idx = dst[..., None].expand(-1, -1, d)
+    moved = x.gather(1, src[..., None].expand(-1, -1, d)) * w[..., None]
+    new_size = size.scatter_add(1, dst, w)
+    total = (x * size[..., None]).scatter_add(1, idx, moved)
+    new_x = total / new_size[..., None]
+    gone = torch.zeros(state.keep.shape, dtype=torch.bool, device=x.device)
+    gone = gone.scatter(1, src, valid)
+    source = None
+    if state.source is not None:
+        smap = _slot_map(state).scatter(1, src, torch.where(valid, dst, src))
+        source = _remap_source(state.source, smap)
+    return replace(state, x=new_x, size=new_size, keep=_dead(state.keep, gone), source=source,
+                   sized=True, has_dead=True)
+
+
+def topk_by_score(scores: torch.Tensor, keep_ratio: float, eligible: torch.Tensor) -> torch.Tensor:
+    """B×N bool of the eligible tokens to keep: the top ``ceil(keep_ratio · E)`` by score.
+
+    E counts each sample's eligible tokens; at least one is kept where E > 0. Ties go to the
+    earlier position, so the choice is deterministic.
+    """
+    n = scores.shape[1]
+    counts = eligible.sum(1)
+    k = torch.ceil(counts.to(torch.float64) * keep_ratio).long().clamp(min=1)
+    k = torch.minimum(k, counts)
+    masked = scores.float().masked_fill(~eligible, -math.inf)
+    order = torch.argsort(masked, dim=1, descending=True, stable=True)
+    ranks = torch.empty_like(order).scatter_(
+        1, order, torch.arange(n, device=scores.device).expand_as(order))
+    return (ranks < k[:, None]) & eligible
+
+
+def fuse_tokens(state: TokenState, drop: torch.Tensor, weights: torch.Tensor) -> TokenState:
+    """Drop ``drop`` and fuse the dropped tokens of each sample into one (EViT).
+
+    The fused token is their average weighted by ``weights`` (e.g. the attention CLS paid
+    them), carries their summed size, and takes the slot of the first dropped token.
+    """
+    drop = drop & ~state.protected & state.live
+    has = drop.any(1)
+    first = torch.argmax(drop.to(torch.uint8), dim=1)[:, None]  # B×1
+    w = weights.float().masked_fill(~drop, 0.0)
+    w = w / w.sum(1, keepdim=True).clamp_min(1e-12)
+    fused = torch.einsum("bn,bnd->bd", w.to(state.x.dtype), state.x)[:, None]
+    fused_size = (state.size * drop).sum(1, keepdim=True)
+    d = state.x.shape[-1]
+    slot_x = first[..., None].expand(-1, -1, d)
+    hx = has[:, None]
+    x = state.x.scatter(1, slot_x, torch.where(hx[..., None], fused, state.x.gather(1, slot_x)))
+    size = state.size.scatter(1, first, torch.where(hx, fused_size, state.size.gather(1, first)))
+    gone = drop.scatter(1, first, torch.zeros_like(hx))
+    keep = _dead(state.keep, gone)
+    if keep.dtype != torch.bool:
+        keep = keep.scatter(1, first, torch.where(hx, 1.0, keep.gather(1, first)))
+    source = None
+    if state.source is not None:
+        smap = _slot_map(state)
+        smap = torch.where(drop, first.expand_as(smap), smap)
+        source = _remap_source(state.source, smap)
+    return replace(state, x=x, size=size, keep=keep, source=source, sized=True, has_dead=True)
+
+
+def compact(state: TokenState) -> tuple[TokenState, torch.Tensor | None]:
+    """Gather the live tokens away, in order, padding to the batch's longest survivor.
+
+    Returns the new state and the B×M gather index (``None`` if nothing was dead). Padding
+    slots are dead (``keep`` False / 0) and unprotected.
+    """
+    if not state.has_dead:
+        return state, None
+    live = state.live
+    counts = live.sum(1)
+    m = int(counts.max())
+    b, n = live.shape
+    idx = torch.argsort((~live).to(torch.uint8), dim=1, stable=True)[:, :m]
+    pad = torch.arange(m, device=live.device)[None, :] >= counts[:, None]
+    d = state.x.shape[-1]
+    x = state.x.gather(1, idx[..., None].expand(-1, -1, d))
+    keep = _dead(state.keep.gather(1, idx), pad)
+    size = state.size.gather(1, idx).masked_fill(pad, 1.0)
+    protected = state.protected.gather(1, idx) & ~pad
+    source = None
+    if state.source is not None:
+        slots = torch.arange(m, device=live.device).expand(b, m).masked_fill(pad, -1)
+        smap = torch.full((b, n), -1, dtype=torch.long, device=live.device).scatter(1, idx, slots)
+        source = _remap_source(state.source, smap)
+    has_dead = bool(pad.any())
+    if keep.dtype != torch.bool and not has_dead:
+        has_dead = bool((keep <= 0).any())
+    return replace(state, x=x, keep=keep, size=size, protected=protected, source=source,
+                   has_dead=has_dead), idx

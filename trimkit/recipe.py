@@ -1,0 +1,56 @@
+"""The `Recipe` base: which trimmers go where, with which defaults, checked before anything moves."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .describe import ModelDescription
+from .sites import TokenOp
+
+__all__ = ["Option", "Recipe", "SitePlan", "check_ratio"]
+
+
+@dataclass(frozen=True)
+class Option:
+    """A recipe option: its default and what it means (shown by ``trimkit recipes``)."""
+
+    default: Any
+    help: str
+
+
+@dataclass
+class SitePlan:
+    """What one layer's site does."""
+
+    pre: list[TokenOp] = field(default_factory=list)
+    post: list[TokenOp] = field(default_factory=list)
+    proportional: bool = False
+
+
+def check_ratio(name: str, value: Any) -> float:
+    """``value`` as a float in (0, 1], else a `ValueError` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
+    return float(value)
+
+
+class Recipe:
+    """Base class of recipes. Subclass, set ``name`` and ``options``, implement `plan`."""
+
+    name: str = ""
+    summary: str = ""
+    options: dict[str, Option] = {}
+
+    def resolve(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        """Defaults updated by ``overrides``; an unknown keyword is a `ValueError` naming it."""
+        unknown = sorted(set(overrides) - set(self.options))
+        if unknown:
+            raise ValueError(f"recipe {self.name!r} has no option {unknown[0]!r}; its options "
+                             f"are: {', '.join(sorted(self.options)) or '(none)'}")
+        return {k: overrides.get(k, o.default) for k, o in self.options.items()}
+
+    def plan(self, desc: ModelDescription, options: dict[str, Any]) -> dict[tuple[str, int], SitePlan]:
+        """A `SitePlan` per (stream, layer index) that does something; raises `ValueError`
+        for options that do not fit this model."""
+        raise NotImplementedError

@@ -1,0 +1,259 @@
+"""The rewrite pass: `torch.fx` puts trimming sites into a module's own forward.
+
+A module is traced (its children as leaves), the graph is edited, and the result is set as
+that *instance's* ``forward``; the class and every other instance are untouched, and
+`Patch.undo` deletes the instance attribute again. Traces are specialised on the training
+flag and on every non-tensor argument (``None`` masks, ``is_causal`` flags…), one cached
+graph per combination, so a branch taken at trace time is always the right one.
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "Patch",
+    "RewriteError",
+    "find_attention",
+    "insert_after_residual",
+    "insert_at_input",
+    "patch_forward",
+]
+
+GraphEdit = Callable[[fx.GraphModule], None]
+
+
+class RewriteError(RuntimeError):
+    """A module's graph does not have the shape a trimming site needs."""
+
+
+class _ChildrenAsLeaves(fx.Tracer):
+    def __init__(self, root: nn.Module):
+        super().__init__()
+        self._children = {id(m) for m in root.children()}
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return id(m) in self._children or super().is_leaf_module(m, qualname)
+
+
+def _key_of(value: object) -> object:
+    if isinstance(value, torch.Tensor):
+        return torch.Tensor
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, tuple) and all(isinstance(v, (bool, int, float, str)) for v in value):
+        return value
+    raise RewriteError(f"cannot specialise a trimmed forward on an argument of type "
+                       f"{type(value).__name__}")
+
+
+class _Specialised:
+    """The forward installed on one instance: picks (or traces) the graph for this call."""
+
+    def __init__(self, module: nn.Module, edit: GraphEdit):
+        self.module = module
+        self.edit = edit
+        self.signature = inspect.signature(type(module).forward)
+        self.cache: dict[tuple, fx.GraphModule] = {}
+
+    def _bind(self, args: tuple, kwargs: dict) -> inspect.BoundArguments:
+        bound = self.signature.bind(self.module, *args, **kwargs)
+        bound.apply_defaults()
+        return bound
+
+    def trace(self, args: tuple, kwargs: dict) -> tuple[fx.GraphModule, inspect.BoundArguments]:
+        bound = self._bind(args, kwargs)
+        concrete = {name: value for name, value in list(bound.arguments.items())[1:]
+                    if not isinstance(value, torch.Tensor)}
+        key = (self.module.training, tuple(sorted((k, _key_of(v)) for k, v in concrete.items())))
+        gm = self.cache.get(key)
+        if gm is None:
+            graph = _ChildrenAsLeaves(self.module).trace(self.module, concrete_args=concrete)
+            gm = fx.GraphModule(self.module, graph, class_name=type(self.module).__name__)
+            self.edit(gm)
+            gm.graph.lint()
+            gm.recompile()
+            self.cache[key] = gm
+        return gm, bound
+
+    def __call__(self, *args, **kwargs):
+        gm, bound = self.trace(args, kwargs)
+        # positional: fx renames specialised parameters, so keywords would not match
+        return gm(*bound.args[1:], **bound.kwargs)
+
+
+@dataclass
+class Patch:
+    """One instance's rewritten forward; `undo` restores the original."""
+
+    module: nn.Module
+    forward: _Specialised
+
+    def undo(self) -> None:
+        if self.module.__dict__.get("forward") is self.forward:
+            del self.module.__dict__["forward"]
+
+
+def patch_forward(module: nn.Module, edit: GraphEdit, example: tuple = (), **kw) -> Patch:
+    """Install on ``module`` (this instance only) a forward traced and edited by ``edit``.
+
+    ``example`` (positional arguments, tensors may be any shape) is traced right away so
+    that a module that cannot be rewritten fails here, not on its first call.
+    """
+    if "forward" in module.__dict__:
+        raise RewriteError(f"{type(module).__name__} already has a per-instance forward")
+    spec = _Specialised(module, edit)
+    if example or kw:
+        was = {m: m.training for m in module.modules()}
+        try:
+            spec.trace(example, kw)
+        finally:
+            for m, t in was.items():
+                m.training = t
+    module.__dict__["forward"] = spec
+    return Patch(module, spec)
+
+
+# ---------------------------------------------------------------------------- graph edits
+
+_SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
+_MATMUL = {operator.matmul, torch.matmul, torch.bmm}
+_ADD = {operator.add, torch.add, operator.iadd}
+
+
+def _is_call(node: fx.Node, fns: set, methods: tuple[str, ...] = ()) -> bool:
+    if node.op == "call_function" and node.target in fns:
+        return True
+    return node.op == "call_method" and node.target in methods
+
+
+def _transposed_key(node: fx.Node) -> fx.Node | None:
+    """``k`` if ``node`` is ``k.transpose(-2, -1)`` (or ``-1, -2``), else None."""
+    if _is_call(node, {torch.transpose}, ("transpose",)):
+        dims = tuple(node.args[1:3])
+        if sorted(dims) in ([-2, -1], [2, 3]):
+            return node.args[0]
+    if _is_call(node, set(), ("mT",)):
+        return node.args[0]
+    return None
+
+
+def find_attention(gm: fx.GraphModule) -> list[dict]:
+    """Every attention product in ``gm``, as the arguments of an SDPA-like call.
+
+    Two shapes are recognised: a call of ``scaled_dot_product_attention``, and the explicit
+    ``softmax(q @ kᵀ [* s] [+ mask]) [→ dropout] @ v``. Each result names the node whose
+    output is the attention product (``out``) and its ``q, k, v, attn_mask, scale,
+    dropout`` (nodes or constants; ``dropout`` is a dropout module's target or a float).
+    """
+    found = []
+    for node in gm.graph.nodes:
+        if _is_call(node, _SDPA):
+            names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale"]
+            spec = dict(zip(names, node.args))
+            spec.update(node.kwargs)
+            found.append(dict(out=node, q=spec["query"], k=spec["key"], v=spec["value"],
+                              attn_mask=spec.get("attn_mask"), dropout=spec.get("dropout_p", 0.0),
+                              is_causal=spec.get("is_causal", False), scale=spec.get("scale"),
+                              erase=[]))
+        elif _is_call(node, {torch.softmax, F.softmax}, ("softmax",)):
+            spec = _explicit_attention(node)
+            if spec is not None:
+                found.append(spec)
+    return found
+
+
+def _explicit_attention(softmax: fx.Node) -> dict | None:
+    dim = softmax.kwargs.get("dim", softmax.args[1] if len(softmax.args) > 1 else None)
+    if dim not in (-1, 3):
+        return None
+    node, mask, scale, chain = softmax.args[0], None, 1.0, [softmax]
+    while isinstance(node, fx.Node) and not _is_call(node, _MATMUL, ("matmul",)):
+        chain.append(node)
+        if _is_call(node, _ADD, ("add", "__add__")) and len(node.args) == 2:
+            node, mask = node.args
+        elif (_is_call(node, {operator.mul, torch.mul}, ("mul",)) and len(node.args) == 2
+              and isinstance(node.args[1], (int, float))):
+            scale, node = scale * node.args[1], node.args[0]
+        elif (_is_call(node, {operator.truediv, torch.div}, ("div",)) and len(node.args) == 2
+              and isinstance(node.args[1], (int, float))):
+            scale, node = scale / node.args[1], node.args[0]
+        else:
+            return None
+    if not isinstance(node, fx.Node):
+        return None
+    chain.append(node)
+    q, kt = node.args[:2]
+    k = _transposed_key(kt) if isinstance(kt, fx.Node) else None
+    if k is None:
+        return None
+    probs, dropout = softmax, 0.0
+    users = list(probs.users)
+    if len(users) == 1 and users[0].op == "call_module":
+        probs, dropout = users[0], users[0].target
+        chain.append(probs)
+        users = list(probs.users)
+    if len(users) != 1 or not _is_call(users[0], _MATMUL, ("matmul",)) or users[0].args[0] is not probs:
+        return None
+    out = users[0]
+    return dict(out=out, q=q, k=k, v=out.args[1], attn_mask=mask, dropout=dropout,
+                is_causal=False, scale=scale, erase=chain)
+
+
+def _depends_on(node: fx.Node, target: fx.Node) -> bool:
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n is target:
+            return True
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(a for a in n.all_input_nodes)
+    return False
+
+
+def insert_at_input(gm: fx.GraphModule, submodule: str, index: int = 0) -> None:
+    """Route the ``index``-th placeholder of ``gm`` through ``gm.<submodule>`` first."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    x = placeholders[index]
+    anchor = placeholders[-1]
+    with gm.graph.inserting_after(anchor):
+        new = gm.graph.call_module(submodule, (x,))
+    x.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
+
+
+def insert_after_residual(gm: fx.GraphModule, after_module: str, submodule: str) -> None:
+    """Route the residual sum that follows ``after_module``'s call through ``gm.<submodule>``.
+
+    The residual sum is the first addition downstream of that call whose other operand does
+    not depend on it (``x + f(attn(x))``, pre-norm or post-norm alike).
+    """
+    calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == after_module]
+    if len(calls) != 1:
+        raise RewriteError(f"expected one call of {after_module!r} in the traced forward, "
+                           f"found {len(calls)}")
+    call = calls[0]
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    candidates = []
+    for node in gm.graph.nodes:
+        if (order[node] > order[call] and _is_call(node, _ADD, ("add", "__add__"))
+                and len(node.all_input_nodes) == 2):
+            a, b = node.all_input_nodes
+            da, db = _depends_on(a, call), _depends_on(b, call)
+            if da != db:
+                candidates.append(node)
+    if not candidates:
+        raise RewriteError(f"no residual addition follows {after_module!r}")
+    res = candidates[0]
+    with gm.graph.inserting_after(res):
+        new = gm.graph.call_module(submodule, (res,))
+    res.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)

@@ -1,0 +1,195 @@
+"""Trimming sites: the three points of a layer where trimmers act, and the per-forward context.
+
+A `Site` belongs to one layer of one stream. Its three small modules are what the rewrite
+pass (or an attention hook) calls from inside the model's own forward:
+
+- ``site.enter(x)`` at the layer's input: starts or fetches the stream's `TokenState`, runs
+  the *pre* token ops (trimmers that decide before attention), compacts;
+- ``site.core(q, k, v, …)`` in place of the attention product: adds the key bias (dead keys,
+  log-size), records what the ops asked for (mean keys, the attention a query row pays),
+  applies head gates, and stays on ``scaled_dot_product_attention``;
+- ``site.leave(x)`` after the attention's residual sum: runs the *post* ops (merging,
+  score-based pruning), compacts, records statistics.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ops import NEG, attention_bias, compact, query_attention
+from .state import TokenState
+
+__all__ = ["LayerStats", "Site", "TokenOp", "TrimContext"]
+
+MODES = ("auto", "masked", "compacted")
+
+
+class TokenOp(nn.Module):
+    """A trimmer that turns one `TokenState` into the next, in masked form.
+
+    ``needs`` names what the attention core must record for it: ``"keys"`` (B×N×d, keys
+    averaged over heads) and/or ``"query_scores"`` (B×N, attention the query rows pay).
+    """
+
+    needs: frozenset[str] = frozenset()
+
+    def forward(self, state: TokenState, site: Site) -> TokenState:  # pragma: no cover
+        raise NotImplementedError
+
+
+@dataclass
+class LayerStats:
+    """Live tokens (per sample) entering a layer's attention and leaving the layer."""
+
+    stream: str
+    layer: int
+    tokens_in: torch.Tensor
+    tokens_out: torch.Tensor
+    heads: int
+
+    def as_dict(self) -> dict:
+        return dict(stream=self.stream, layer=self.layer, heads=self.heads,
+                    tokens_in=self.tokens_in.float().mean().item(),
+                    tokens_out=self.tokens_out.float().mean().item())
+
+
+@dataclass
+class TrimContext:
+    """What the sites of one model share during a forward."""
+
+    mode: str = "auto"
+    enabled: bool = True
+    track_source: bool = False
+    protected: dict[str, int] = field(default_factory=dict)
+    states: dict[str, TokenState] = field(default_factory=dict)
+    stats: list[LayerStats] = field(default_factory=list)
+    entry_padding: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def compacting(self, training: bool) -> bool:
+        return self.mode == "compacted" or (self.mode == "auto" and not training)
+
+    def start(self, stream: str, x: torch.Tensor) -> TokenState:
+        """A fresh state for ``stream`` at its entry; statistics of that stream restart."""
+        self.stats = [s for s in self.stats if s.stream != stream]
+        pad = self.entry_padding.pop(stream, None)
+        state = TokenState.start(x, num_protected=self.protected.get(stream, 0),
+                                 padding_mask=pad, track_source=self.track_source)
+        self.states[stream] = state
+        return state
+
+
+class _Point(nn.Module):
+    """Base of the three call points; holds its site without registering it as a child."""
+
+    def __init__(self, site: Site):
+        super().__init__()
+        object.__setattr__(self, "site", site)
+
+
+class _Enter(_Point):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.site.enter_(x)
+
+
+class _Leave(_Point):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.site.leave_(x)
+
+
+class _Core(_Point):
+    def forward(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None):
+        return self.site.attend_(q, k, v, attn_mask, dropout_p, is_causal, scale)
+
+
+class Site(nn.Module):
+    """The trimming site of one layer: its ops, its flags, and its three call points."""
+
+    def __init__(
+        self,
+        stream: str,
+        layer: int,
+        num_heads: int,
+        *,
+        first: bool = False,
+        pre: list[TokenOp] | None = None,
+        post: list[TokenOp] | None = None,
+        proportional: bool = False,
+    ):
+        super().__init__()
+        self.stream, self.layer, self.num_heads, self.first = stream, layer, num_heads, first
+        self.pre = nn.ModuleList(pre or [])
+        self.post = nn.ModuleList(post or [])
+        self.proportional = proportional
+        self.needs = frozenset().union(*(op.needs for op in [*self.pre, *self.post]))
+        self.captured: dict[str, torch.Tensor] = {}
+        self.ctx: TrimContext = TrimContext()
+        self._tokens_in: torch.Tensor | None = None
+        object.__setattr__(self, "enter", _Enter(self))
+        object.__setattr__(self, "core", _Core(self))
+        object.__setattr__(self, "leave", _Leave(self))
+
+    def extra_repr(self) -> str:
+        return f"stream={self.stream!r}, layer={self.layer}, proportional={self.proportional}"
+
+    # -- the three call points -----------------------------------------------------------
+    def _state(self, x: torch.Tensor) -> TokenState:
+        state = self.ctx.states.get(self.stream)
+        if self.first or state is None or state.keep.shape != x.shape[:2]:
+            return self.ctx.start(self.stream, x)
+        return state.with_x(x)
+
+    def _run(self, ops: nn.ModuleList, state: TokenState) -> TokenState:
+        for op in ops:
+            state = op(state, self)
+        if self.ctx.compacting(self.training):
+            state, _ = compact(state)
+        self.ctx.states[self.stream] = state
+        return state
+
+    def enter_(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.ctx.enabled:
+            return x
+        state = self._run(self.pre, self._state(x))
+        self._tokens_in = state.live_counts()
+        return state.x
+
+    def leave_(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.ctx.enabled:
+            return x
+        state = self._run(self.post, self._state(x))
+        self.captured.clear()
+        tokens_in = self._tokens_in if self._tokens_in is not None else state.live_counts()
+        self.ctx.stats.append(LayerStats(self.stream, self.layer, tokens_in,
+                                         state.live_counts(), self.num_heads))
+        self._tokens_in = None
+        return state.x
+
+    def attend_(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None):
+        state = self.ctx.states.get(self.stream) if self.ctx.enabled else None
+        if state is None or state.keep.shape[1] != k.shape[-2]:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                                  dropout_p=dropout_p, is_causal=is_causal,
+                                                  scale=scale)
+        bias = attention_bias(state, q.dtype, self.proportional)
+        if bias is not None:
+            mask = attn_mask
+            if is_causal:
+                n, m = q.shape[-2], k.shape[-2]
+                mask = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(m - n)
+                is_causal = False
+            if mask is not None and mask.dtype == torch.bool:
+                mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(
+                    ~mask, NEG(q.dtype))
+            attn_mask = bias if mask is None else mask + bias
+        if "keys" in self.needs:
+            self.captured["keys"] = k.mean(1)
+        if "query_scores" in self.needs:
+            s = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+            self.captured["query_scores"] = query_attention(q[:, :, :1], k, attn_mask, s)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                              is_causal=is_causal, scale=scale)
