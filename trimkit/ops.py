@@ -56,7 +56,9 @@ def gumbel_sigmoid_st(
     return hard - soft.detach() + soft
 
 
-def attention_bias(state: TokenState, dtype: torch.dtype, proportional: bool) -> torch.Tensor | None:
+def attention_bias(
+    state: TokenState, dtype: torch.dtype, proportional: bool
+) -> torch.Tensor | None:
     """Additive key bias B×1×1×N from ``keep`` (dead keys) and, if ``proportional``, log(size).
 
     Returns ``None`` when it would be all zeros, so attention runs unmasked. A soft ``keep``

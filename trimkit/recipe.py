@@ -1,4 +1,4 @@
-"""The `Recipe` base: which trimmers go where, with which defaults, checked before anything moves."""
+"""The `Recipe` base: which trimmers go where, with which defaults, all checked up front."""
 
 from __future__ import annotations
 
@@ -50,7 +50,9 @@ class Recipe:
                              f"are: {', '.join(sorted(self.options)) or '(none)'}")
         return {k: overrides.get(k, o.default) for k, o in self.options.items()}
 
-    def plan(self, desc: ModelDescription, options: dict[str, Any]) -> dict[tuple[str, int], SitePlan]:
+    def plan(
+        self, desc: ModelDescription, options: dict[str, Any]
+    ) -> dict[tuple[str, int], SitePlan]:
         """A `SitePlan` per (stream, layer index) that does something; raises `ValueError`
         for options that do not fit this model."""
         raise NotImplementedError

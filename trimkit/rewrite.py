@@ -158,7 +158,7 @@ def find_attention(gm: fx.GraphModule) -> list[dict]:
     for node in gm.graph.nodes:
         if _is_call(node, _SDPA):
             names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale"]
-            spec = dict(zip(names, node.args))
+            spec = dict(zip(names, node.args, strict=False))
             spec.update(node.kwargs)
             found.append(dict(out=node, q=spec["query"], k=spec["key"], v=spec["value"],
                               attn_mask=spec.get("attn_mask"), dropout=spec.get("dropout_p", 0.0),
@@ -201,7 +201,8 @@ def _explicit_attention(softmax: fx.Node) -> dict | None:
         probs, dropout = users[0], users[0].target
         chain.append(probs)
         users = list(probs.users)
-    if len(users) != 1 or not _is_call(users[0], _MATMUL, ("matmul",)) or users[0].args[0] is not probs:
+    if (len(users) != 1 or not _is_call(users[0], _MATMUL, ("matmul",))
+            or users[0].args[0] is not probs):
         return None
     out = users[0]
     return dict(out=out, q=q, k=k, v=out.args[1], attn_mask=mask, dropout=dropout,
