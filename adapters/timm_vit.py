@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from trimkit import Adapter, LayerDesc, ModelDescription, StreamDesc, register_adapter
+from trimkit.rewrite import ADDITIVE_MASK_FUNCTIONS
 from trimkit.sites import TrimContext
 
 STREAM = "image"
@@ -15,9 +16,13 @@ STREAM = "image"
 
 def _vit_class() -> type | None:
     try:
+        from timm.layers import attention
         from timm.models.vision_transformer import VisionTransformer
     except ImportError:  # timm absent: this adapter recognises nothing
         return None
+    # timm's explicit attention path adds its mask through a helper fx cannot see into
+    if hasattr(attention, "maybe_add_mask"):
+        ADDITIVE_MASK_FUNCTIONS.add(attention.maybe_add_mask)
     return VisionTransformer
 
 

@@ -13,6 +13,7 @@ from .adapter import Adapter, Undo
 from .describe import ModelDescription
 from .registry import ADAPTERS, RECIPES, _load_builtins
 from .sites import MODES, LayerStats, Site, TrimContext
+from .state import TokenState
 
 __all__ = [
     "Applied",
@@ -24,6 +25,7 @@ __all__ = [
     "find_adapter",
     "forward_stats",
     "is_applied",
+    "last_states",
     "last_stats",
     "list_adapters",
     "list_recipes",
@@ -178,6 +180,12 @@ class ForwardStats:
 def last_stats(model: nn.Module) -> ForwardStats:
     """Statistics of the last forward of a trimmed model (no FLOPs: see `forward_stats`)."""
     return ForwardStats(list(_applied(model).ctx.stats))
+
+
+def last_states(model: nn.Module) -> dict[str, TokenState]:
+    """Each stream's `TokenState` at the end of the last forward (``source`` needs
+    ``apply(..., track_source=True)``)."""
+    return dict(_applied(model).ctx.states)
 
 
 def count_flops(model: nn.Module, *args: Any, **kwargs: Any) -> int:

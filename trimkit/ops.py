@@ -74,7 +74,7 @@ def attention_bias(
         parts.append(torch.log(keep.float() + 1e-20).to(dtype))
     elif state.has_dead:
         parts.append(torch.where(keep > 0, torch.log(keep.float().clamp_min(1e-20)),
-                                 NEG(torch.float32)).to(dtype))
+                                 NEG(dtype)).to(dtype))
     if proportional and state.sized:
         parts.append(torch.log(state.size.float()).to(dtype))
     if not parts:
@@ -163,7 +163,7 @@ def bipartite_soft_matching(
     ok = is_a.gather(1, a_idx)[:, :, None] & is_b.gather(1, b_idx)[:, None, :]
     scores = scores.masked_fill(~ok, -math.inf)
     node_max, node_j = scores.max(dim=-1)
-    order = torch.argsort(node_max, dim=-1, descending=True, stable=True)[:, :r_top]
+    order = torch.argsort(node_max, dim=-1, descending=False, stable=True)[:, :r_top]
     src = a_idx.gather(1, order)
     dst = b_idx.gather(1, node_j.gather(1, order))
     valid = torch.arange(r_top, device=metric.device)[None, :] < r_each[:, None]
@@ -205,7 +205,8 @@ def topk_by_score(scores: torch.Tensor, keep_ratio: float, eligible: torch.Tenso
     """
     n = scores.shape[1]
     counts = eligible.sum(1)
-    k = torch.ceil(counts.to(torch.float64) * keep_ratio).long().clamp(min=1)
+    # The tolerance keeps float error from rounding an exact count up (0.07 · 100 → 8).
+    k = torch.ceil(counts.to(torch.float64) * keep_ratio - 1e-9).long().clamp(min=1)
     k = torch.minimum(k, counts)
     masked = scores.float().masked_fill(~eligible, -math.inf)
     order = torch.argsort(masked, dim=1, descending=True, stable=True)
@@ -224,6 +225,7 @@ def fuse_tokens(state: TokenState, drop: torch.Tensor, weights: torch.Tensor) ->
     has = drop.any(1)
     first = torch.argmax(drop.to(torch.uint8), dim=1)[:, None]  # B×1
     w = weights.float().masked_fill(~drop, 0.0)
+    w = torch.where(w.sum(1, keepdim=True) > 0, w, drop.float())  # all-zero weights: plain mean
     w = w / w.sum(1, keepdim=True).clamp_min(1e-12)
     fused = torch.einsum("bn,bnd->bd", w.to(state.x.dtype), state.x)[:, None]
     fused_size = (state.size * drop).sum(1, keepdim=True)
@@ -253,6 +255,8 @@ def compact(state: TokenState) -> tuple[TokenState, torch.Tensor | None]:
     if not state.has_dead:
         return state, None
     live = state.live
+    if bool(live.all()):
+        return replace(state, has_dead=False), None
     counts = live.sum(1)
     m = int(counts.max())
     b, n = live.shape

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "ADDITIVE_MASK_FUNCTIONS",
     "Patch",
     "RewriteError",
     "find_attention",
@@ -128,6 +129,10 @@ _SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attenti
 _MATMUL = {operator.matmul, torch.matmul, torch.bmm}
 _ADD = {operator.add, torch.add, operator.iadd}
 
+#: Functions ``f(scores, mask) -> scores + mask`` that a family wraps out of fx's sight
+#: (adapters register theirs, e.g. a ``maybe_add_mask``), recognised like an addition.
+ADDITIVE_MASK_FUNCTIONS: set = set()
+
 
 def _is_call(node: fx.Node, fns: set, methods: tuple[str, ...] = ()) -> bool:
     if node.op == "call_function" and node.target in fns:
@@ -178,7 +183,8 @@ def _explicit_attention(softmax: fx.Node) -> dict | None:
     node, mask, scale, chain = softmax.args[0], None, 1.0, [softmax]
     while isinstance(node, fx.Node) and not _is_call(node, _MATMUL, ("matmul",)):
         chain.append(node)
-        if _is_call(node, _ADD, ("add", "__add__")) and len(node.args) == 2:
+        adds = _ADD | ADDITIVE_MASK_FUNCTIONS
+        if _is_call(node, adds, ("add", "__add__")) and len(node.args) == 2:
             node, mask = node.args
         elif (_is_call(node, {operator.mul, torch.mul}, ("mul",)) and len(node.args) == 2
               and isinstance(node.args[1], (int, float))):

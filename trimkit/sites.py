@@ -106,6 +106,13 @@ class _Core(_Point):
         return self.site.attend_(q, k, v, attn_mask, dropout_p, is_causal, scale)
 
 
+def _row_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The key bias seen by one query row (a full N×N mask keeps its first row)."""
+    if mask is None or mask.dim() < 2 or mask.shape[-2] == 1:
+        return mask
+    return mask[..., :1, :]
+
+
 class Site(nn.Module):
     """The trimming site of one layer: its ops, its flags, and its three call points."""
 
@@ -169,6 +176,14 @@ class Site(nn.Module):
         self._tokens_in = None
         return state.x
 
+    def _query_row(self, q: torch.Tensor, state: TokenState) -> torch.Tensor:
+        """The query whose attention scores tokens: the first token when it is protected
+        (CLS), else the mean query of the live tokens."""
+        if self.ctx.protected.get(self.stream, 0) > 0:
+            return q[:, :, :1]
+        w = state.live.to(q.dtype)[:, None, :, None]
+        return (q * w).sum(2, keepdim=True) / w.sum(2, keepdim=True).clamp_min(1.0)
+
     def attend_(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None):
         state = self.ctx.states.get(self.stream) if self.ctx.enabled else None
         if state is None or state.keep.shape[1] != k.shape[-2]:
@@ -190,6 +205,7 @@ class Site(nn.Module):
             self.captured["keys"] = k.mean(1)
         if "query_scores" in self.needs:
             s = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-            self.captured["query_scores"] = query_attention(q[:, :, :1], k, attn_mask, s)
+            self.captured["query_scores"] = query_attention(
+                self._query_row(q, state), k, _row_mask(attn_mask), s)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                               is_causal=is_causal, scale=scale)

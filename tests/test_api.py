@@ -1,0 +1,190 @@
+"""The public API: apply/remove, errors that change nothing, statistics, modes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import trimkit
+from trimkit.registry import RECIPES
+from trimkit.testing import check_invariants
+
+timm = pytest.importorskip("timm")
+
+
+def tiny_vit(**kw):
+    torch.manual_seed(0)
+    cfg = dict(img_size=32, patch_size=8, embed_dim=16, depth=3, num_heads=2, num_classes=4)
+    cfg.update(kw)
+    return timm.models.vision_transformer.VisionTransformer(**cfg).eval()
+
+
+def snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, dict(model.__dict__)
+
+
+def assert_untouched(model, snap, x, ref):
+    sd, d = snap
+    assert list(model.state_dict()) == list(sd)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in sd.items())
+    assert set(model.__dict__) == set(d)
+    assert not trimkit.is_applied(model)
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    assert torch.equal(model(x), ref)
+
+
+def test_lists():
+    assert {"tome", "attn_prune"} <= set(trimkit.list_recipes())
+    assert "timm-vit" in trimkit.list_adapters()
+
+
+def test_unsupported_model_names_adapters_and_changes_nothing():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    x = torch.randn(2, 4)
+    ref = model(x)
+    snap = snapshot(model)
+    with pytest.raises(trimkit.UnsupportedModelError) as err:
+        trimkit.apply(model, "tome")
+    msg = str(err.value)
+    assert "timm-vit" in msg and "register_adapter" in msg and "Sequential" in msg
+    assert_untouched(model, snap, x, ref)
+
+
+@pytest.mark.parametrize("recipe, kw, name", [
+    ("tome", dict(r=100), "r"),
+    ("tome", dict(r=-1), "r"),
+    ("tome", dict(r=[1, 2]), "r"),
+    ("tome", dict(schedule="zigzag"), "schedule"),
+    ("tome", dict(ratio=0.5), "ratio"),
+    ("attn_prune", dict(keep_ratio=0.0), "keep_ratio"),
+    ("attn_prune", dict(keep_ratio=1.5), "keep_ratio"),
+    ("attn_prune", dict(layers=[7]), "layers"),
+    ("attn_prune", dict(stream="text"), "stream"),
+    ("nope", {}, "recipe"),
+])
+def test_invalid_options_raise_and_change_nothing(recipe, kw, name):
+    model = tiny_vit()
+    x = torch.randn(2, 3, 32, 32)
+    ref = model(x)
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=name):
+        trimkit.apply(model, recipe, **kw)
+    assert_untouched(model, snap, x, ref)
+
+
+def test_bad_mode_and_double_apply():
+    model = tiny_vit()
+    with pytest.raises(ValueError, match="mode"):
+        trimkit.apply(model, "tome", mode="fast")
+    trimkit.apply(model, "tome", r=2)
+    with pytest.raises(ValueError, match="already"):
+        trimkit.apply(model, "tome", r=2)
+    with pytest.raises(ValueError, match="mode"):
+        trimkit.set_mode(model, "fast")
+    trimkit.remove(model)
+    with pytest.raises(ValueError, match="no trimming"):
+        trimkit.remove(model)
+
+
+def test_family_api_and_type_survive():
+    model = tiny_vit()
+    cls = type(model)
+    trimkit.apply(model, "tome", r=3)
+    assert type(model) is cls and isinstance(model, cls)
+    x = torch.randn(2, 3, 32, 32)
+    feats = model.forward_features(x)
+    assert feats.shape == (2, 17 - 9, 16)  # 16 patches + CLS, 3 merges in each of 3 layers
+    assert model.forward_head(feats).shape == (2, 4)
+    other = tiny_vit()  # per instance: another model of the class is untouched
+    assert other.forward_features(x).shape == (2, 17, 16)
+
+
+def test_stats_and_flops():
+    model = tiny_vit()
+    x = torch.randn(2, 3, 32, 32)
+    base = trimkit.count_flops(model, x)
+    trimkit.apply(model, "tome", r=4)
+    stats = trimkit.forward_stats(model, x)
+    assert stats.flops < base
+    assert [s["tokens_in"] for s in stats.table()] == [17, 13, 9]
+    assert [s["tokens_out"] for s in stats.table()] == [13, 9, 5]
+    assert all(s["heads"] == 2 for s in stats.table())
+
+
+def test_training_uses_masked_execution_and_backpropagates():
+    model = tiny_vit().train()
+    trimkit.apply(model, "tome", r=4)
+    x = torch.randn(2, 3, 32, 32)
+    out = model(x)
+    out.sum().backward()
+    assert model.patch_embed.proj.weight.grad is not None
+    states = trimkit.last_states(model)
+    assert states["image"].keep.shape == (2, 17)  # masked: tokens stay in place
+    assert int(states["image"].live.sum(1)[0]) == 5
+    model.eval()
+    model(x)
+    assert trimkit.last_states(model)["image"].keep.shape == (2, 5)  # compacted
+
+
+def test_trimming_disabled_is_the_untrimmed_model():
+    model = tiny_vit()
+    x = torch.randn(2, 3, 32, 32)
+    ref = model(x)
+    trimkit.apply(model, "attn_prune", keep_ratio=0.3)
+    assert not torch.allclose(model(x), ref)
+    with trimkit.trimming_disabled(model):
+        assert torch.equal(model(x), ref)
+
+
+def test_deepcopy_of_trimmed_model():
+    model = tiny_vit()
+    trimkit.apply(model, "tome", r=3)
+    x = torch.randn(2, 3, 32, 32)
+    twin = copy.deepcopy(model)
+    assert torch.allclose(twin(x), model(x))
+    trimkit.remove(twin)
+    assert trimkit.is_applied(model)
+
+
+class _DropBelowMean(trimkit.TokenOp):
+    """Per-instance counts: drop tokens whose CLS score is below the sample's mean."""
+
+    needs = frozenset({"query_scores"})
+
+    def forward(self, state, site):
+        from trimkit.ops import drop_tokens
+
+        s = site.captured["query_scores"]
+        eligible = state.live & ~state.protected
+        mean = (s * eligible).sum(1, keepdim=True) / eligible.sum(1, keepdim=True)
+        drop = eligible & (s < mean)  # the best-scored token is never below the mean
+        return drop_tokens(state, drop)
+
+
+class _PerInstance(trimkit.Recipe):
+    name = "_per_instance"
+    options = {"on": trimkit.Option(True, "trim or not")}
+
+    def plan(self, desc, options):
+        s = desc.stream()
+        return {(s.name, i): trimkit.SitePlan(post=[_DropBelowMean()] if options["on"] else [])
+                for i in range(len(s.layers))}
+
+
+def test_per_instance_counts_pack_and_mask():
+    """Compaction pads to the longest survivor: batches stay independent (invariant 6) and
+    masked and compacted agree (5) when samples keep different counts."""
+    RECIPES["_per_instance"] = _PerInstance()
+    try:
+        x = torch.randn(4, 3, 32, 32)
+        check_invariants(tiny_vit, (x,), "_per_instance", {}, dict(on=False))
+        model = trimkit.apply(tiny_vit(), "_per_instance")
+        model(x)
+        counts = trimkit.last_stats(model).layers[-1].tokens_out
+        assert len(set(counts.tolist())) > 1, "the test needs different counts per sample"
+        assert trimkit.last_states(model)["image"].has_dead  # padded batch
+    finally:
+        del RECIPES["_per_instance"]

@@ -1,0 +1,86 @@
+"""DESIGN.md's invariants as hypothesis properties over random tiny timm ViTs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+timm = pytest.importorskip("timm")
+from timm.models.vision_transformer import VisionTransformer  # noqa: E402
+
+from trimkit.testing import check_invariants  # noqa: E402
+
+SETTINGS = settings(max_examples=12, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def vits(draw):
+    """A tiny ViT config: registers, LayerScale, qk_norm, fused or explicit attention,
+    CLS or average pooling, 16 or 36 patches."""
+    heads = draw(st.sampled_from([1, 2, 4]))
+    cfg = dict(
+        img_size=draw(st.sampled_from([32, 48])), patch_size=8, embed_dim=8 * heads,
+        depth=draw(st.integers(2, 3)), num_heads=heads, num_classes=5,
+        reg_tokens=draw(st.sampled_from([0, 2])),
+        init_values=draw(st.sampled_from([None, 0.5])),
+        qk_norm=draw(st.booleans()),
+        class_token=draw(st.booleans()),
+    )
+    if not cfg["class_token"]:
+        cfg["global_pool"] = "avg"
+    fused = draw(st.booleans())
+    batch = draw(st.integers(1, 4))
+    return cfg, fused, batch
+
+
+def factory(cfg: dict, fused: bool):
+    def make():
+        torch.manual_seed(0)
+        m = VisionTransformer(**cfg)
+        for blk in m.blocks:
+            blk.attn.fused_attn = fused
+        # random non-zero biases/LayerScale so tokens differ in interesting ways
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+        return m
+    return make
+
+
+def images(cfg: dict, batch: int) -> tuple:
+    g = torch.Generator().manual_seed(batch)
+    return (torch.randn(batch, 3, cfg["img_size"], cfg["img_size"], generator=g),)
+
+
+@SETTINGS
+@given(vits(), st.integers(0, 8), st.sampled_from(["constant", "decreasing"]))
+def test_tome_invariants(vit, r, schedule):
+    cfg, fused, batch = vit
+    n = (cfg["img_size"] // 8) ** 2
+    r = min(r, n // (2 * cfg["depth"]))  # always feasible at every layer
+    check_invariants(factory(cfg, fused), images(cfg, batch), "tome",
+                     dict(r=r, schedule=schedule), dict(r=0), merges_only=True)
+
+
+@SETTINGS
+@given(vits(), st.floats(0.05, 1.0), st.booleans(), st.data())
+def test_attn_prune_invariants(vit, keep, fuse, data):
+    cfg, fused, batch = vit
+    layers = data.draw(st.lists(st.integers(0, cfg["depth"] - 1), min_size=1, max_size=3))
+    check_invariants(factory(cfg, fused), images(cfg, batch), "attn_prune",
+                     dict(keep_ratio=keep, fuse=fuse, layers=layers), dict(keep_ratio=1.0))
+
+
+@pytest.mark.parametrize("r", [8, 100])
+def test_extreme_merging_keeps_one_token(r):
+    """Invariant 8 at the edge: the largest possible merges leave tokens and no NaN."""
+    cfg = dict(img_size=32, patch_size=8, embed_dim=16, depth=4, num_heads=2, num_classes=3)
+    if r == 100:
+        with pytest.raises(ValueError, match="r="):
+            check_invariants(factory(cfg, True), images(cfg, 2), "tome", dict(r=r), dict(r=0))
+        return
+    check_invariants(factory(cfg, True), images(cfg, 2), "tome",
+                     dict(r=[8, 4, 2, 1]), dict(r=0), merges_only=True)

@@ -1,0 +1,391 @@
+"""Benchmarks: trimmed against untrimmed, in one process, next to the FLOPs ratio.
+
+``benchmark(spec, recipe, options, batch_sizes)`` builds the model named by ``spec`` once,
+deep-copies it, applies ``recipe`` to the copy, and times the two instances alternately on
+the same inputs (median of the repeats, after warm-up), so that drift (thermal, other
+processes, allocator state) hits both equally. Each `Row` carries the FLOPs per example of
+both (`trimkit.count_flops`), their ratio, the throughputs, the speedup, the speedup over
+the FLOPs ratio ("efficiency": 1.0 means no overhead of ours), and the activation peak
+memory of one forward.
+
+A model spec is ``<prefix>:<name>[?key=value&...]``; the prefix picks a builder in
+`BUILDERS` and the query string becomes keyword arguments of that builder, each value parsed
+by `parse_value` (``timm:vit_tiny_patch16_224?img_size=64&depth=2``). To support another
+family, add a builder to `BUILDERS`.
+
+Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA. On CPU it is measured in a fresh
+process (``python -m trimkit.bench --memory-probe JSON``): build, apply (or not), make the
+inputs, read the resident set size, run one forward, and report the rise of the peak
+resident set size over it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl
+
+import torch
+from torch import nn
+
+import trimkit
+
+__all__ = [
+    "BUILDERS",
+    "BenchSetupError",
+    "Row",
+    "benchmark",
+    "build_model",
+    "format_table",
+    "memory_probe",
+    "parse_spec",
+    "parse_value",
+]
+
+MakeInputs = Callable[[int], tuple]
+
+
+class BenchSetupError(ValueError):
+    """The model spec or the recipe and its options do not work (before anything is timed)."""
+
+
+Builder = Callable[..., tuple[nn.Module, MakeInputs]]
+
+
+# ------------------------------------------------------------------------------ values, specs
+
+def parse_value(text: str) -> Any:
+    """A command-line value as Python: int, float, bool, None, a list (comma-separated or
+    JSON ``[...]``), else the string itself. ``"13"`` → 13, ``"0.5"`` → 0.5, ``"true"`` →
+    True, ``"none"`` → None, ``"3,6,9"`` → [3, 6, 9]."""
+    s = text.strip()
+    low = s.lower()
+    if low in ("true", "yes", "on"):
+        return True
+    if low in ("false", "no", "off"):
+        return False
+    if low in ("none", "null"):
+        return None
+    if s.startswith("["):
+        try:
+            return json.loads(s)
+        except json.JSONDecodeError:
+            pass
+    if "," in s:
+        return [parse_value(p) for p in s.split(",") if p.strip()]
+    for kind in (int, float):
+        try:
+            return kind(s)
+        except ValueError:
+            pass
+    return s
+
+
+def parse_spec(spec: str) -> tuple[str, str, dict[str, Any]]:
+    """``"timm:vit_tiny_patch16_224?img_size=64&depth=2"`` →
+    ``("timm", "vit_tiny_patch16_224", {"img_size": 64, "depth": 2})``."""
+    prefix, sep, rest = spec.partition(":")
+    if not sep or not prefix or not rest:
+        raise ValueError(f"model spec must look like '<kind>:<name>[?key=value&...]', got "
+                         f"{spec!r}; kinds: {', '.join(sorted(BUILDERS))}")
+    name, _, query = rest.partition("?")
+    kwargs = {k: parse_value(v) for k, v in parse_qsl(query, keep_blank_values=True)}
+    return prefix, name, kwargs
+
+
+# ---------------------------------------------------------------------------- model factory
+
+def _timm(name: str, **kwargs: Any) -> tuple[nn.Module, MakeInputs]:
+    """A timm model with random weights in eval mode; inputs are random images at the
+    model's ``default_cfg['input_size']`` (its actual ``img_size`` when one is given)."""
+    import timm
+
+    model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    c, h, w = model.default_cfg["input_size"]
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img_size is not None:
+        h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    c = kwargs.get("in_chans", c)
+
+    def make_inputs(batch_size: int) -> tuple:
+        g = torch.Generator().manual_seed(0)
+        return (torch.randn(batch_size, c, h, w, generator=g),)
+
+    return model, make_inputs
+
+
+#: prefix → builder(name, **kwargs) → (model, make_inputs). Add families here.
+BUILDERS: dict[str, Builder] = {
+    "timm": _timm,
+}
+
+
+def build_model(spec: str, device: str | torch.device = "cpu") -> tuple[nn.Module, MakeInputs]:
+    """The model named by ``spec`` (eval mode, on ``device``) and ``make_inputs(batch_size)``,
+    which returns the positional arguments of one forward (the same ones on every call)."""
+    prefix, name, kwargs = parse_spec(spec)
+    if prefix not in BUILDERS:
+        raise ValueError(f"unknown model kind {prefix!r} in {spec!r}; kinds: "
+                         f"{', '.join(sorted(BUILDERS))}")
+    model, make = BUILDERS[prefix](name, **kwargs)
+    device = torch.device(device)
+    model = model.to(device)
+
+    def make_inputs(batch_size: int) -> tuple:
+        return tuple(a.to(device) if isinstance(a, torch.Tensor) else a
+                     for a in make(batch_size))
+
+    return model, make_inputs
+
+
+# ------------------------------------------------------------------------------------- rows
+
+@dataclass
+class Row:
+    """One batch size of a benchmark: untrimmed ("base") against trimmed ("trim")."""
+
+    model: str
+    recipe: str
+    options: dict[str, Any]
+    device: str
+    threads: int
+    batch_size: int
+    gflops_base: float  # per example
+    gflops_trim: float
+    flops_ratio: float  # base / trim
+    ips_base: float  # examples per second, median of the repeats
+    ips_trim: float
+    speedup: float  # median time base / median time trim
+    efficiency: float  # speedup / flops_ratio
+    mem_base_mb: float | None = None  # activation peak of one forward, MiB
+    mem_trim_mb: float | None = None
+    repeats: int = 0
+    times_base: list[float] = field(default_factory=list)  # seconds per forward
+    times_trim: list[float] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------------- memory
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (Linux ≥ 4.0); False where that is not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes(reset: bool) -> int:
+    """The peak resident set size: ``VmHWM`` after a reset (``ru_maxrss`` of an exec'd
+    child can carry its parent's peak), else ``ru_maxrss``."""
+    if reset:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def memory_probe(spec: str, recipe: str | None, options: dict[str, Any], batch_size: int,
+                 threads: int | None = None) -> int:
+    """Activation peak (bytes) of one CPU forward, measured in THIS process; call it in a
+    fresh one (see `probe_in_subprocess`) so nothing earlier inflates the peak."""
+    if threads:
+        torch.set_num_threads(threads)
+    model, make_inputs = build_model(spec)
+    if recipe is not None:
+        trimkit.apply(model, recipe, **options)
+    inputs = make_inputs(batch_size)
+    with torch.inference_mode():  # trace the trimmed forward once, at batch 1, first
+        model(*make_inputs(1))
+    reset = _reset_peak_rss()
+    before = _rss_bytes()
+    with torch.inference_mode():
+        model(*inputs)
+    return max(_peak_rss_bytes(reset) - before, 0)
+
+
+def probe_in_subprocess(spec: str, recipe: str | None, options: dict[str, Any],
+                        batch_size: int, threads: int | None = None) -> int:
+    """`memory_probe` in a fresh ``python -m trimkit.bench --memory-probe`` process."""
+    arg = json.dumps(dict(spec=spec, recipe=recipe, options=options, batch_size=batch_size,
+                          threads=threads))
+    out = subprocess.run([sys.executable, "-m", "trimkit.bench", "--memory-probe", arg],
+                         capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"memory probe failed (exit {out.returncode}):\n{out.stderr[-2000:]}")
+    return int(json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"])
+
+
+def _cuda_peak(model: nn.Module, inputs: tuple) -> int:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    with torch.inference_mode():
+        model(*inputs)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+# ----------------------------------------------------------------------------------- timing
+
+def _timed(model: nn.Module, inputs: tuple, cuda: bool) -> float:
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    model(*inputs)
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def benchmark(
+    spec: str,
+    recipe: str = "tome",
+    options: dict[str, Any] | None = None,
+    batch_sizes: list[int] | tuple[int, ...] = (16,),
+    warmup: int = 2,
+    repeats: int = 5,
+    threads: int | None = None,
+    *,
+    memory: bool = True,
+    device: str = "cpu",
+    progress: Callable[[str], None] | None = None,
+) -> list[Row]:
+    """Measure ``recipe`` (with ``options``) on the model of ``spec``: one `Row` per batch
+    size. A bad spec, recipe or option (`trimkit.apply`'s ``ValueError``, no adapter) is a
+    `BenchSetupError` (a ``ValueError``), raised before anything is timed."""
+    options = dict(options or {})
+    say = progress or (lambda _msg: None)
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        try:  # unknown kind, unknown model name, bad constructor keywords
+            base, make_inputs = build_model(spec, device)
+        except (ValueError, RuntimeError, TypeError) as e:
+            raise BenchSetupError(f"cannot build {spec!r}: {e}") from e
+        trim = copy.deepcopy(base)
+        try:
+            trimkit.apply(trim, recipe, **options)
+        except (ValueError, trimkit.UnsupportedModelError) as e:
+            raise BenchSetupError(str(e)) from e
+        try:
+            return _measure(spec, recipe, options, base, trim, make_inputs, list(batch_sizes),
+                            warmup, repeats, threads, memory, torch.device(device), say)
+        finally:
+            trimkit.remove(trim)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _measure(spec, recipe, options, base, trim, make_inputs, batch_sizes, warmup, repeats,
+             threads, memory, device, say) -> list[Row]:
+    cuda = device.type == "cuda"
+    one = make_inputs(1)
+    flops_base = trimkit.count_flops(base, *one)
+    flops_trim = trimkit.count_flops(trim, *one)
+    ratio = flops_base / flops_trim if flops_trim else float("nan")
+    rows = []
+    for bs in batch_sizes:
+        inputs = make_inputs(bs)
+        tb: list[float] = []
+        tt: list[float] = []
+        with torch.inference_mode():
+            for _ in range(warmup):
+                _timed(base, inputs, cuda)
+                _timed(trim, inputs, cuda)
+            for i in range(repeats):
+                # alternate which goes first, so neither always follows the other
+                pair = ((base, tb), (trim, tt)) if i % 2 == 0 else ((trim, tt), (base, tb))
+                for model, times in pair:
+                    times.append(_timed(model, inputs, cuda))
+                say(f"batch {bs}: repeat {i + 1}/{repeats}: base {tb[-1] * 1e3:.1f} ms, "
+                    f"trimmed {tt[-1] * 1e3:.1f} ms")
+        mb = mt = None
+        if memory:
+            if cuda:
+                mb, mt = _cuda_peak(base, inputs), _cuda_peak(trim, inputs)
+            else:
+                say(f"batch {bs}: memory probes (fresh processes)")
+                mb = probe_in_subprocess(spec, None, {}, bs, threads)
+                mt = probe_in_subprocess(spec, recipe, options, bs, threads)
+            mb, mt = mb / 2**20, mt / 2**20
+        med_b, med_t = statistics.median(tb), statistics.median(tt)
+        speedup = med_b / med_t
+        rows.append(Row(
+            model=spec, recipe=recipe, options=options, device=str(device),
+            threads=torch.get_num_threads(), batch_size=bs,
+            gflops_base=flops_base / 1e9, gflops_trim=flops_trim / 1e9, flops_ratio=ratio,
+            ips_base=bs / med_b, ips_trim=bs / med_t, speedup=speedup,
+            efficiency=speedup / ratio, mem_base_mb=mb, mem_trim_mb=mt, repeats=repeats,
+            times_base=tb, times_trim=tt))
+    return rows
+
+
+# ------------------------------------------------------------------------------------ table
+
+_COLUMNS = [
+    ("batch", "batch_size", "{}"),
+    ("GFLOPs base", "gflops_base", "{:.2f}"),
+    ("GFLOPs trim", "gflops_trim", "{:.2f}"),
+    ("FLOPs ratio", "flops_ratio", "{:.3f}x"),
+    ("img/s base", "ips_base", "{:.2f}"),
+    ("img/s trim", "ips_trim", "{:.2f}"),
+    ("speedup", "speedup", "{:.3f}x"),
+    ("efficiency", "efficiency", "{:.1%}"),
+    ("act MiB base", "mem_base_mb", "{:.1f}"),
+    ("act MiB trim", "mem_trim_mb", "{:.1f}"),
+]
+
+
+def format_table(rows: list[Row]) -> str:
+    """A plain aligned text table, one line per row, under a line naming the setup."""
+    if not rows:
+        return "(no rows)"
+    lines = []
+    for key in dict.fromkeys((r.model, r.recipe, json.dumps(r.options, sort_keys=True),
+                              r.device, r.threads, r.repeats) for r in rows):
+        model, recipe, opts, dev, threads, repeats = key
+        lines.append(f"model {model}  recipe {recipe}  options {opts}  device {dev}  "
+                     f"threads {threads}  repeats {repeats} (median)")
+    header = [c[0] for c in _COLUMNS]
+    body = [["-" if getattr(r, attr) is None else fmt.format(getattr(r, attr))
+             for _, attr, fmt in _COLUMNS] for r in rows]
+    widths = [max(len(x) for x in col) for col in zip(header, *body, strict=True)]
+    for cells in [header, *body]:
+        lines.append("  ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True)))
+    return "\n".join(lines)
+
+
+def _probe_main(argv: list[str]) -> int:
+    if len(argv) != 2 or argv[0] != "--memory-probe":
+        print("usage: python -m trimkit.bench --memory-probe JSON", file=sys.stderr)
+        return 2
+    a = json.loads(argv[1])
+    peak = memory_probe(a["spec"], a.get("recipe"), a.get("options") or {}, int(a["batch_size"]),
+                        a.get("threads"))
+    print(json.dumps({"peak_bytes": peak}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_probe_main(sys.argv[1:]))

@@ -1,0 +1,177 @@
+"""The ``trimkit`` command: ``bench``, ``recipes``, ``adapters``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+from typing import Any
+
+__all__ = ["main", "parse_overrides"]
+
+BENCH_EPILOG = """\
+Any other --some-option VALUE is a recipe option (some_option=VALUE); values are parsed as
+int, float, bool (true/false), none, or a comma-separated list.
+
+examples:
+  trimkit bench --model timm:vit_base_patch16_224 --recipe tome --r 13 --batch-size 16
+  trimkit bench --model timm:deit_small_patch16_224 --recipe attn_prune \\
+      --keep-ratio 0.5 --layers 3,6,9 --fuse true --batch-size 1 8 32
+  trimkit bench --model "timm:vit_tiny_patch16_224?img_size=64&depth=2" --r 2 --json
+
+model specs: <kind>:<name>[?key=value&...], the query becoming keyword arguments of the
+model's constructor (timm: timm.create_model, random weights)."""
+
+RECIPES_EPILOG = """\
+example:
+  trimkit recipes          # then: trimkit bench --recipe NAME --OPTION VALUE ..."""
+
+ADAPTERS_EPILOG = """\
+example:
+  trimkit adapters         # model families trimkit.apply recognises"""
+
+
+class _UsageError(Exception):
+    pass
+
+
+def parse_overrides(tokens: list[str]) -> dict[str, Any]:
+    """``["--r", "13", "--keep-ratio=0.5", "--fuse"]`` → ``{"r": 13, "keep_ratio": 0.5,
+    "fuse": True}``: dashes become underscores, values go through `bench.parse_value`,
+    an option with no value is True."""
+    from .bench import parse_value
+
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if not tok.startswith("--") or tok == "--":
+            raise _UsageError(f"unexpected argument {tok!r} (recipe options are --name VALUE)")
+        name, eq, value = tok[2:].partition("=")
+        i += 1
+        if not eq:
+            if i < len(tokens) and not tokens[i].startswith("--"):
+                value = tokens[i]
+                i += 1
+            else:
+                value = "true"
+        key = name.replace("-", "_")
+        if not key.isidentifier():
+            raise _UsageError(f"bad option name {tok!r}")
+        if key in out:
+            raise _UsageError(f"option --{name} given twice")
+        out[key] = parse_value(value)
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(
+        prog="trimkit", formatter_class=fmt, allow_abbrev=False,
+        description="Token pruning, merging and head trimming for existing transformers.",
+        epilog="examples:\n  trimkit recipes\n  trimkit adapters\n"
+               "  trimkit bench --model timm:vit_base_patch16_224 --recipe tome --r 13 "
+               "--batch-size 16")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    b = sub.add_parser(
+        "bench", formatter_class=fmt, allow_abbrev=False, epilog=BENCH_EPILOG,
+        help="time a recipe against the untrimmed model, next to the FLOPs ratio",
+        description="Build the model once, apply the recipe to a copy, time both alternately "
+                    "on the same inputs (median after warm-up) and print GFLOPs, throughput, "
+                    "speedup, speedup / FLOPs ratio and activation peak memory.")
+    b.add_argument("--model", required=True, metavar="SPEC",
+                   help="model spec, e.g. timm:vit_base_patch16_224")
+    b.add_argument("--recipe", default="tome", help="recipe name (default: tome)")
+    b.add_argument("--batch-size", type=int, nargs="+", default=[16], metavar="N",
+                   help="one or more batch sizes (default: 16)")
+    b.add_argument("--warmup", type=int, default=2, help="untimed runs of each (default: 2)")
+    b.add_argument("--repeats", type=int, default=5, help="timed runs of each (default: 5)")
+    b.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's)")
+    b.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    b.add_argument("--json", action="store_true", help="print JSON rows instead of the table")
+    b.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
+    b.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+
+    sub.add_parser("recipes", formatter_class=fmt, allow_abbrev=False, epilog=RECIPES_EPILOG,
+                   help="list recipes with their options and defaults",
+                   description="List the registered recipes, their options and defaults.")
+    sub.add_parser("adapters", formatter_class=fmt, allow_abbrev=False, epilog=ADAPTERS_EPILOG,
+                   help="list the model families trimkit recognises",
+                   description="List the registered adapters (model families).")
+    return p
+
+
+def _bench(args: argparse.Namespace, extra: list[str]) -> int:
+    from .bench import benchmark, format_table
+
+    options = parse_overrides(extra)
+    bad = [n for n in args.batch_size if n < 1]
+    if bad or args.repeats < 1 or args.warmup < 0:
+        raise _UsageError("--batch-size and --repeats must be >= 1, --warmup >= 0")
+    progress = None if args.quiet or args.json else (
+        lambda msg: print(msg, file=sys.stderr, flush=True))
+    rows = benchmark(args.model, args.recipe, options, args.batch_size, warmup=args.warmup,
+                     repeats=args.repeats, threads=args.threads, memory=not args.no_memory,
+                     device=args.device, progress=progress)
+    if args.json:
+        print(json.dumps([r.as_dict() for r in rows], indent=2))
+    else:
+        print(format_table(rows))
+    return 0
+
+
+def _recipes() -> int:
+    import trimkit
+    from trimkit.registry import RECIPES
+
+    for name in trimkit.list_recipes():
+        rec = RECIPES[name]
+        print(f"{name}: {rec.summary}")
+        for opt, o in rec.options.items():
+            head = f"  --{opt.replace('_', '-')} (default {o.default!r})"
+            print(head)
+            for line in textwrap.wrap(o.help, 88):
+                print(f"      {line}")
+    return 0
+
+
+def _adapters() -> int:
+    import trimkit
+    from trimkit.registry import ADAPTERS
+
+    for name in trimkit.list_adapters():
+        doc = (type(ADAPTERS[name]).__doc__ or "").strip().split("\n\n")[0]
+        doc = " ".join(doc.split())
+        print(f"{name}: {doc}" if doc else name)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``trimkit`` command; returns the exit status (2 for usage and option errors)."""
+    parser = _parser()
+    try:
+        args, extra = parser.parse_known_args(argv)
+    except SystemExit as e:  # --help (0) or an argparse error (2)
+        return int(e.code or 0)
+    from .bench import BenchSetupError
+
+    try:
+        if extra and args.command != "bench":
+            raise _UsageError(f"unrecognized arguments: {' '.join(extra)}")
+        if args.command == "bench":
+            return _bench(args, extra)
+        if args.command == "recipes":
+            return _recipes()
+        return _adapters()
+    except (_UsageError, BenchSetupError) as e:
+        # bad usage, or trimkit.apply's ValueError for the recipe and its options
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
