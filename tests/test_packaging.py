@@ -1,0 +1,116 @@
+"""The wheel installs `trimkit`, `trimkit.adapters` and `trimkit.recipes`, and nothing else.
+
+`adapters/` and `recipes/` are top-level folders of the repository that install as
+subpackages of `trimkit` (setuptools ``package-dir``). This test builds the wheel from a
+copy of the source tree, installs it into an empty folder and imports it from there, in a
+fresh interpreter whose working directory is not the repository, so that neither the
+repository nor an editable install can stand in for what the wheel really holds.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Build outputs, caches and virtualenvs stay behind when the source tree is copied.
+IGNORED = shutil.ignore_patterns(
+    ".git", ".venv", ".ci-venv", "venv", "build", "dist", "*.egg-info", "__pycache__",
+    "*.pyc", ".pytest_cache", ".hypothesis", ".ruff_cache", ".mypy_cache",
+)
+
+CHECK = textwrap.dedent(
+    """
+    import importlib
+    import os
+    import sys
+
+    site = os.path.realpath(sys.argv[1])
+
+    def inside(path):
+        return os.path.realpath(path).startswith(site + os.sep)
+
+    import trimkit
+    import trimkit.adapters
+    import trimkit.recipes
+
+    for mod in (trimkit, trimkit.adapters, trimkit.recipes):
+        assert inside(mod.__file__), f"{mod.__name__} came from {mod.__file__}, not the wheel"
+
+    for name in ("trimkit.adapters.timm_vit", "trimkit.recipes.tome",
+                 "trimkit.recipes.attn_prune"):
+        mod = importlib.import_module(name)
+        assert inside(mod.__file__), f"{name} came from {mod.__file__}, not the wheel"
+
+    for bare in ("adapters", "recipes"):
+        try:
+            mod = importlib.import_module(bare)
+        except ModuleNotFoundError:
+            continue
+        raise AssertionError(f"bare `import {bare}` works ({getattr(mod, '__file__', mod)}); "
+                             f"only trimkit.{bare} may be installed")
+
+    recipes = trimkit.list_recipes()
+    for name in ("tome", "attn_prune"):
+        assert name in recipes, f"recipe {name!r} missing from {recipes}"
+    assert "timm-vit" in trimkit.list_adapters(), trimkit.list_adapters()
+    print("wheel ok")
+    """
+)
+
+
+def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1"}
+    env.update(kw.pop("env", {}))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, **kw)
+    assert proc.returncode == 0, (
+        f"{' '.join(cmd)} failed ({proc.returncode})\n"
+        f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("wheel")
+    src = tmp / "src"
+    shutil.copytree(ROOT, src, ignore=IGNORED)
+    dist = tmp / "dist"
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+          "--no-index", "--wheel-dir", str(dist), str(src)])
+    wheels = sorted(dist.glob("trimkit-*.whl"))
+    assert len(wheels) == 1, f"expected one trimkit wheel, got {wheels}"
+    return wheels[0]
+
+
+def test_wheel_holds_only_the_trimkit_package(wheel: Path) -> None:
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/", 1)[0] for n in names}
+    assert "adapters" not in tops and "recipes" not in tops, sorted(tops)
+    assert {t for t in tops if not t.endswith(".dist-info")} == {"trimkit"}, sorted(tops)
+    for path in ("trimkit/__init__.py", "trimkit/adapters/__init__.py",
+                 "trimkit/adapters/timm_vit.py", "trimkit/recipes/__init__.py",
+                 "trimkit/recipes/tome.py", "trimkit/recipes/attn_prune.py"):
+        assert path in names, f"{path} missing from the wheel"
+    top_level = [n for n in names if n.endswith(".dist-info/top_level.txt")]
+    for entry in top_level:
+        assert zipfile.ZipFile(wheel).read(entry).decode().split() == ["trimkit"]
+
+
+def test_installed_wheel_imports_from_its_own_folder(wheel: Path, tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    _run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--target",
+          str(site), str(wheel)])
+    assert not (site / "adapters").exists() and not (site / "recipes").exists()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = _run([sys.executable, "-c", CHECK, str(site)], cwd=elsewhere,
+                env={"PYTHONPATH": str(site), "PYTHONSAFEPATH": "1"})
+    assert "wheel ok" in proc.stdout
