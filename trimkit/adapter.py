@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
 import torch.fx as fx
 from torch import nn
 
-from .describe import ModelDescription
+from .describe import LayerDesc, ModelDescription
 from .rewrite import (
     RewriteError,
     find_attention,
+    insert_after_output,
     insert_after_residual,
     insert_at_input,
     patch_forward,
@@ -46,14 +46,14 @@ class Adapter:
         return install_fx_sites(model, desc, sites)
 
 
-def _route_attention(site: Site) -> Callable[[fx.GraphModule], None]:
+def _route_attention(core: nn.Module) -> Callable[[fx.GraphModule], None]:
     def edit(gm: fx.GraphModule) -> None:
         found = find_attention(gm)
         if len(found) != 1:
             raise RewriteError(f"expected one attention product in {type(gm).__name__}, "
                                f"found {len(found)}")
         spec = found[0]
-        gm.add_submodule("trimkit_core", site.core)
+        gm.add_submodule("trimkit_core", core)
         dropout = spec["dropout"]
         if isinstance(dropout, str):
             mod = gm.get_submodule(dropout)
@@ -72,31 +72,40 @@ def _route_attention(site: Site) -> Callable[[fx.GraphModule], None]:
     return edit
 
 
-def _route_block(site: Site, attention: str, stream_arg: int) -> Callable[[fx.GraphModule], None]:
+def _route_block(site: Site, layer: LayerDesc) -> Callable[[fx.GraphModule], None]:
     def edit(gm: fx.GraphModule) -> None:
         gm.add_submodule("trimkit_enter", site.enter)
         gm.add_submodule("trimkit_leave", site.leave)
-        insert_at_input(gm, "trimkit_enter", stream_arg)
-        insert_after_residual(gm, attention, "trimkit_leave")
+        extra = () if layer.mask_arg is None else (layer.mask_arg,)
+        insert_at_input(gm, "trimkit_enter", layer.stream_arg, extra)
+        after = layer.leave_after or layer.attention.split(".")[0]
+        if layer.residual:
+            insert_after_residual(gm, after, "trimkit_leave")
+        else:
+            insert_after_output(gm, after, "trimkit_leave")
     return edit
 
 
 def install_fx_sites(model: nn.Module, desc: ModelDescription,
                      sites: dict[tuple[str, int], Site]) -> list[Undo]:
-    """Rewrite every described layer's block and attention module with its site."""
+    """Rewrite every described layer's block and attention modules with its site.
+
+    Blocks must trace with `torch.fx` (their children are kept as leaves); the attention
+    modules must compute one attention product (SDPA or the explicit softmax chain).
+    """
     undo: list[Undo] = []
     try:
         for stream in desc.streams.values():
             for i, layer in enumerate(stream.layers):
                 site = sites[(stream.name, i)]
                 block = model.get_submodule(layer.block)
-                attn = block.get_submodule(layer.attention)
-                x = torch.zeros(1, 4, layer.dim)
-                undo.append(patch_forward(attn, _route_attention(site), (x,)).undo)
-                example = [x] if layer.stream_arg == 0 else [None] * layer.stream_arg + [x]
-                undo.append(patch_forward(
-                    block, _route_block(site, layer.attention, layer.stream_arg),
-                    tuple(example)).undo)
+                attns = [(layer.attention, site.core)]
+                if layer.cross_attention:
+                    attns.append((layer.cross_attention, site.cross_core))
+                for path, core in attns:
+                    module = block.get_submodule(path)
+                    undo.append(patch_forward(module, _route_attention(core)).undo)
+                undo.append(patch_forward(block, _route_block(site, layer)).undo)
     except Exception:
         for u in reversed(undo):
             u()

@@ -117,7 +117,7 @@ def apply(model: nn.Module, recipe: str = "tome", *, mode: str = "auto",
     options = rec.resolve(overrides)
     desc = adapter.describe(model)
     plan = rec.plan(desc, options)
-    ctx = TrimContext(mode=mode, track_source=track_source,
+    ctx = TrimContext(mode=mode, track_source=track_source, parallel=desc.parallel,
                       protected={s.name: s.num_protected for s in desc.streams.values()})
     sites: dict[tuple[str, int], Site] = {}
     for stream in desc.streams.values():
@@ -125,7 +125,9 @@ def apply(model: nn.Module, recipe: str = "tome", *, mode: str = "auto",
             p = plan.get((stream.name, i))
             site = Site(stream.name, i, layer.num_heads, first=(i == 0),
                         pre=p.pre if p else None, post=p.post if p else None,
-                        proportional=p.proportional if p else False)
+                        proportional=p.proportional if p else False,
+                        cross_stream=layer.cross_stream,
+                        masks_are_padding=layer.masks_are_padding)
             site.ctx = ctx
             sites[(stream.name, i)] = site
     undo = adapter.install(model, desc, sites, ctx)

@@ -11,9 +11,19 @@ __all__ = ["LayerDesc", "ModelDescription", "StreamDesc"]
 class LayerDesc:
     """One transformer layer of a stream.
 
-    ``block`` is the layer's module path in the model; ``attention`` is the path of its
-    attention module relative to ``block``; ``stream_arg`` is the position of the token
-    argument in the block's forward.
+    - ``block``: the layer's module path in the model.
+    - ``attention``: its self-attention module, relative to ``block``.
+    - ``stream_arg``: position of the token argument in the block's forward.
+    - ``mask_arg``: position of the block's own key-padding argument (bool B×N, True on
+      real tokens), read at the stream's entry; ``None`` if the stream has no padding.
+    - ``cross_attention`` / ``cross_stream``: a cross-attention module (relative to
+      ``block``) whose keys are the tokens of ``cross_stream``.
+    - ``leave_after``: the direct child of ``block`` after which tokens are trimmed (default:
+      the first component of ``attention``); with ``residual`` the point is the residual
+      addition that follows it (pre-norm blocks), else its output itself (post-norm blocks,
+      whose attention module adds and normalises inside).
+    - ``masks_are_padding``: the masks the attention modules receive only mark padding,
+      which the trimming state carries (and updates) itself, so they are not applied again.
     """
 
     block: str
@@ -21,6 +31,12 @@ class LayerDesc:
     num_heads: int
     dim: int
     stream_arg: int = 0
+    mask_arg: int | None = None
+    cross_attention: str | None = None
+    cross_stream: str | None = None
+    leave_after: str | None = None
+    residual: bool = True
+    masks_are_padding: bool = False
 
 
 @dataclass(frozen=True)
@@ -45,6 +61,10 @@ class ModelDescription:
 
     family: str
     streams: dict[str, StreamDesc] = field(default_factory=dict)
+    #: layers with the same index in different streams run side by side on the previous
+    #: layer's outputs (METER's co-attention): cross-attention then sees the other stream
+    #: as it entered that layer index, not as the other stream's layer left it.
+    parallel: bool = False
 
     def stream(self, name: str | None = None) -> StreamDesc:
         """The named stream, or the only one."""

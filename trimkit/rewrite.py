@@ -24,6 +24,7 @@ __all__ = [
     "Patch",
     "RewriteError",
     "find_attention",
+    "insert_after_output",
     "insert_after_residual",
     "insert_at_input",
     "patch_forward",
@@ -103,22 +104,26 @@ class Patch:
             del self.module.__dict__["forward"]
 
 
-def patch_forward(module: nn.Module, edit: GraphEdit, example: tuple = (), **kw) -> Patch:
+def patch_forward(module: nn.Module, edit: GraphEdit) -> Patch:
     """Install on ``module`` (this instance only) a forward traced and edited by ``edit``.
 
-    ``example`` (positional arguments, tensors may be any shape) is traced right away so
-    that a module that cannot be rewritten fails here, not on its first call.
+    The forward is traced once right away, with every argument that has a default at its
+    default and tensors elsewhere, so a module that cannot be rewritten fails here and not
+    on its first call. Other specialisations are traced when first called.
     """
     if "forward" in module.__dict__:
         raise RewriteError(f"{type(module).__name__} already has a per-instance forward")
     spec = _Specialised(module, edit)
-    if example or kw:
-        was = {m: m.training for m in module.modules()}
-        try:
-            spec.trace(example, kw)
-        finally:
-            for m, t in was.items():
-                m.training = t
+    args = [torch.empty(0) if p.default is inspect.Parameter.empty else p.default
+            for p in list(spec.signature.parameters.values())[1:]
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    try:
+        spec.trace(tuple(args), {})
+    except RewriteError:
+        raise
+    except Exception as err:
+        raise RewriteError(f"cannot trace {type(module).__name__}.forward with torch.fx: "
+                           f"{type(err).__name__}: {err}") from err
     module.__dict__["forward"] = spec
     return Patch(module, spec)
 
@@ -228,14 +233,32 @@ def _depends_on(node: fx.Node, target: fx.Node) -> bool:
     return False
 
 
-def insert_at_input(gm: fx.GraphModule, submodule: str, index: int = 0) -> None:
-    """Route the ``index``-th placeholder of ``gm`` through ``gm.<submodule>`` first."""
+def insert_at_input(gm: fx.GraphModule, submodule: str, index: int = 0,
+                    extra: tuple[int, ...] = ()) -> None:
+    """Route the ``index``-th placeholder of ``gm`` through ``gm.<submodule>`` first; the
+    placeholders at ``extra`` positions are passed along as further arguments."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     x = placeholders[index]
     anchor = placeholders[-1]
     with gm.graph.inserting_after(anchor):
-        new = gm.graph.call_module(submodule, (x,))
+        new = gm.graph.call_module(submodule, (x, *(placeholders[i] for i in extra)))
     x.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
+
+
+def insert_after_output(gm: fx.GraphModule, after_module: str, submodule: str) -> None:
+    """Route the output of the single call of ``after_module`` through ``gm.<submodule>``."""
+    call = _single_call(gm, after_module)
+    with gm.graph.inserting_after(call):
+        new = gm.graph.call_module(submodule, (call,))
+    call.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
+
+
+def _single_call(gm: fx.GraphModule, target: str) -> fx.Node:
+    calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == target]
+    if len(calls) != 1:
+        raise RewriteError(f"expected one call of {target!r} in the traced forward, "
+                           f"found {len(calls)}")
+    return calls[0]
 
 
 def insert_after_residual(gm: fx.GraphModule, after_module: str, submodule: str) -> None:
@@ -244,11 +267,7 @@ def insert_after_residual(gm: fx.GraphModule, after_module: str, submodule: str)
     The residual sum is the first addition downstream of that call whose other operand does
     not depend on it (``x + f(attn(x))``, pre-norm or post-norm alike).
     """
-    calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == after_module]
-    if len(calls) != 1:
-        raise RewriteError(f"expected one call of {after_module!r} in the traced forward, "
-                           f"found {len(calls)}")
-    call = calls[0]
+    call = _single_call(gm, after_module)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     candidates = []
     for node in gm.graph.nodes:

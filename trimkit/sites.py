@@ -66,21 +66,31 @@ class TrimContext:
     enabled: bool = True
     track_source: bool = False
     protected: dict[str, int] = field(default_factory=dict)
+    parallel: bool = False
     states: dict[str, TokenState] = field(default_factory=dict)
+    entered: dict[tuple[str, int], TokenState] = field(default_factory=dict)
     stats: list[LayerStats] = field(default_factory=list)
-    entry_padding: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def compacting(self, training: bool) -> bool:
         return self.mode == "compacted" or (self.mode == "auto" and not training)
 
-    def start(self, stream: str, x: torch.Tensor) -> TokenState:
-        """A fresh state for ``stream`` at its entry; statistics of that stream restart."""
+    def start(self, stream: str, x: torch.Tensor, real: torch.Tensor | None = None) -> TokenState:
+        """A fresh state for ``stream`` at its entry (``real``: B×N bool, False on padding);
+        that stream's statistics and remembered layer entries restart."""
         self.stats = [s for s in self.stats if s.stream != stream]
-        pad = self.entry_padding.pop(stream, None)
+        self.entered = {k: v for k, v in self.entered.items() if k[0] != stream}
+        pad = None if real is None else ~real.to(torch.bool)
         state = TokenState.start(x, num_protected=self.protected.get(stream, 0),
                                  padding_mask=pad, track_source=self.track_source)
         self.states[stream] = state
         return state
+
+    def keys_state(self, stream: str, layer: int) -> TokenState | None:
+        """The state of ``stream`` that describes the keys a cross-attention of ``layer``
+        reads: as it entered that layer index (side-by-side streams), else its latest."""
+        if self.parallel and (stream, layer) in self.entered:
+            return self.entered[(stream, layer)]
+        return self.states.get(stream)
 
 
 class _Point(nn.Module):
@@ -92,8 +102,8 @@ class _Point(nn.Module):
 
 
 class _Enter(_Point):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.site.enter_(x)
+    def forward(self, x: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
+        return self.site.enter_(x, real)
 
 
 class _Leave(_Point):
@@ -104,6 +114,11 @@ class _Leave(_Point):
 class _Core(_Point):
     def forward(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None):
         return self.site.attend_(q, k, v, attn_mask, dropout_p, is_causal, scale)
+
+
+class _CrossCore(_Point):
+    def forward(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None):
+        return self.site.attend_(q, k, v, attn_mask, dropout_p, is_causal, scale, cross=True)
 
 
 def _row_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -126,9 +141,12 @@ class Site(nn.Module):
         pre: list[TokenOp] | None = None,
         post: list[TokenOp] | None = None,
         proportional: bool = False,
+        cross_stream: str | None = None,
+        masks_are_padding: bool = False,
     ):
         super().__init__()
         self.stream, self.layer, self.num_heads, self.first = stream, layer, num_heads, first
+        self.cross_stream, self.masks_are_padding = cross_stream, masks_are_padding
         self.pre = nn.ModuleList(pre or [])
         self.post = nn.ModuleList(post or [])
         self.proportional = proportional
@@ -139,15 +157,16 @@ class Site(nn.Module):
         object.__setattr__(self, "enter", _Enter(self))
         object.__setattr__(self, "core", _Core(self))
         object.__setattr__(self, "leave", _Leave(self))
+        object.__setattr__(self, "cross_core", _CrossCore(self))
 
     def extra_repr(self) -> str:
         return f"stream={self.stream!r}, layer={self.layer}, proportional={self.proportional}"
 
     # -- the three call points -----------------------------------------------------------
-    def _state(self, x: torch.Tensor) -> TokenState:
+    def _state(self, x: torch.Tensor, real: torch.Tensor | None = None) -> TokenState:
         state = self.ctx.states.get(self.stream)
         if self.first or state is None or state.keep.shape != x.shape[:2]:
-            return self.ctx.start(self.stream, x)
+            return self.ctx.start(self.stream, x, real)
         return state.with_x(x)
 
     def _run(self, ops: nn.ModuleList, state: TokenState) -> TokenState:
@@ -158,10 +177,12 @@ class Site(nn.Module):
         self.ctx.states[self.stream] = state
         return state
 
-    def enter_(self, x: torch.Tensor) -> torch.Tensor:
+    def enter_(self, x: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
         if not self.ctx.enabled:
             return x
-        state = self._run(self.pre, self._state(x))
+        state = self._state(x, real)
+        self.ctx.entered[(self.stream, self.layer)] = state
+        state = self._run(self.pre, state)
         self._tokens_in = state.live_counts()
         return state.x
 
@@ -184,13 +205,25 @@ class Site(nn.Module):
         w = state.live.to(q.dtype)[:, None, :, None]
         return (q * w).sum(2, keepdim=True) / w.sum(2, keepdim=True).clamp_min(1.0)
 
-    def attend_(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None):
-        state = self.ctx.states.get(self.stream) if self.ctx.enabled else None
-        if state is None or state.keep.shape[1] != k.shape[-2]:
+    def attend_(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                cross=False):
+        """SDPA with the key stream's bias; records what the ops need (self-attention only)."""
+        state, keys = None, None
+        if self.ctx.enabled:
+            state = self.ctx.states.get(self.stream)
+            keys = (self.ctx.keys_state(self.cross_stream, self.layer) if cross else state)
+        if keys is not None and keys.keep.shape[1] != k.shape[-2]:
+            raise RuntimeError(
+                f"trimkit: the keys of {'cross-' if cross else ''}attention in {self.stream} "
+                f"layer {self.layer} have {k.shape[-2]} tokens but the trimming state has "
+                f"{keys.keep.shape[1]}; the adapter's description does not match this forward")
+        if keys is None:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                                   dropout_p=dropout_p, is_causal=is_causal,
                                                   scale=scale)
-        bias = attention_bias(state, q.dtype, self.proportional)
+        if self.masks_are_padding:
+            attn_mask = None  # the state carries (and compacts) the padding
+        bias = attention_bias(keys, q.dtype, self.proportional)
         if bias is not None:
             mask = attn_mask
             if is_causal:
@@ -201,11 +234,12 @@ class Site(nn.Module):
                 mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(
                     ~mask, NEG(q.dtype))
             attn_mask = bias if mask is None else mask + bias
-        if "keys" in self.needs:
-            self.captured["keys"] = k.mean(1)
-        if "query_scores" in self.needs:
-            s = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-            self.captured["query_scores"] = query_attention(
-                self._query_row(q, state), k, _row_mask(attn_mask), s)
+        if not cross:
+            if "keys" in self.needs:
+                self.captured["keys"] = k.mean(1)
+            if "query_scores" in self.needs:
+                s = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+                self.captured["query_scores"] = query_attention(
+                    self._query_row(q, state), k, _row_mask(attn_mask), s)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                               is_causal=is_causal, scale=scale)
