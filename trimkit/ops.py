@@ -163,7 +163,7 @@ def bipartite_soft_matching(
     ok = is_a.gather(1, a_idx)[:, :, None] & is_b.gather(1, b_idx)[:, None, :]
     scores = scores.masked_fill(~ok, -math.inf)
     node_max, node_j = scores.max(dim=-1)
-    order = torch.argsort(node_max, dim=-1, descending=False, stable=True)[:, :r_top]
+    order = torch.argsort(node_max, dim=-1, descending=True, stable=True)[:, :r_top]
     src = a_idx.gather(1, order)
     dst = b_idx.gather(1, node_j.gather(1, order))
     valid = torch.arange(r_top, device=metric.device)[None, :] < r_each[:, None]
