@@ -8,18 +8,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 timm = pytest.importorskip("timm")
-from timm.models.vision_transformer import VisionTransformer  # noqa: E402
+from timm.models.deit import VisionTransformerDistilled  # noqa: E402
+from timm.models.vision_transformer import Block, ResPostBlock, VisionTransformer  # noqa: E402
 
 from trimkit.testing import check_invariants  # noqa: E402
 
-SETTINGS = settings(max_examples=12, deadline=None, derandomize=True,
+SETTINGS = settings(max_examples=30, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])
 
 
 @st.composite
 def vits(draw):
-    """A tiny ViT config: registers, LayerScale, qk_norm, fused or explicit attention,
-    CLS or average pooling, 16 or 36 patches."""
+    """A tiny ViT config: registers, LayerScale, qk_norm, pre- or post-norm blocks, fused or
+    explicit attention, CLS or average pooling, a distillation token, 16 or 36 patches."""
     heads = draw(st.sampled_from([1, 2, 4]))
     cfg = dict(
         img_size=draw(st.sampled_from([32, 48])), patch_size=8, embed_dim=8 * heads,
@@ -29,8 +30,11 @@ def vits(draw):
         qk_norm=draw(st.booleans()),
         class_token=draw(st.booleans()),
     )
+    cfg["block_fn"] = draw(st.sampled_from([Block, ResPostBlock]))
     if not cfg["class_token"]:
         cfg["global_pool"] = "avg"
+    elif draw(st.booleans()):
+        cfg["distilled"] = True
     fused = draw(st.booleans())
     batch = draw(st.integers(1, 4))
     return cfg, fused, batch
@@ -39,7 +43,9 @@ def vits(draw):
 def factory(cfg: dict, fused: bool):
     def make():
         torch.manual_seed(0)
-        m = VisionTransformer(**cfg)
+        kw = dict(cfg)
+        cls = VisionTransformerDistilled if kw.pop("distilled", False) else VisionTransformer
+        m = cls(**kw)
         for blk in m.blocks:
             blk.attn.fused_attn = fused
         # random non-zero biases/LayerScale so tokens differ in interesting ways
