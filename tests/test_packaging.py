@@ -95,9 +95,13 @@ def test_wheel_holds_only_the_trimkit_package(wheel: Path) -> None:
     tops = {n.split("/", 1)[0] for n in names}
     assert "adapters" not in tops and "recipes" not in tops, sorted(tops)
     assert {t for t in tops if not t.endswith(".dist-info")} == {"trimkit"}, sorted(tops)
-    for path in ("trimkit/__init__.py", "trimkit/adapters/__init__.py",
-                 "trimkit/adapters/timm_vit.py", "trimkit/recipes/__init__.py",
-                 "trimkit/recipes/tome.py", "trimkit/recipes/attn_prune.py"):
+    # every module of the source tree ships, under trimkit/
+    expected = [f"trimkit/{p.relative_to(ROOT / 'trimkit').as_posix()}"
+                for p in (ROOT / "trimkit").rglob("*.py")]
+    for folder in ("adapters", "recipes"):
+        expected += [f"trimkit/{folder}/{p.relative_to(ROOT / folder).as_posix()}"
+                     for p in (ROOT / folder).rglob("*.py")]
+    for path in expected:
         assert path in names, f"{path} missing from the wheel"
     top_level = [n for n in names if n.endswith(".dist-info/top_level.txt")]
     for entry in top_level:

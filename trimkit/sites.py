@@ -163,9 +163,10 @@ class Site(nn.Module):
         return f"stream={self.stream!r}, layer={self.layer}, proportional={self.proportional}"
 
     # -- the three call points -----------------------------------------------------------
-    def _state(self, x: torch.Tensor, real: torch.Tensor | None = None) -> TokenState:
+    def _state(self, x: torch.Tensor, real: torch.Tensor | None = None,
+               entering: bool = False) -> TokenState:
         state = self.ctx.states.get(self.stream)
-        if self.first or state is None or state.keep.shape != x.shape[:2]:
+        if (self.first and entering) or state is None or state.keep.shape != x.shape[:2]:
             return self.ctx.start(self.stream, x, real)
         return state.with_x(x)
 
@@ -180,7 +181,7 @@ class Site(nn.Module):
     def enter_(self, x: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
         if not self.ctx.enabled:
             return x
-        state = self._state(x, real)
+        state = self._state(x, real, entering=True)
         self.ctx.entered[(self.stream, self.layer)] = state
         state = self._run(self.pre, state)
         self._tokens_in = state.live_counts()

@@ -1,0 +1,42 @@
+"""The METER adapter: two streams (text, image) through the co-attention fusion stack.
+
+Each fusion layer (official names ``cross_modal_text_layers.i`` / ``cross_modal_image_layers.i``)
+is a post-norm BERT layer: self-attention, cross-attention to the other stream, FFN. Sites
+go in through the engine's fx pass: tokens are trimmed at a layer's input (pre ops) and
+after its cross-attention, before the FFN (post ops, PuMer's placement). Both layers of a
+fusion block read the previous block's outputs (``parallel``). Each stream's first token,
+which its pooler reads, is protected; the text padding mask enters the trimming state at the
+first fusion layer and is carried (and compacted) from there.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from trimkit import Adapter, LayerDesc, ModelDescription, StreamDesc, register_adapter
+
+from .model import METER
+
+
+@register_adapter
+class MeterAdapter(Adapter):
+    name = "meter"
+
+    def detect(self, model: nn.Module) -> bool:
+        return isinstance(model, METER)
+
+    def describe(self, model: nn.Module) -> ModelDescription:
+        cfg = model.config
+        streams = {}
+        for name, other, attr in (("text", "image", "cross_modal_text_layers"),
+                                  ("image", "text", "cross_modal_image_layers")):
+            layers = tuple(
+                LayerDesc(block=f"{attr}.{i}", attention="attention.self",
+                          num_heads=cfg.num_heads, dim=cfg.hidden_size, stream_arg=0, mask_arg=2,
+                          cross_attention="crossattention.self", cross_stream=other,
+                          leave_after="crossattention", residual=False, masks_are_padding=True)
+                for i in range(len(getattr(model, attr))))
+            n = (cfg.image_size // cfg.patch_size) ** 2 + 1 if name == "image" else None
+            streams[name] = StreamDesc(name, layers, num_tokens=n, num_protected=1,
+                                       padded=name == "text")
+        return ModelDescription("meter", streams, parallel=True)

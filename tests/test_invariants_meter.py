@@ -1,0 +1,66 @@
+"""DESIGN.md's invariants as hypothesis properties over random tiny METER variants,
+with text padding, batch sizes 1–4, and trimming in either stream."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from trimkit.adapters.meter import METER, meter_tiny
+
+from trimkit.testing import check_invariants
+
+SETTINGS = settings(max_examples=6, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def meters(draw):
+    """A tiny METER config and a padded batch for it."""
+    heads = draw(st.sampled_from([1, 2, 4]))
+    cfg = meter_tiny(num_heads=heads, hidden_size=8 * heads,
+                     num_fusion_layers=draw(st.integers(1, 3)),
+                     image_size=draw(st.sampled_from([32, 48])))
+    batch = draw(st.integers(1, 4))
+    t = draw(st.integers(3, 10))
+    lengths = draw(st.lists(st.integers(2, t), min_size=batch, max_size=batch))
+    g = torch.Generator().manual_seed(batch * 100 + t)
+    images = torch.randn(batch, 3, cfg.image_size, cfg.image_size, generator=g)
+    ids = torch.randint(3, cfg.vocab_size, (batch, t), generator=g)
+    mask = (torch.arange(t)[None] < torch.tensor(lengths)[:, None]).long()
+    ids = ids.masked_fill(mask == 0, 1)
+    return cfg, (images, ids, mask)
+
+
+def factory(cfg):
+    def make():
+        torch.manual_seed(0)
+        return METER(cfg)
+    return make
+
+
+def perturb_padding(inputs):
+    images, ids, mask = inputs
+    return images, ids.masked_fill(mask == 0, 42), mask
+
+
+@SETTINGS
+@given(meters(), st.integers(0, 6), st.sampled_from(["image", "text"]))
+def test_tome_invariants(case, r, stream):
+    cfg, inputs = case
+    if stream == "image":
+        r = min(r, (cfg.image_size // cfg.patch_size) ** 2 // (2 * cfg.num_fusion_layers))
+    check_invariants(factory(cfg), inputs, "tome", dict(r=r, stream=stream),
+                     dict(r=0, stream=stream), merges_only=True, perturb_padding=perturb_padding)
+
+
+@SETTINGS
+@given(meters(), st.floats(0.05, 1.0), st.booleans(), st.sampled_from(["image", "text"]),
+       st.data())
+def test_attn_prune_invariants(case, keep, fuse, stream, data):
+    cfg, inputs = case
+    layers = data.draw(st.lists(st.integers(0, cfg.num_fusion_layers - 1), min_size=1,
+                                max_size=3))
+    check_invariants(factory(cfg), inputs, "attn_prune",
+                     dict(keep_ratio=keep, fuse=fuse, layers=layers, stream=stream),
+                     dict(keep_ratio=1.0, stream=stream), perturb_padding=perturb_padding)
