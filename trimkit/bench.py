@@ -15,8 +15,11 @@ family, add a builder to `BUILDERS`.
 
 Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA. On CPU it is measured in a fresh
 process (``python -m trimkit.bench --memory-probe JSON``): build, apply (or not), make the
-inputs, read the resident set size, run one forward, and report the rise of the peak
-resident set size over it.
+inputs, run one batch-1 forward (so one-time allocations are not counted), read the
+resident set size, run one forward, and report the rise of the peak resident set size over
+it. The peak is the kernel's ``VmHWM`` after resetting it through ``/proc/self/clear_refs``:
+``ru_maxrss`` is not used when that works, because an exec'd child inherits its parent's
+peak there (a probe started from the benchmark process would report the parent's ~700 MB).
 """
 
 from __future__ import annotations
@@ -228,8 +231,12 @@ def probe_in_subprocess(spec: str, recipe: str | None, options: dict[str, Any],
     """`memory_probe` in a fresh ``python -m trimkit.bench --memory-probe`` process."""
     arg = json.dumps(dict(spec=spec, recipe=recipe, options=options, batch_size=batch_size,
                           threads=threads))
+    # a fixed mmap threshold turns off glibc's adaptive one, so every large tensor is its own
+    # mapping, returned on free: the resident set then follows live tensors (runs agree to
+    # the page instead of scattering by ±30%)
+    env = {"MALLOC_MMAP_THRESHOLD_": "131072", **os.environ}
     out = subprocess.run([sys.executable, "-m", "trimkit.bench", "--memory-probe", arg],
-                         capture_output=True, text=True, check=False)
+                         capture_output=True, text=True, check=False, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"memory probe failed (exit {out.returncode}):\n{out.stderr[-2000:]}")
     return int(json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"])
