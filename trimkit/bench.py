@@ -43,6 +43,7 @@ from torch import nn
 import trimkit
 
 __all__ = [
+    "ALIASES",
     "BUILDERS",
     "BenchSetupError",
     "Row",
@@ -96,6 +97,8 @@ def parse_value(text: str) -> Any:
 def parse_spec(spec: str) -> tuple[str, str, dict[str, Any]]:
     """``"timm:vit_tiny_patch16_224?img_size=64&depth=2"`` →
     ``("timm", "vit_tiny_patch16_224", {"img_size": 64, "depth": 2})``."""
+    head, q, query = spec.partition("?")
+    spec = ALIASES.get(head, head) + q + query
     prefix, sep, rest = spec.partition(":")
     if not sep or not prefix or not rest:
         raise ValueError(f"model spec must look like '<kind>:<name>[?key=value&...]', got "
@@ -126,9 +129,37 @@ def _timm(name: str, **kwargs: Any) -> tuple[nn.Module, MakeInputs]:
     return model, make_inputs
 
 
+def _meter(name: str, text_len: int = 40, **kwargs: Any) -> tuple[nn.Module, MakeInputs]:
+    """METER at a preset's sizes (``base`` or ``tiny``, fields overridable) with random
+    weights; inputs are random images and ``text_len`` random real text tokens."""
+    from trimkit.adapters.meter import METER, meter_base, meter_tiny
+
+    presets = {"base": meter_base, "tiny": meter_tiny}
+    if name not in presets:
+        raise ValueError(f"unknown METER preset {name!r}; presets: {', '.join(presets)}")
+    torch.manual_seed(0)
+    model = METER(presets[name](**kwargs)).eval()
+    cfg = model.config
+
+    def make_inputs(batch_size: int) -> tuple:
+        g = torch.Generator().manual_seed(0)
+        images = torch.randn(batch_size, 3, cfg.image_size, cfg.image_size, generator=g)
+        ids = torch.randint(3, cfg.vocab_size, (batch_size, text_len), generator=g)
+        return images, ids, torch.ones(batch_size, text_len, dtype=torch.long)
+
+    return model, make_inputs
+
+
 #: prefix → builder(name, **kwargs) → (model, make_inputs). Add families here.
 BUILDERS: dict[str, Builder] = {
     "timm": _timm,
+    "meter": _meter,
+}
+
+#: short names accepted by ``--model`` for specs of the form ``<kind>:<name>``
+ALIASES: dict[str, str] = {
+    "meter-base": "meter:base",
+    "meter-tiny": "meter:tiny",
 }
 
 
