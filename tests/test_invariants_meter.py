@@ -10,7 +10,7 @@ from trimkit.adapters.meter import METER, meter_tiny
 
 from trimkit.testing import check_invariants
 
-SETTINGS = settings(max_examples=6, deadline=None, derandomize=True,
+SETTINGS = settings(max_examples=25, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])
 
 

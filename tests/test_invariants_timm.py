@@ -13,7 +13,7 @@ from timm.models.vision_transformer import Block, ResPostBlock, VisionTransforme
 
 from trimkit.testing import check_invariants  # noqa: E402
 
-SETTINGS = settings(max_examples=30, deadline=None, derandomize=True,
+SETTINGS = settings(max_examples=60, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])
 
 
