@@ -118,14 +118,14 @@ def apply(model: nn.Module, recipe: str = "tome", *, mode: str = "auto",
     desc = adapter.describe(model)
     plan = rec.plan(desc, options)
     ctx = TrimContext(mode=mode, track_source=track_source, parallel=desc.parallel,
-                      protected={s.name: s.num_protected for s in desc.streams.values()})
+                      protected={s.name: s.num_protected for s in desc.streams.values()},
+                      proportional=frozenset(s for (s, _), p in plan.items() if p.proportional))
     sites: dict[tuple[str, int], Site] = {}
     for stream in desc.streams.values():
         for i, layer in enumerate(stream.layers):
             p = plan.get((stream.name, i))
             site = Site(stream.name, i, layer.num_heads, first=(i == 0),
                         pre=p.pre if p else None, post=p.post if p else None,
-                        proportional=p.proportional if p else False,
                         cross_stream=layer.cross_stream,
                         masks_are_padding=layer.masks_are_padding)
             site.ctx = ctx

@@ -21,7 +21,8 @@ class Option:
 
 @dataclass
 class SitePlan:
-    """What one layer's site does."""
+    """What one layer's site does. ``proportional`` on any layer of a stream makes that
+    stream's merged tokens weigh attention by log(size) wherever they are keys."""
 
     pre: list[TokenOp] = field(default_factory=list)
     post: list[TokenOp] = field(default_factory=list)

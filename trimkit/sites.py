@@ -67,6 +67,8 @@ class TrimContext:
     track_source: bool = False
     protected: dict[str, int] = field(default_factory=dict)
     parallel: bool = False
+    #: streams whose merged tokens weigh attention by log(size) wherever they are keys
+    proportional: frozenset[str] = frozenset()
     states: dict[str, TokenState] = field(default_factory=dict)
     entered: dict[tuple[str, int], TokenState] = field(default_factory=dict)
     stats: list[LayerStats] = field(default_factory=list)
@@ -140,7 +142,6 @@ class Site(nn.Module):
         first: bool = False,
         pre: list[TokenOp] | None = None,
         post: list[TokenOp] | None = None,
-        proportional: bool = False,
         cross_stream: str | None = None,
         masks_are_padding: bool = False,
     ):
@@ -149,7 +150,6 @@ class Site(nn.Module):
         self.cross_stream, self.masks_are_padding = cross_stream, masks_are_padding
         self.pre = nn.ModuleList(pre or [])
         self.post = nn.ModuleList(post or [])
-        self.proportional = proportional
         self.needs = frozenset().union(*(op.needs for op in [*self.pre, *self.post]))
         self.captured: dict[str, torch.Tensor] = {}
         self.ctx: TrimContext = TrimContext()
@@ -160,7 +160,7 @@ class Site(nn.Module):
         object.__setattr__(self, "cross_core", _CrossCore(self))
 
     def extra_repr(self) -> str:
-        return f"stream={self.stream!r}, layer={self.layer}, proportional={self.proportional}"
+        return f"stream={self.stream!r}, layer={self.layer}"
 
     # -- the three call points -----------------------------------------------------------
     def _state(self, x: torch.Tensor, real: torch.Tensor | None = None,
@@ -224,7 +224,8 @@ class Site(nn.Module):
                                                   scale=scale)
         if self.masks_are_padding:
             attn_mask = None  # the state carries (and compacts) the padding
-        bias = attention_bias(keys, q.dtype, self.proportional)
+        key_stream = self.cross_stream if cross else self.stream
+        bias = attention_bias(keys, q.dtype, key_stream in self.ctx.proportional)
         if bias is not None:
             mask = attn_mask
             if is_causal:
