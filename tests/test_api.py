@@ -188,3 +188,46 @@ def test_per_instance_counts_pack_and_mask():
         assert trimkit.last_states(model)["image"].has_dead  # padded batch
     finally:
         del RECIPES["_per_instance"]
+
+
+class _GateHead(trimkit.TokenOp):
+    """Switch one head off in every sample (what a head trimmer decides per instance)."""
+
+    def __init__(self, head: int):
+        super().__init__()
+        self.head = head
+
+    def forward(self, state, site):
+        gates = torch.ones(state.x.shape[0], site.num_heads)
+        gates[:, self.head] = 0
+        site.head_gates = gates
+        return state
+
+
+class _HeadOff(trimkit.Recipe):
+    name = "_head_off"
+    options = {"head": trimkit.Option(1, "head to switch off")}
+
+    def plan(self, desc, options):
+        s = desc.stream()
+        return {(s.name, i): trimkit.SitePlan(pre=[_GateHead(options["head"])])
+                for i in range(len(s.layers))}
+
+
+def test_head_gates_remove_a_head_output():
+    """A zero gate equals a model whose output projection ignores that head."""
+    RECIPES["_head_off"] = _HeadOff()
+    try:
+        x = torch.randn(2, 3, 32, 32)
+        reference = tiny_vit()
+        with torch.no_grad():
+            for blk in reference.blocks:
+                d = blk.attn.head_dim
+                blk.attn.proj.weight[:, d:2 * d] = 0  # head 1's columns
+            expected = reference(x)
+        model = trimkit.apply(tiny_vit(), "_head_off", head=1)
+        with torch.no_grad():
+            assert torch.allclose(model(x), expected, atol=1e-5)
+        assert [s["heads"] for s in trimkit.last_stats(model).table()] == [1, 1, 1]
+    finally:
+        del RECIPES["_head_off"]

@@ -44,16 +44,18 @@ class TokenOp(nn.Module):
 
 @dataclass
 class LayerStats:
-    """Live tokens (per sample) entering a layer's attention and leaving the layer."""
+    """Live tokens (per sample) entering a layer's attention and leaving the layer, and its
+    live self-attention heads (an int, or per sample when heads are gated)."""
 
     stream: str
     layer: int
     tokens_in: torch.Tensor
     tokens_out: torch.Tensor
-    heads: int
+    heads: int | torch.Tensor
 
     def as_dict(self) -> dict:
-        return dict(stream=self.stream, layer=self.layer, heads=self.heads,
+        heads = self.heads if isinstance(self.heads, int) else self.heads.float().mean().item()
+        return dict(stream=self.stream, layer=self.layer, heads=heads,
                     tokens_in=self.tokens_in.float().mean().item(),
                     tokens_out=self.tokens_out.float().mean().item())
 
@@ -154,6 +156,11 @@ class Site(nn.Module):
         self.captured: dict[str, torch.Tensor] = {}
         self.ctx: TrimContext = TrimContext()
         self._tokens_in: torch.Tensor | None = None
+        #: B×H per-instance gates on the heads of the self- and the cross-attention, set
+        #: by this forward's ops (``None``: every head on); a zero gate removes the head's
+        #: output before the output projection
+        self.head_gates: torch.Tensor | None = None
+        self.cross_head_gates: torch.Tensor | None = None
         object.__setattr__(self, "enter", _Enter(self))
         object.__setattr__(self, "core", _Core(self))
         object.__setattr__(self, "leave", _Leave(self))
@@ -182,6 +189,7 @@ class Site(nn.Module):
         if not self.ctx.enabled:
             return x
         state = self._state(x, real, entering=True)
+        self.head_gates = self.cross_head_gates = None
         self.ctx.entered[(self.stream, self.layer)] = state
         state = self._run(self.pre, state)
         self._tokens_in = state.live_counts()
@@ -193,8 +201,10 @@ class Site(nn.Module):
         state = self._run(self.post, self._state(x))
         self.captured.clear()
         tokens_in = self._tokens_in if self._tokens_in is not None else state.live_counts()
+        heads = (self.num_heads if self.head_gates is None
+                 else (self.head_gates > 0).sum(1))
         self.ctx.stats.append(LayerStats(self.stream, self.layer, tokens_in,
-                                         state.live_counts(), self.num_heads))
+                                         state.live_counts(), heads))
         self._tokens_in = None
         return state.x
 
@@ -243,5 +253,9 @@ class Site(nn.Module):
                 s = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
                 self.captured["query_scores"] = query_attention(
                     self._query_row(q, state), k, _row_mask(attn_mask), s)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
-                                              is_causal=is_causal, scale=scale)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                             is_causal=is_causal, scale=scale)
+        gates = self.cross_head_gates if cross else self.head_gates
+        if gates is not None:
+            out = out * gates.to(out.dtype)[:, :, None, None]
+        return out
