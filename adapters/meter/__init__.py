@@ -1,54 +1,8 @@
-"""METER (Dou et al., CVPR 2022): the model (`model`) and the official-checkpoint loader
-(`loader`). No adapter is imported or registered here."""
+"""METER (Dou et al., CVPR 2022): the model (`model`), the official-checkpoint loader
+(`loader`) and the trimming adapter (`adapter`, registered by ``trimkit.adapters``)."""
 
-from .loader import (
-    DROPPED_PREFIXES,
-    LoadReport,
-    interpolate_pos_embed,
-    load_meter_checkpoint,
-    map_official_state_dict,
-)
-from .model import (
-    METER,
-    ROBERTA_PAD_ID,
-    TASKS,
-    BertAttention,
-    BertCrossAttention,
-    BertCrossAttentionCore,
-    BertCrossLayer,
-    BertIntermediate,
-    BertOutput,
-    BertSelfAttention,
-    BertSelfOutput,
-    ITMHead,
-    MeterConfig,
-    Pooler,
-    init_weights,
-    meter_base,
-    meter_tiny,
-)
+from . import loader, model
+from .loader import *  # noqa: F403
+from .model import *  # noqa: F403
 
-__all__ = [
-    "DROPPED_PREFIXES",
-    "METER",
-    "TASKS",
-    "BertAttention",
-    "BertCrossAttention",
-    "BertCrossAttentionCore",
-    "BertCrossLayer",
-    "BertIntermediate",
-    "BertOutput",
-    "BertSelfAttention",
-    "BertSelfOutput",
-    "ITMHead",
-    "LoadReport",
-    "MeterConfig",
-    "Pooler",
-    "ROBERTA_PAD_ID",
-    "init_weights",
-    "interpolate_pos_embed",
-    "load_meter_checkpoint",
-    "map_official_state_dict",
-    "meter_base",
-    "meter_tiny",
-]
+__all__ = [*model.__all__, *loader.__all__]

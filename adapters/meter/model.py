@@ -190,9 +190,10 @@ class BertCrossAttentionCore(BertSelfAttention):
 class BertSelfOutput(nn.Module):
     """Post-norm residual: ``LayerNorm(dropout(dense(h)) + input_tensor)``."""
 
-    def __init__(self, hidden_size: int, dropout: float = 0.0, eps: float = _FUSION_LN_EPS):
+    def __init__(self, hidden_size: int, dropout: float = 0.0, eps: float = _FUSION_LN_EPS,
+                 in_size: int | None = None):
         super().__init__()
-        self.dense = nn.Linear(hidden_size, hidden_size)
+        self.dense = nn.Linear(in_size or hidden_size, hidden_size)
         self.LayerNorm = nn.LayerNorm(hidden_size, eps=eps)
         self.dropout = nn.Dropout(dropout)
 
@@ -239,18 +240,12 @@ class BertIntermediate(nn.Module):
         return self.intermediate_act_fn(self.dense(hidden_states))
 
 
-class BertOutput(nn.Module):
-    """FFN output: ``LayerNorm(dropout(dense(h)) + input_tensor)``."""
+class BertOutput(BertSelfOutput):
+    """FFN output: ``LayerNorm(dropout(dense(h)) + input_tensor)``, from the FFN width."""
 
     def __init__(self, intermediate_size: int, hidden_size: int, dropout: float = 0.0,
                  eps: float = _FUSION_LN_EPS):
-        super().__init__()
-        self.dense = nn.Linear(intermediate_size, hidden_size)
-        self.LayerNorm = nn.LayerNorm(hidden_size, eps=eps)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
+        super().__init__(hidden_size, dropout, eps, in_size=intermediate_size)
 
 
 class BertCrossLayer(nn.Module):
