@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from trimkit import Adapter, LayerDesc, ModelDescription, StreamDesc, register_adapter
+from trimkit.bench import register_builder
 from trimkit.rewrite import ADDITIVE_MASK_FUNCTIONS
 from trimkit.sites import TrimContext
 
@@ -75,3 +76,25 @@ class TimmViTAdapter(Adapter):
             model.__dict__["pool"] = types.MethodType(pool, model)
             undo.append(lambda: model.__dict__.pop("pool", None))
         return undo
+
+
+def bench_model(name: str, **kwargs) -> tuple[nn.Module, object]:
+    """``trimkit bench --model timm:<name>[?kwargs]``: a timm model with random weights in
+    eval mode, and random images at its input size (its ``img_size`` when one is given)."""
+    import timm
+
+    model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    c, h, w = model.default_cfg["input_size"]
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img_size is not None:
+        h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    c = kwargs.get("in_chans", c)
+
+    def make_inputs(batch_size: int) -> tuple:
+        g = torch.Generator().manual_seed(0)
+        return (torch.randn(batch_size, c, h, w, generator=g),)
+
+    return model, make_inputs
+
+
+register_builder("timm", bench_model)

@@ -10,8 +10,8 @@ memory of one forward.
 
 A model spec is ``<prefix>:<name>[?key=value&...]``; the prefix picks a builder in
 `BUILDERS` and the query string becomes keyword arguments of that builder, each value parsed
-by `parse_value` (``timm:vit_tiny_patch16_224?img_size=64&depth=2``). To support another
-family, add a builder to `BUILDERS`.
+by `parse_value` (``timm:vit_tiny_patch16_224?img_size=64&depth=2``). Adapters register
+their family's builder with `register_builder`; the engine itself knows no family.
 
 Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA. On CPU it is measured in a fresh
 process (``python -m trimkit.bench --memory-probe JSON``): build, apply (or not), make the
@@ -41,10 +41,12 @@ import torch
 from torch import nn
 
 import trimkit
+from trimkit.registry import _load_builtins
 
 __all__ = [
     "ALIASES",
     "BUILDERS",
+    "register_builder",
     "BenchSetupError",
     "Row",
     "benchmark",
@@ -97,6 +99,7 @@ def parse_value(text: str) -> Any:
 def parse_spec(spec: str) -> tuple[str, str, dict[str, Any]]:
     """``"timm:vit_tiny_patch16_224?img_size=64&depth=2"`` →
     ``("timm", "vit_tiny_patch16_224", {"img_size": 64, "depth": 2})``."""
+    _load_builtins()
     head, q, query = spec.partition("?")
     spec = ALIASES.get(head, head) + q + query
     prefix, sep, rest = spec.partition(":")
@@ -110,62 +113,23 @@ def parse_spec(spec: str) -> tuple[str, str, dict[str, Any]]:
 
 # ---------------------------------------------------------------------------- model factory
 
-def _timm(name: str, **kwargs: Any) -> tuple[nn.Module, MakeInputs]:
-    """A timm model with random weights in eval mode; inputs are random images at the
-    model's ``default_cfg['input_size']`` (its actual ``img_size`` when one is given)."""
-    import timm
-
-    model = timm.create_model(name, pretrained=False, **kwargs).eval()
-    c, h, w = model.default_cfg["input_size"]
-    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    if img_size is not None:
-        h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-    c = kwargs.get("in_chans", c)
-
-    def make_inputs(batch_size: int) -> tuple:
-        g = torch.Generator().manual_seed(0)
-        return (torch.randn(batch_size, c, h, w, generator=g),)
-
-    return model, make_inputs
-
-
-def _meter(name: str, text_len: int = 40, **kwargs: Any) -> tuple[nn.Module, MakeInputs]:
-    """METER at a preset's sizes (``base`` or ``tiny``, fields overridable) with random
-    weights; inputs are random images and ``text_len`` random real text tokens."""
-    from trimkit.adapters.meter import METER, meter_base, meter_tiny
-
-    presets = {"base": meter_base, "tiny": meter_tiny}
-    if name not in presets:
-        raise ValueError(f"unknown METER preset {name!r}; presets: {', '.join(presets)}")
-    torch.manual_seed(0)
-    model = METER(presets[name](**kwargs)).eval()
-    cfg = model.config
-
-    def make_inputs(batch_size: int) -> tuple:
-        g = torch.Generator().manual_seed(0)
-        images = torch.randn(batch_size, 3, cfg.image_size, cfg.image_size, generator=g)
-        ids = torch.randint(3, cfg.vocab_size, (batch_size, text_len), generator=g)
-        return images, ids, torch.ones(batch_size, text_len, dtype=torch.long)
-
-    return model, make_inputs
-
-
-#: prefix → builder(name, **kwargs) → (model, make_inputs). Add families here.
-BUILDERS: dict[str, Builder] = {
-    "timm": _timm,
-    "meter": _meter,
-}
+#: prefix → builder(name, **kwargs) → (model, make_inputs); adapters add theirs.
+BUILDERS: dict[str, Builder] = {}
 
 #: short names accepted by ``--model`` for specs of the form ``<kind>:<name>``
-ALIASES: dict[str, str] = {
-    "meter-base": "meter:base",
-    "meter-tiny": "meter:tiny",
-}
+ALIASES: dict[str, str] = {}
+
+
+def register_builder(prefix: str, builder: Builder, aliases: dict[str, str] | None = None) -> None:
+    """Make ``<prefix>:<name>`` model specs buildable (an adapter registers its family's)."""
+    BUILDERS[prefix] = builder
+    ALIASES.update(aliases or {})
 
 
 def build_model(spec: str, device: str | torch.device = "cpu") -> tuple[nn.Module, MakeInputs]:
     """The model named by ``spec`` (eval mode, on ``device``) and ``make_inputs(batch_size)``,
     which returns the positional arguments of one forward (the same ones on every call)."""
+    _load_builtins()
     prefix, name, kwargs = parse_spec(spec)
     if prefix not in BUILDERS:
         raise ValueError(f"unknown model kind {prefix!r} in {spec!r}; kinds: "
@@ -426,4 +390,7 @@ def _probe_main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_probe_main(sys.argv[1:]))
+    # run the imported module's copy: adapters register their builders there, not in __main__
+    from trimkit import bench
+
+    sys.exit(bench._probe_main(sys.argv[1:]))

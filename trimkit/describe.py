@@ -62,7 +62,7 @@ class ModelDescription:
     family: str
     streams: dict[str, StreamDesc] = field(default_factory=dict)
     #: layers with the same index in different streams run side by side on the previous
-    #: layer's outputs (METER's co-attention): cross-attention then sees the other stream
+    #: layer's outputs (co-attention fusion stacks): cross-attention then sees the other stream
     #: as it entered that layer index, not as the other stream's layer left it.
     parallel: bool = False
 

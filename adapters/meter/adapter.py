@@ -11,11 +11,13 @@ first fusion layer and is carried (and compacted) from there.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from trimkit import Adapter, LayerDesc, ModelDescription, StreamDesc, register_adapter
+from trimkit.bench import register_builder
 
-from .model import METER
+from .model import METER, meter_base, meter_tiny
 
 
 @register_adapter
@@ -40,3 +42,26 @@ class MeterAdapter(Adapter):
             streams[name] = StreamDesc(name, layers, num_tokens=n, num_protected=1,
                                        padded=name == "text")
         return ModelDescription("meter", streams, parallel=True)
+
+
+def bench_model(name: str, text_len: int = 40, **kwargs) -> tuple[nn.Module, object]:
+    """``trimkit bench --model meter-base`` (or ``meter:tiny?...``): METER at a preset's
+    sizes (fields overridable) with random weights; inputs are random images and
+    ``text_len`` random real text tokens."""
+    presets = {"base": meter_base, "tiny": meter_tiny}
+    if name not in presets:
+        raise ValueError(f"unknown METER preset {name!r}; presets: {', '.join(presets)}")
+    torch.manual_seed(0)
+    model = METER(presets[name](**kwargs)).eval()
+    cfg = model.config
+
+    def make_inputs(batch_size: int) -> tuple:
+        g = torch.Generator().manual_seed(0)
+        images = torch.randn(batch_size, 3, cfg.image_size, cfg.image_size, generator=g)
+        ids = torch.randint(3, cfg.vocab_size, (batch_size, text_len), generator=g)
+        return images, ids, torch.ones(batch_size, text_len, dtype=torch.long)
+
+    return model, make_inputs
+
+
+register_builder("meter", bench_model, {"meter-base": "meter:base", "meter-tiny": "meter:tiny"})
