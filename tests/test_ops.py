@@ -774,3 +774,21 @@ def test_prop_pipeline_never_nan(seed, b, n, ratio, r, fuse, dtype):
         torch.randn(b, h, n2, d).to(dtype), torch.randn(b, h, n2, d).to(dtype),
         torch.randn(b, h, n2, d).to(dtype), attn_mask=bias)
     assert torch.isfinite(sdpa).all()
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(st.integers(1, 4), st.integers(0, 20), st.integers(0, 3), st.integers(0, 12))
+def test_suffix_matching_equals_general_matching(batch, n_free, prefix, r):
+    """The strided fast path (protected prefix, every other token eligible) returns exactly
+    what the general gather-based path returns."""
+    from trimkit.ops import _general_matching, _suffix_matching
+
+    g = torch.Generator().manual_seed(batch * 1000 + n_free * 10 + prefix)
+    n = prefix + n_free
+    metric = torch.randn(batch, n, 5, generator=g)
+    eligible = torch.zeros(batch, n, dtype=torch.bool)
+    eligible[:, prefix:] = True
+    fast = _suffix_matching(metric, r, prefix)
+    slow = _general_matching(metric, r, eligible)
+    for a, b in zip(fast, slow, strict=True):
+        assert a.shape == b.shape and torch.equal(a, b)

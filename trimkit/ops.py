@@ -143,6 +143,39 @@ def bipartite_soft_matching(
     ``ceil(E / 2)`` (none if E < 2); ``valid`` marks which of the r' returned pairs are real.
     """
     bsz, n, _ = metric.shape
+    counts = eligible.sum(1)
+    e = int(counts[0]) if bsz else 0
+    if bsz and bool((counts == e).all()) and bool(eligible[:, n - e:].all()):
+        return _suffix_matching(metric, r, n - e)
+    return _general_matching(metric, r, eligible)
+
+
+def _suffix_matching(
+    metric: torch.Tensor, r: int, p: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`bipartite_soft_matching` when exactly the tokens from ``p`` on are eligible in every
+    sample (no dead tokens, protected ones first): the sets are strided views, no gathers."""
+    bsz, n, _ = metric.shape
+    n_a, n_b = (n - p + 1) // 2, (n - p) // 2
+    r_top = min(r, n_a) if n_b > 0 else 0
+    dev = metric.device
+    if r_top <= 0:
+        empty = torch.zeros(bsz, 0, dtype=torch.long, device=dev)
+        return empty, empty, empty.bool()
+    m = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    scores = m[:, p::2] @ m[:, p + 1::2].transpose(-1, -2)
+    node_max, node_j = scores.max(dim=-1)
+    order = torch.argsort(node_max, dim=-1, descending=True, stable=True)[:, :r_top]
+    src = p + 2 * order
+    dst = p + 1 + 2 * node_j.gather(1, order)
+    return src, dst, torch.ones(bsz, r_top, dtype=torch.bool, device=dev)
+
+
+def _general_matching(
+    metric: torch.Tensor, r: int, eligible: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`bipartite_soft_matching` for any eligibility pattern (padding, dead tokens)."""
+    bsz, n, _ = metric.shape
     rank = eligible.cumsum(1) - 1
     is_a = eligible & (rank % 2 == 0)
     is_b = eligible & (rank % 2 == 1)
