@@ -5,14 +5,13 @@ from __future__ import annotations
 import copy
 
 import pytest
+import timm
 import torch
 from torch import nn
 
 import trimkit
 from trimkit.registry import RECIPES
 from trimkit.testing import check_invariants
-
-timm = pytest.importorskip("timm")
 
 
 def tiny_vit(**kw):

@@ -6,12 +6,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from timm.models.deit import VisionTransformerDistilled
+from timm.models.vision_transformer import Block, ResPostBlock, VisionTransformer
 
-timm = pytest.importorskip("timm")
-from timm.models.deit import VisionTransformerDistilled  # noqa: E402
-from timm.models.vision_transformer import Block, ResPostBlock, VisionTransformer  # noqa: E402
-
-from trimkit.testing import check_invariants  # noqa: E402
+from trimkit.testing import check_invariants
 
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])
