@@ -19,6 +19,7 @@ from .rewrite import (
     insert_after_residual,
     insert_at_input,
     patch_forward,
+    route_multihead_attention,
 )
 from .sites import Site, TrimContext
 
@@ -90,8 +91,10 @@ def install_fx_sites(model: nn.Module, desc: ModelDescription,
                      sites: dict[tuple[str, int], Site]) -> list[Undo]:
     """Rewrite every described layer's block and attention modules with its site.
 
-    Blocks must trace with `torch.fx` (their children are kept as leaves); the attention
-    modules must compute one attention product (SDPA or the explicit softmax chain).
+    Blocks must trace with `torch.fx` (their children are kept as leaves); an attention
+    module is either a `torch.nn.MultiheadAttention` (routed through the site's core by
+    `route_multihead_attention`) or computes one attention product (SDPA or the explicit
+    softmax chain) that the fx pass replaces.
     """
     undo: list[Undo] = []
     try:
@@ -104,7 +107,10 @@ def install_fx_sites(model: nn.Module, desc: ModelDescription,
                     attns.append((layer.cross_attention, site.cross_core))
                 for path, core in attns:
                     module = block.get_submodule(path)
-                    undo.append(patch_forward(module, _route_attention(core)).undo)
+                    if isinstance(module, nn.MultiheadAttention):
+                        undo.append(route_multihead_attention(module, core).undo)
+                    else:
+                        undo.append(patch_forward(module, _route_attention(core)).undo)
                 undo.append(patch_forward(block, _route_block(site, layer)).undo)
     except Exception:
         for u in reversed(undo):

@@ -28,6 +28,7 @@ __all__ = [
     "insert_after_residual",
     "insert_at_input",
     "patch_forward",
+    "route_multihead_attention",
 ]
 
 GraphEdit = Callable[[fx.GraphModule], None]
@@ -97,7 +98,7 @@ class Patch:
     """One instance's rewritten forward; `undo` restores the original."""
 
     module: nn.Module
-    forward: _Specialised
+    forward: Callable
 
     def undo(self) -> None:
         if self.module.__dict__.get("forward") is self.forward:
@@ -283,3 +284,81 @@ def insert_after_residual(gm: fx.GraphModule, after_module: str, submodule: str)
     with gm.graph.inserting_after(res):
         new = gm.graph.call_module(submodule, (res,))
     res.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
+
+
+# ------------------------------------------------------------- torch.nn.MultiheadAttention
+
+def _mha_mask(mha: nn.MultiheadAttention, b: int, n: int, m: int, dtype: torch.dtype,
+              attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None
+              ) -> torch.Tensor | None:
+    """`nn.MultiheadAttention`'s masks (bool True = blocked, or additive floats) as one
+    additive SDPA mask of shape B×H×N×M (or broadcastable to it)."""
+    from .ops import NEG
+
+    mask = None
+    if attn_mask is not None:
+        mask = (torch.zeros(attn_mask.shape, dtype=dtype, device=attn_mask.device)
+                .masked_fill(attn_mask, NEG(dtype)) if attn_mask.dtype == torch.bool
+                else attn_mask.to(dtype))
+        if mask.dim() == 3:
+            mask = mask.view(b, mha.num_heads, n, m)
+    if key_padding_mask is not None:
+        pad = key_padding_mask.to(torch.bool) if key_padding_mask.dtype == torch.bool else None
+        kpm = (torch.zeros(b, m, dtype=dtype, device=key_padding_mask.device).masked_fill(
+            pad, NEG(dtype)) if pad is not None else key_padding_mask.to(dtype))[:, None, None]
+        mask = kpm if mask is None else mask + kpm
+    return mask
+
+
+def route_multihead_attention(mha: nn.MultiheadAttention, core: nn.Module) -> Patch:
+    """Give one `nn.MultiheadAttention` instance a forward that projects q, k, v from its own
+    weights and calls ``core(q, k, v, attn_mask, dropout_p, is_causal)`` (B×H×N×d) for the
+    attention product, then its own ``out_proj``: same signature and outputs.
+
+    ``need_weights=True`` computes the (head-averaged) weights explicitly beside the core.
+    ``add_bias_kv`` and ``add_zero_attn`` are not supported (a `RewriteError` names them).
+    """
+    if mha.bias_k is not None or mha.add_zero_attn:
+        raise RewriteError("nn.MultiheadAttention with add_bias_kv or add_zero_attn is not "
+                           "supported by trimkit's attention route")
+    if "forward" in mha.__dict__:
+        raise RewriteError("nn.MultiheadAttention already has a per-instance forward")
+
+    def forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        if not mha.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        b, n, e = query.shape
+        m, h = key.shape[1], mha.num_heads
+        d = e // h
+        bias = mha.in_proj_bias
+        bq, bk, bv = bias.chunk(3) if bias is not None else (None, None, None)
+        if mha._qkv_same_embed_dim:
+            wq, wk, wv = mha.in_proj_weight.chunk(3)
+        else:
+            wq, wk, wv = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
+        if mha._qkv_same_embed_dim and query is key and key is value:
+            q, k, v = F.linear(query, mha.in_proj_weight, bias).chunk(3, dim=-1)
+        else:
+            q, k, v = F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
+        q, k, v = (t.unflatten(-1, (h, d)).transpose(1, 2) for t in (q, k, v))
+        mask = _mha_mask(mha, b, n, m, q.dtype, attn_mask, key_padding_mask)
+        if is_causal and mask is not None:
+            is_causal = False  # the given mask already encodes causality (MHA's contract)
+        dropout = mha.dropout if mha.training else 0.0
+        out = core(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal)
+        out = mha.out_proj(out.transpose(1, 2).reshape(b, n, e))
+        if not mha.batch_first:
+            out = out.transpose(0, 1)
+        weights = None
+        if need_weights:
+            logits = (q @ k.transpose(-2, -1)) / d ** 0.5
+            if mask is not None:
+                logits = logits + mask
+            weights = torch.softmax(logits, dim=-1)
+            if average_attn_weights:
+                weights = weights.mean(1)
+        return out, weights
+
+    mha.__dict__["forward"] = forward
+    return Patch(mha, forward)
