@@ -1,5 +1,6 @@
 """DESIGN.md's invariants as hypothesis properties over random tiny METER variants,
-with text padding, batch sizes 1–4, and trimming in either stream."""
+with text padding, batch sizes 1–4, and trimming in either stream (the image stream from
+the CLIP tower's blocks on)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,11 @@ def factory(cfg):
     return make
 
 
+def depth(cfg, stream: str) -> int:
+    """Layers of a stream: the image stream starts in the CLIP tower."""
+    return cfg.num_fusion_layers + (cfg.vision_layers if stream == "image" else 0)
+
+
 def perturb_padding(inputs):
     images, ids, mask = inputs
     return images, ids.masked_fill(mask == 0, 42), mask
@@ -49,7 +55,7 @@ def perturb_padding(inputs):
 def test_tome_invariants(case, r, stream):
     cfg, inputs = case
     if stream == "image":
-        r = min(r, (cfg.image_size // cfg.patch_size) ** 2 // (2 * cfg.num_fusion_layers))
+        r = min(r, (cfg.image_size // cfg.patch_size) ** 2 // (2 * depth(cfg, stream)))
     check_invariants(factory(cfg), inputs, "tome", dict(r=r, stream=stream),
                      dict(r=0, stream=stream), merges_only=True, perturb_padding=perturb_padding)
 
@@ -59,7 +65,7 @@ def test_tome_invariants(case, r, stream):
        st.data())
 def test_attn_prune_invariants(case, keep, fuse, stream, data):
     cfg, inputs = case
-    layers = data.draw(st.lists(st.integers(0, cfg.num_fusion_layers - 1), min_size=1,
+    layers = data.draw(st.lists(st.integers(0, depth(cfg, stream) - 1), min_size=1,
                                 max_size=3))
     check_invariants(factory(cfg), inputs, "attn_prune",
                      dict(keep_ratio=keep, fuse=fuse, layers=layers, stream=stream),

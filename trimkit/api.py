@@ -127,7 +127,7 @@ def apply(model: nn.Module, recipe: str = "tome", *, mode: str = "auto",
             site = Site(stream.name, i, layer.num_heads, first=(i == 0),
                         pre=p.pre if p else None, post=p.post if p else None,
                         cross_stream=layer.cross_stream,
-                        masks_are_padding=layer.masks_are_padding)
+                        masks_are_padding=layer.masks_are_padding, pair=layer.pair)
             site.ctx = ctx
             sites[(stream.name, i)] = site
     undo = adapter.install(model, desc, sites, ctx)

@@ -24,6 +24,9 @@ class LayerDesc:
       whose attention module adds and normalises inside).
     - ``masks_are_padding``: the masks the attention modules receive only mark padding,
       which the trimming state carries (and updates) itself, so they are not applied again.
+    - ``pair``: in a ``parallel`` model, the index that pairs this cross-attending layer
+      with the other stream's cross-attending layer running beside it (default: its
+      position in the stream; layers without cross-attention never pair).
     """
 
     block: str
@@ -37,6 +40,7 @@ class LayerDesc:
     leave_after: str | None = None
     residual: bool = True
     masks_are_padding: bool = False
+    pair: int | None = None
 
 
 @dataclass(frozen=True)
@@ -61,9 +65,9 @@ class ModelDescription:
 
     family: str
     streams: dict[str, StreamDesc] = field(default_factory=dict)
-    #: layers with the same index in different streams run side by side on the previous
-    #: layer's outputs (co-attention fusion stacks): cross-attention then sees the other stream
-    #: as it entered that layer index, not as the other stream's layer left it.
+    #: layers with the same ``pair`` index in different streams run side by side on the
+    #: previous layer's outputs (co-attention fusion stacks): cross-attention then sees the
+    #: other stream as it entered its paired layer, not as that layer left it.
     parallel: bool = False
 
     def stream(self, name: str | None = None) -> StreamDesc:

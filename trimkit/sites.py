@@ -89,11 +89,11 @@ class TrimContext:
         self.states[stream] = state
         return state
 
-    def keys_state(self, stream: str, layer: int) -> TokenState | None:
-        """The state of ``stream`` that describes the keys a cross-attention of ``layer``
-        reads: as it entered that layer index (side-by-side streams), else its latest."""
-        if self.parallel and (stream, layer) in self.entered:
-            return self.entered[(stream, layer)]
+    def keys_state(self, stream: str, pair: int) -> TokenState | None:
+        """The state of ``stream`` that describes the keys a cross-attention reads: as it
+        entered its layer paired with ``pair`` (side-by-side streams), else its latest."""
+        if self.parallel and (stream, pair) in self.entered:
+            return self.entered[(stream, pair)]
         return self.states.get(stream)
 
 
@@ -146,10 +146,12 @@ class Site(nn.Module):
         post: list[TokenOp] | None = None,
         cross_stream: str | None = None,
         masks_are_padding: bool = False,
+        pair: int | None = None,
     ):
         super().__init__()
         self.stream, self.layer, self.num_heads, self.first = stream, layer, num_heads, first
         self.cross_stream, self.masks_are_padding = cross_stream, masks_are_padding
+        self.pair = layer if pair is None else pair
         self.pre = nn.ModuleList(pre or [])
         self.post = nn.ModuleList(post or [])
         self.needs = frozenset().union(*(op.needs for op in [*self.pre, *self.post]))
@@ -190,7 +192,8 @@ class Site(nn.Module):
             return x
         state = self._state(x, real, entering=True)
         self.head_gates = self.cross_head_gates = None
-        self.ctx.entered[(self.stream, self.layer)] = state
+        if self.cross_stream is not None:  # only cross-attending layers pair up
+            self.ctx.entered[(self.stream, self.pair)] = state
         state = self._run(self.pre, state)
         self._tokens_in = state.live_counts()
         return state.x
@@ -222,7 +225,7 @@ class Site(nn.Module):
         state, keys = None, None
         if self.ctx.enabled:
             state = self.ctx.states.get(self.stream)
-            keys = (self.ctx.keys_state(self.cross_stream, self.layer) if cross else state)
+            keys = (self.ctx.keys_state(self.cross_stream, self.pair) if cross else state)
         if keys is not None and keys.keep.shape[1] != k.shape[-2]:
             raise RuntimeError(
                 f"trimkit: the keys of {'cross-' if cross else ''}attention in {self.stream} "

@@ -1,12 +1,15 @@
-"""The METER adapter: two streams (text, image) through the co-attention fusion stack.
+"""The METER adapter: two streams, text and image, through the co-attention fusion stack.
 
-Each fusion layer (official names ``cross_modal_text_layers.i`` / ``cross_modal_image_layers.i``)
-is a post-norm BERT layer: self-attention, cross-attention to the other stream, FFN. Sites
-go in through the engine's fx pass: tokens are trimmed at a layer's input (pre ops) and
-after its cross-attention, before the FFN (post ops, PuMer's placement). Both layers of a
-fusion block read the previous block's outputs (``parallel``). Each stream's first token,
-which its pooler reads, is protected; the text padding mask enters the trimming state at the
-first fusion layer and is carried (and compacted) from there.
+The image stream runs through the CLIP tower's blocks (``vit_model.transformer.resblocks.i``,
+pre-norm, on ``nn.MultiheadAttention``) and then the fusion stack; the text stream runs
+through the fusion stack (the RoBERTa encoder is not trimmed). Each fusion layer (official
+names ``cross_modal_text_layers.i`` / ``cross_modal_image_layers.i``) is a post-norm BERT
+layer: self-attention, cross-attention to the other stream, FFN. Sites go in through the
+engine's fx pass: tokens are trimmed at a layer's input (pre ops) and, in the fusion stack,
+after its cross-attention and before the FFN (post ops, PuMer's placement). Both layers of
+a fusion block read the previous block's outputs (``parallel``, paired by ``pair``). Each
+stream's first token, which its pooler reads, is protected; the text padding mask enters
+the trimming state at the first fusion layer and is carried (and compacted) from there.
 """
 
 from __future__ import annotations
@@ -29,20 +32,30 @@ class MeterAdapter(Adapter):
 
     def describe(self, model: nn.Module) -> ModelDescription:
         cfg = model.config
-        streams = {}
+        fusion = {}
         for name, other, attr in (("text", "image", "cross_modal_text_layers"),
                                   ("image", "text", "cross_modal_image_layers")):
-            layers = tuple(
+            fusion[name] = tuple(
                 LayerDesc(block=f"{attr}.{i}", attention="attention.self",
                           num_heads=cfg.num_heads, dim=cfg.hidden_size, stream_arg=0, mask_arg=2,
                           cross_attention="crossattention.self", cross_stream=other,
-                          leave_after="crossattention", residual=False, masks_are_padding=True)
+                          leave_after="crossattention", residual=False, masks_are_padding=True,
+                          pair=i)
                 for i in range(len(getattr(model, attr))))
-            n = (cfg.image_size // cfg.patch_size) ** 2 + 1 if name == "image" else None
-            streams[name] = StreamDesc(name, layers, num_tokens=n, num_protected=1,
-                                       padded=name == "text")
+        # the CLIP tower's blocks (open_clip, on nn.MultiheadAttention) come first in the
+        # image stream: tokens trimmed there stay trimmed through the fusion stack
+        encoder = tuple(
+            LayerDesc(block=f"vit_model.transformer.resblocks.{i}", attention="attn",
+                      num_heads=cfg.vision_heads, dim=cfg.vision_width)
+            for i in range(len(model.vit_model.transformer.resblocks)))
+        n_image = (cfg.image_size // cfg.patch_size) ** 2 + 1
+        streams = {
+            "text": StreamDesc("text", fusion["text"], num_tokens=None, num_protected=1,
+                               padded=True),
+            "image": StreamDesc("image", encoder + fusion["image"], num_tokens=n_image,
+                                num_protected=1),
+        }
         return ModelDescription("meter", streams, parallel=True)
-
 
 def bench_model(name: str, text_len: int = 40, **kwargs) -> tuple[nn.Module, object]:
     """``trimkit bench --model meter-base`` (or ``meter:tiny?...``): METER at a preset's
