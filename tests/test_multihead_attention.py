@@ -118,3 +118,21 @@ def test_mha_model_passes_invariants(recipe, options, zero):
         check_invariants(make, (x,), recipe, options, zero, merges_only=recipe == "tome")
     finally:
         del ADAPTERS["_tiny_mha"]
+
+
+def test_flops_count_multihead_attention_fully():
+    """The fused inference path of nn.MultiheadAttention must not hide its FLOPs: a model
+    built on it counts the same as the same computation routed through SDPA."""
+    torch.manual_seed(0)
+    model = TinyEncoder().eval()
+    x = torch.randn(2, 12, 4)
+    base = trimkit.count_flops(model, x)
+    n, d = 13, model.dim
+    per_layer = 2 * 2 * (4 * n * d * d + 2 * n * n * d)  # 2 samples, 2 FLOPs per MAC
+    assert base >= len(model.blocks) * per_layer
+    ADAPTERS["_tiny_mha"] = TinyEncoderAdapter()
+    try:
+        trimkit.apply(model, "tome", r=0, stream="tokens")
+        assert trimkit.count_flops(model, x) == base
+    finally:
+        del ADAPTERS["_tiny_mha"]

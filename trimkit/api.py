@@ -192,8 +192,15 @@ def last_states(model: nn.Module) -> dict[str, TokenState]:
 
 def count_flops(model: nn.Module, *args: Any, **kwargs: Any) -> int:
     """FLOPs of one forward of ``model`` (trimmed or not), trimmers' own work included."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(*args, **kwargs)
+    # nn.MultiheadAttention's fused inference path is one op the counter has no formula
+    # for; the unfused path counts its projections and attention like everyone else's
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(*args, **kwargs)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     return int(counter.get_total_flops())
 
 
