@@ -792,3 +792,23 @@ def test_suffix_matching_equals_general_matching(batch, n_free, prefix, r):
     slow = _general_matching(metric, r, eligible)
     for a, b in zip(fast, slow, strict=True):
         assert a.shape == b.shape and torch.equal(a, b)
+
+
+def test_soft_keep_keeps_its_bias_through_compaction():
+    """A fractional soft keep (no dead token) still weighs the keys after `compact`."""
+    from trimkit.ops import additive_mask
+
+    x = torch.randn(2, 4, 3)
+    s = TokenState.start(x)
+    keep = torch.tensor([[1.0, 0.5, 1.0, 1.0], [1.0, 1.0, 0.25, 1.0]])  # none dead
+    s = TokenState(x=x, keep=keep, size=s.size, protected=s.protected, has_dead=True)
+    out, _ = compact(s)
+    bias = attention_bias(out, torch.float32, proportional=False)
+    assert out.has_dead and bias is not None
+    assert torch.isclose(bias[1, 0, 0, 2], torch.log(torch.tensor(0.25)))
+    full = TokenState(x=x, keep=torch.ones(2, 4), size=s.size, protected=s.protected,
+                      has_dead=True)
+    assert not compact(full)[0].has_dead
+    blocked = torch.tensor([[True, False]])
+    assert torch.equal(additive_mask(blocked, torch.float32, blocked=True) < 0, blocked)
+    assert torch.equal(additive_mask(blocked, torch.float32) < 0, ~blocked)

@@ -17,6 +17,7 @@ from .state import TokenState
 
 __all__ = [
     "NEG",
+    "additive_mask",
     "attention_bias",
     "bipartite_soft_matching",
     "compact",
@@ -33,6 +34,16 @@ __all__ = [
 def NEG(dtype: torch.dtype) -> float:
     """A large negative logit that stays finite when up to four of them are added."""
     return torch.finfo(dtype).min / 4
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype, *, blocked: bool = False
+                  ) -> torch.Tensor:
+    """An attention mask as additive logits: a bool mask (True = attend, or True = blocked
+    with ``blocked=True``) becomes 0 / `NEG`; a float mask is already additive."""
+    if mask.dtype != torch.bool:
+        return mask.to(dtype)
+    off = mask if blocked else ~mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(off, NEG(dtype))
 
 
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -68,8 +79,7 @@ def attention_bias(
     keep = state.keep
     if keep.dtype == torch.bool:
         if state.has_dead:
-            parts.append(torch.zeros(keep.shape, dtype=dtype, device=keep.device)
-                         .masked_fill(~keep, NEG(dtype)))
+            parts.append(additive_mask(keep, dtype))
     elif keep.requires_grad:
         parts.append(torch.log(keep.float() + 1e-20).to(dtype))
     elif state.has_dead:
@@ -279,6 +289,11 @@ def fuse_tokens(state: TokenState, drop: torch.Tensor, weights: torch.Tensor) ->
     return replace(state, x=x, size=size, keep=keep, source=source, sized=True, has_dead=True)
 
 
+def _partial(keep: torch.Tensor) -> bool:
+    """Whether some key has less than full weight: dead, or a soft keep below 1."""
+    return bool((~keep).any()) if keep.dtype == torch.bool else bool((keep < 1).any())
+
+
 def compact(state: TokenState) -> tuple[TokenState, torch.Tensor | None]:
     """Gather the live tokens away, in order, padding to the batch's longest survivor.
 
@@ -289,7 +304,7 @@ def compact(state: TokenState) -> tuple[TokenState, torch.Tensor | None]:
         return state, None
     live = state.live
     if bool(live.all()):
-        return replace(state, has_dead=False), None
+        return replace(state, has_dead=_partial(state.keep)), None
     counts = live.sum(1)
     m = int(counts.max())
     b, n = live.shape
@@ -305,8 +320,6 @@ def compact(state: TokenState) -> tuple[TokenState, torch.Tensor | None]:
         slots = torch.arange(m, device=live.device).expand(b, m).masked_fill(pad, -1)
         smap = torch.full((b, n), -1, dtype=torch.long, device=live.device).scatter(1, idx, slots)
         source = _remap_source(state.source, smap)
-    has_dead = bool(pad.any())
-    if keep.dtype != torch.bool and not has_dead:
-        has_dead = bool((keep <= 0).any())
+    has_dead = bool(pad.any()) or _partial(keep)
     return replace(state, x=x, keep=keep, size=size, protected=protected, source=source,
                    has_dead=has_dead), idx

@@ -19,6 +19,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from .ops import additive_mask
+
 __all__ = [
     "ADDITIVE_MASK_FUNCTIONS",
     "Patch",
@@ -293,19 +295,13 @@ def _mha_mask(mha: nn.MultiheadAttention, b: int, n: int, m: int, dtype: torch.d
               ) -> torch.Tensor | None:
     """`nn.MultiheadAttention`'s masks (bool True = blocked, or additive floats) as one
     additive SDPA mask of shape B×H×N×M (or broadcastable to it)."""
-    from .ops import NEG
-
     mask = None
     if attn_mask is not None:
-        mask = (torch.zeros(attn_mask.shape, dtype=dtype, device=attn_mask.device)
-                .masked_fill(attn_mask, NEG(dtype)) if attn_mask.dtype == torch.bool
-                else attn_mask.to(dtype))
+        mask = additive_mask(attn_mask, dtype, blocked=True)
         if mask.dim() == 3:
             mask = mask.view(b, mha.num_heads, n, m)
     if key_padding_mask is not None:
-        pad = key_padding_mask.to(torch.bool) if key_padding_mask.dtype == torch.bool else None
-        kpm = (torch.zeros(b, m, dtype=dtype, device=key_padding_mask.device).masked_fill(
-            pad, NEG(dtype)) if pad is not None else key_padding_mask.to(dtype))[:, None, None]
+        kpm = additive_mask(key_padding_mask, dtype, blocked=True)[:, None, None]
         mask = kpm if mask is None else mask + kpm
     return mask
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import NEG, attention_bias, compact, query_attention
+from .ops import additive_mask, attention_bias, compact, query_attention
 from .state import TokenState
 
 __all__ = ["LayerStats", "Site", "TokenOp", "TrimContext"]
@@ -245,10 +245,7 @@ class Site(nn.Module):
                 n, m = q.shape[-2], k.shape[-2]
                 mask = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(m - n)
                 is_causal = False
-            if mask is not None and mask.dtype == torch.bool:
-                mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(
-                    ~mask, NEG(q.dtype))
-            attn_mask = bias if mask is None else mask + bias
+            attn_mask = bias if mask is None else additive_mask(mask, q.dtype) + bias
         if not cross:
             if "keys" in self.needs:
                 self.captured["keys"] = k.mean(1)

@@ -22,7 +22,8 @@ class TokenState:
       or ``None`` when source tracking is off. A token's coverage is ``source == slot``.
     - ``protected``: B×N bool, tokens no trimmer may drop or merge.
     - ``sized``: ``False`` while every ``size`` is 1, so attention can skip the log-size bias.
-    - ``has_dead``: ``False`` while every token is live, so attention can skip the key mask.
+    - ``has_dead``: ``False`` while every key has full weight (all live; a soft ``keep`` all
+      1), so attention can skip the key mask.
     """
 
     x: torch.Tensor
