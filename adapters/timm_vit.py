@@ -97,4 +97,9 @@ def bench_model(name: str, **kwargs) -> tuple[nn.Module, object]:
     return model, make_inputs
 
 
-register_builder("timm", bench_model)
+register_builder("timm", bench_model, examples=[
+    "--model timm:vit_base_patch16_224 --recipe tome --r 13 --batch-size 16",
+    "--model timm:deit_small_patch16_224 --recipe attn_prune --keep-ratio 0.5 "
+    "--layers 3,6,9 --fuse true --batch-size 1 8 32",
+    '--model "timm:vit_tiny_patch16_224?img_size=64&depth=2" --r 2 --json',
+])

@@ -10,7 +10,7 @@ memory of one forward.
 
 A model spec is ``<prefix>:<name>[?key=value&...]``; the prefix picks a builder in
 `BUILDERS` and the query string becomes keyword arguments of that builder, each value parsed
-by `parse_value` (``timm:vit_tiny_patch16_224?img_size=64&depth=2``). Adapters register
+by `parse_value` (``kind:name?depth=2&img_size=64``). Adapters register
 their family's builder with `register_builder`; the engine itself knows no family.
 
 Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA. On CPU it is measured in a fresh
@@ -46,6 +46,7 @@ from trimkit.registry import _load_builtins
 __all__ = [
     "ALIASES",
     "BUILDERS",
+    "EXAMPLES",
     "register_builder",
     "BenchSetupError",
     "Row",
@@ -97,8 +98,8 @@ def parse_value(text: str) -> Any:
 
 
 def parse_spec(spec: str) -> tuple[str, str, dict[str, Any]]:
-    """``"timm:vit_tiny_patch16_224?img_size=64&depth=2"`` →
-    ``("timm", "vit_tiny_patch16_224", {"img_size": 64, "depth": 2})``."""
+    """``"kind:name?img_size=64&depth=2"`` → ``("kind", "name", {"img_size": 64,
+    "depth": 2})``; a registered alias stands for its full spec."""
     _load_builtins()
     head, q, query = spec.partition("?")
     spec = ALIASES.get(head, head) + q + query
@@ -120,10 +121,17 @@ BUILDERS: dict[str, Builder] = {}
 ALIASES: dict[str, str] = {}
 
 
-def register_builder(prefix: str, builder: Builder, aliases: dict[str, str] | None = None) -> None:
-    """Make ``<prefix>:<name>`` model specs buildable (an adapter registers its family's)."""
+#: ``trimkit bench`` argument lines that adapters offer as examples (shown by ``--help``)
+EXAMPLES: list[str] = []
+
+
+def register_builder(prefix: str, builder: Builder, aliases: dict[str, str] | None = None,
+                     examples: list[str] | None = None) -> None:
+    """Make ``<prefix>:<name>`` model specs buildable (an adapter registers its family's),
+    with short ``aliases`` and ``examples`` of ``trimkit bench`` arguments for ``--help``."""
     BUILDERS[prefix] = builder
     ALIASES.update(aliases or {})
+    EXAMPLES.extend(examples or [])
 
 
 def build_model(spec: str, device: str | torch.device = "cpu") -> tuple[nn.Module, MakeInputs]:

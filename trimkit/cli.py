@@ -15,13 +15,20 @@ Any other --some-option VALUE is a recipe option (some_option=VALUE); values are
 int, float, bool (true/false), none, or a comma-separated list.
 
 examples:
-  trimkit bench --model timm:vit_base_patch16_224 --recipe tome --r 13 --batch-size 16
-  trimkit bench --model timm:deit_small_patch16_224 --recipe attn_prune \\
-      --keep-ratio 0.5 --layers 3,6,9 --fuse true --batch-size 1 8 32
-  trimkit bench --model "timm:vit_tiny_patch16_224?img_size=64&depth=2" --r 2 --json
+{examples}
 
-model specs: <kind>:<name>[?key=value&...], the query becoming keyword arguments of the
-model's constructor (timm: timm.create_model, random weights)."""
+model specs: <kind>:<name>[?key=value&...] (kinds: {kinds}), the query becoming keyword
+arguments of the kind's model builder (random weights); aliases: {aliases}."""
+
+
+def _bench_examples() -> list[str]:
+    """``trimkit bench`` lines offered by the registered adapters."""
+    from .bench import EXAMPLES
+    from .registry import _load_builtins
+
+    _load_builtins()
+    return [f"trimkit bench {e}" for e in EXAMPLES]
+
 
 RECIPES_EPILOG = """\
 example:
@@ -65,25 +72,32 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
     return out
 
 
+def _bench_epilog() -> str:
+    from .bench import ALIASES, BUILDERS
+
+    return BENCH_EPILOG.format(
+        examples="\n".join(f"  {e}" for e in _bench_examples()),
+        kinds=", ".join(sorted(BUILDERS)), aliases=", ".join(sorted(ALIASES)) or "none")
+
+
 def _parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(
         prog="trimkit", formatter_class=fmt, allow_abbrev=False,
         description="Token pruning, merging and head trimming for existing transformers.",
         epilog="examples:\n  trimkit recipes\n  trimkit adapters\n"
-               "  trimkit bench --model timm:vit_base_patch16_224 --recipe tome --r 13 "
-               "--batch-size 16")
+               + "".join(f"  {e}\n" for e in _bench_examples()[:1]))
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
     b = sub.add_parser(
-        "bench", formatter_class=fmt, allow_abbrev=False, epilog=BENCH_EPILOG,
+        "bench", formatter_class=fmt, allow_abbrev=False, epilog=_bench_epilog(),
         help="time a recipe against the untrimmed model, next to the FLOPs ratio",
         description="Build the model once, apply the recipe to a copy, time both alternately "
                     "on the same inputs (median after warm-up) and print GFLOPs, throughput, "
                     "speedup, speedup / FLOPs ratio and activation peak memory.")
     b.add_argument("--model", required=True, metavar="SPEC",
-                   help="model spec, e.g. timm:vit_base_patch16_224")
+                   help="model spec <kind>:<name>[?key=value&...] or an alias")
     b.add_argument("--recipe", default="tome", help="recipe name (default: tome)")
     b.add_argument("--batch-size", type=int, nargs="+", default=[16], metavar="N",
                    help="one or more batch sizes (default: 16)")

@@ -77,4 +77,6 @@ def bench_model(name: str, text_len: int = 40, **kwargs) -> tuple[nn.Module, obj
     return model, make_inputs
 
 
-register_builder("meter", bench_model, {"meter-base": "meter:base", "meter-tiny": "meter:tiny"})
+register_builder("meter", bench_model, {"meter-base": "meter:base", "meter-tiny": "meter:tiny"},
+                 examples=["--model meter-base --recipe attn_prune --keep-ratio 0.5 "
+                           "--batch-size 1 4"])
