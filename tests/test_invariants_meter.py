@@ -70,3 +70,19 @@ def test_attn_prune_invariants(case, keep, fuse, stream, data):
     check_invariants(factory(cfg), inputs, "attn_prune",
                      dict(keep_ratio=keep, fuse=fuse, layers=layers, stream=stream),
                      dict(keep_ratio=1.0, stream=stream), perturb_padding=perturb_padding)
+
+
+@SETTINGS
+@given(meters(), st.sampled_from([None, 0.3, 0.75]), st.booleans(), st.booleans(),
+       st.sampled_from([None, ["image"], ["text"]]))
+def test_smarttrim_invariants(case, budget, tokens, heads, streams):
+    """Cross-modal-aware token and head trimmers in the fusion layers (default placement),
+    random initialisation so they drop; stable initialisation is the zero case."""
+    cfg, inputs = case
+    if not (tokens or heads):
+        heads = True
+    check_invariants(factory(cfg), inputs, "smarttrim",
+                     dict(stable_init=False, budget=budget, tokens=tokens, heads=heads,
+                          streams=streams),
+                     dict(tokens=tokens, heads=heads, streams=streams),
+                     perturb_padding=perturb_padding)

@@ -88,3 +88,18 @@ def test_extreme_merging_keeps_one_token(r):
         return
     check_invariants(factory(cfg, True), images(cfg, 2), "tome",
                      dict(r=[8, 4, 2, 1]), dict(r=0), merges_only=True)
+
+
+@SETTINGS
+@given(vits(), st.sampled_from([None, 0.3, 0.75]), st.booleans(), st.booleans(), st.data())
+def test_smarttrim_invariants(vit, budget, tokens, heads, data):
+    """Learned trimmers with random (not stable) initialisation, so they drop for real;
+    stable initialisation keeps everything, so it is the zero-trimming case."""
+    cfg, fused, batch = vit
+    if not (tokens or heads):
+        tokens = True
+    layers = data.draw(st.lists(st.integers(0, cfg["depth"] - 1), min_size=1, max_size=3))
+    check_invariants(factory(cfg, fused), images(cfg, batch), "smarttrim",
+                     dict(stable_init=False, budget=budget, tokens=tokens, heads=heads,
+                          layers=layers),
+                     dict(tokens=tokens, heads=heads, layers=layers))

@@ -24,6 +24,7 @@ class LayerDesc:
       whose attention module adds and normalises inside).
     - ``masks_are_padding``: the masks the attention modules receive only mark padding,
       which the trimming state carries (and updates) itself, so they are not applied again.
+    - ``mlp_dim``: the width of the layer's FFN (default ``4 · dim``), for cost models.
     - ``pair``: in a ``parallel`` model, the index that pairs this cross-attending layer
       with the other stream's cross-attending layer running beside it (default: its
       position in the stream; layers without cross-attention never pair).
@@ -41,6 +42,7 @@ class LayerDesc:
     residual: bool = True
     masks_are_padding: bool = False
     pair: int | None = None
+    mlp_dim: int | None = None
 
 
 @dataclass(frozen=True)

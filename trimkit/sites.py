@@ -24,7 +24,7 @@ from torch import nn
 from .ops import additive_mask, attention_bias, compact, query_attention
 from .state import TokenState
 
-__all__ = ["LayerStats", "Site", "TokenOp", "TrimContext"]
+__all__ = ["LayerCost", "LayerStats", "Site", "TokenOp", "TrimContext"]
 
 MODES = ("auto", "masked", "compacted")
 
@@ -61,6 +61,21 @@ class LayerStats:
 
 
 @dataclass
+class LayerCost:
+    """What one layer of one forward computed, as float B tensors that carry the trimmers'
+    gradient in training (soft counts): tokens entering its attention and leaving it, live
+    self-/cross-attention heads (``None``: all), and the keys its cross-attention read."""
+
+    stream: str
+    layer: int
+    tokens_in: torch.Tensor
+    tokens_out: torch.Tensor
+    heads: torch.Tensor | None = None
+    cross_heads: torch.Tensor | None = None
+    cross_keys: torch.Tensor | None = None
+
+
+@dataclass
 class TrimContext:
     """What the sites of one model share during a forward."""
 
@@ -74,6 +89,15 @@ class TrimContext:
     states: dict[str, TokenState] = field(default_factory=dict)
     entered: dict[tuple[str, int], TokenState] = field(default_factory=dict)
     stats: list[LayerStats] = field(default_factory=list)
+    #: record each layer's soft token and head counts (`LayerCost`) for a cost loss
+    record_costs: bool = False
+    costs: list[LayerCost] = field(default_factory=list)
+    #: B float: each stream's real (non-padding) tokens at its entry, the full-cost reference
+    entry_counts: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: record each stream's hidden states as its last layer leaves, even while disabled
+    #: (self-distillation on hidden states compares a disabled pass with a trimmed one)
+    observe: bool = False
+    observed: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def compacting(self, training: bool) -> bool:
         return self.mode == "compacted" or (self.mode == "auto" and not training)
@@ -82,11 +106,14 @@ class TrimContext:
         """A fresh state for ``stream`` at its entry (``real``: B×N bool, False on padding);
         that stream's statistics and remembered layer entries restart."""
         self.stats = [s for s in self.stats if s.stream != stream]
+        self.costs = [c for c in self.costs if c.stream != stream]
         self.entered = {k: v for k, v in self.entered.items() if k[0] != stream}
         pad = None if real is None else ~real.to(torch.bool)
         state = TokenState.start(x, num_protected=self.protected.get(stream, 0),
                                  padding_mask=pad, track_source=self.track_source)
         self.states[stream] = state
+        if self.record_costs:
+            self.entry_counts[stream] = state.keep.float().sum(1)
         return state
 
     def keys_state(self, stream: str, pair: int) -> TokenState | None:
@@ -125,6 +152,11 @@ class _CrossCore(_Point):
         return self.site.attend_(q, k, v, attn_mask, dropout_p, is_causal, scale, cross=True)
 
 
+def _soft_count(keep: torch.Tensor) -> torch.Tensor:
+    """B float: live tokens, counting a soft keep by its value (its gradient flows)."""
+    return keep.float().sum(1)
+
+
 def _row_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
     """The key bias seen by one query row (a full N×N mask keeps its first row)."""
     if mask is None or mask.dim() < 2 or mask.shape[-2] == 1:
@@ -158,6 +190,7 @@ class Site(nn.Module):
         self.captured: dict[str, torch.Tensor] = {}
         self.ctx: TrimContext = TrimContext()
         self._tokens_in: torch.Tensor | None = None
+        self._cost: dict[str, torch.Tensor] = {}
         #: B×H per-instance gates on the heads of the self- and the cross-attention, set
         #: by this forward's ops (``None``: every head on); a zero gate removes the head's
         #: output before the output projection
@@ -196,9 +229,16 @@ class Site(nn.Module):
             self.ctx.entered[(self.stream, self.pair)] = state
         state = self._run(self.pre, state)
         self._tokens_in = state.live_counts()
+        if self.ctx.record_costs:
+            self._cost = {"tokens_in": _soft_count(state.keep)}
+            for key, gates in (("heads", self.head_gates), ("cross_heads", self.cross_head_gates)):
+                if gates is not None:
+                    self._cost[key] = gates.float().sum(1)
         return state.x
 
     def leave_(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ctx.observe:
+            self.ctx.observed[self.stream] = x
         if not self.ctx.enabled:
             return x
         state = self._run(self.post, self._state(x))
@@ -208,7 +248,10 @@ class Site(nn.Module):
                  else (self.head_gates > 0).sum(1))
         self.ctx.stats.append(LayerStats(self.stream, self.layer, tokens_in,
                                          state.live_counts(), heads))
-        self._tokens_in = None
+        if self.ctx.record_costs and self._cost:
+            self.ctx.costs.append(LayerCost(self.stream, self.layer,
+                                            tokens_out=_soft_count(state.keep), **self._cost))
+        self._tokens_in, self._cost = None, {}
         return state.x
 
     def _query_row(self, q: torch.Tensor, state: TokenState) -> torch.Tensor:
@@ -246,6 +289,8 @@ class Site(nn.Module):
                 mask = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(m - n)
                 is_causal = False
             attn_mask = bias if mask is None else additive_mask(mask, q.dtype) + bias
+        if cross and self.ctx.record_costs and self._cost:
+            self._cost["cross_keys"] = _soft_count(keys.keep)
         if not cross:
             if "keys" in self.needs:
                 self.captured["keys"] = k.mean(1)
@@ -253,9 +298,33 @@ class Site(nn.Module):
                 s = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
                 self.captured["query_scores"] = query_attention(
                     self._query_row(q, state), k, _row_mask(attn_mask), s)
+        gates = self.cross_head_gates if cross else self.head_gates
+        if gates is not None and not gates.requires_grad and self.ctx.compacting(self.training):
+            return _attend_live_heads(q, k, v, attn_mask, dropout_p, is_causal, scale, gates)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                              is_causal=is_causal, scale=scale)
-        gates = self.cross_head_gates if cross else self.head_gates
         if gates is not None:
             out = out * gates.to(out.dtype)[:, :, None, None]
         return out
+
+
+def _attend_live_heads(q, k, v, attn_mask, dropout_p, is_causal, scale, gates: torch.Tensor):
+    """SDPA over the heads that some instance of the batch keeps (the union); a head gated off
+    in every instance is not computed, and gated-off heads give zeros."""
+    alive = (gates > 0).any(0)
+    heads = q.shape[1]
+    if bool(alive.all()):
+        idx = None
+    else:
+        idx = alive.nonzero()[:, 0]
+        q, k, v = q[:, idx], k[:, idx], v[:, idx]
+        if attn_mask is not None and attn_mask.dim() == 4 and attn_mask.shape[1] == heads > 1:
+            attn_mask = attn_mask[:, idx]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                         is_causal=is_causal, scale=scale)
+    g = gates.to(out.dtype)
+    if idx is None:
+        return out * g[:, :, None, None]
+    out = out * g[:, idx, None, None]
+    full = out.new_zeros(out.shape[0], heads, *out.shape[2:])
+    return full.index_copy(1, idx, out)

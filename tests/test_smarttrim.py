@@ -1,0 +1,185 @@
+"""SmartTrim's learned trimmers, the cost model and the recipe's options (the invariants run
+in the property tests of each adapter)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import timm
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from trimkit.adapters.meter import METER, meter_tiny
+
+import trimkit
+from trimkit.api import _applied
+from trimkit.cost import expected_ratio, layer_flops
+
+
+def vit(depth: int = 4, heads: int = 4) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32,
+                             patch_size=4, embed_dim=16 * heads, depth=depth, num_heads=heads,
+                             num_classes=5).eval()
+
+
+def images(batch: int = 3) -> torch.Tensor:
+    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def meter_inputs(batch: int = 3):
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, 100, (batch, 7), generator=g)
+    mask = torch.ones(batch, 7, dtype=torch.long)
+    mask[0, 4:] = 0
+    return torch.randn(batch, 3, 32, 32, generator=g), ids.masked_fill(mask == 0, 1), mask
+
+
+def perturb(model: torch.nn.Module, scale: float = 0.5) -> None:
+    """Random trimmer weights, so that a stable-initialised trimmer starts deciding."""
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in model.trimkit.parameters():
+            p.add_(torch.randn_like(p) * scale)
+
+
+def test_stable_init_keeps_everything_and_gradients_reach_the_trimmers():
+    model = trimkit.apply(vit(), "smarttrim")
+    with torch.no_grad():
+        model(images())
+    stats = trimkit.last_stats(model).layers
+    assert all(bool((s.tokens_in == 65).all()) for s in stats)
+    assert all(isinstance(s.heads, int) or bool((s.heads == 4).all()) for s in stats)
+
+    perturb(model, 0.1)
+    model.train()
+    ctx = _applied(model).ctx
+    ctx.record_costs = True
+    out = model(images())
+    ratio = expected_ratio(_applied(model).description, ctx)
+    (out.square().mean() + ratio.mean()).backward()
+    grads = {n: p.grad for n, p in model.trimkit.named_parameters()}
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads.values())
+    assert any(bool(g.abs().sum() > 0) for n, g in grads.items() if "local" in n)
+    assert any(bool(g.abs().sum() > 0) for n, g in grads.items() if "mlp" in n)
+
+
+def test_default_placement_skips_the_first_quarter_of_a_vit_and_takes_fusion_layers():
+    model = trimkit.apply(vit(depth=8), "smarttrim")
+    placed = sorted(int(k.split("_")[1]) for k, s in model.trimkit.items() if len(s.pre))
+    assert placed == [2, 3, 4, 5, 6, 7]
+
+    meter = trimkit.apply(METER(meter_tiny()).eval(), "smarttrim")
+    placed = sorted(k for k, s in meter.trimkit.items() if len(s.pre))
+    # the image stream holds the 2 CLIP blocks (0, 1) before the 2 fusion layers (2, 3)
+    assert placed == ["image_2", "image_3", "text_0", "text_1"]
+    trimmer = meter.trimkit["image_2"].pre[0]
+    assert trimmer.other_dim == meter.config.hidden_size  # cross-modal global score
+
+
+def test_training_masks_only_shrink_and_enter_attention_as_bias():
+    model = trimkit.apply(vit(), "smarttrim", init_logit=0.0)
+    perturb(model, 0.3)
+    model.train()
+    torch.manual_seed(0)
+    model(images())
+    stats = trimkit.last_stats(model).layers
+    counts = [s.tokens_in for s in stats]
+    assert all(bool((b <= a).all()) for a, b in zip(counts, counts[1:], strict=False))
+    assert bool((counts[-1] < 65).any())
+    state = trimkit.last_states(model)["image"]
+    assert state.keep.dtype.is_floating_point and state.keep.shape == (3, 65)  # masked
+    assert bool((state.keep[:, 0] == 1).all())  # CLS protected
+
+
+def test_inference_counts_differ_per_instance_and_batches_pack_to_the_longest():
+    model = trimkit.apply(vit(), "smarttrim", stable_init=False)
+    with torch.no_grad():
+        model(images(6))
+    stats = trimkit.last_stats(model).layers
+    assert any(len(set(s.tokens_in.tolist())) > 1 for s in stats)
+    last = stats[-1]
+    state = trimkit.last_states(model)["image"]
+    assert state.x.shape[1] == int(last.tokens_out.max())
+
+
+@pytest.mark.parametrize("frac", [0.25, 0.6])
+def test_fixed_budget_keeps_the_same_fraction_per_instance(frac):
+    model = trimkit.apply(vit(), "smarttrim", stable_init=False, budget=frac)
+    with torch.no_grad():
+        model(images(4))
+    stats = trimkit.last_stats(model).layers
+    n = 64  # unprotected tokens entering the first trimmed layer (layer 1)
+    for s in stats[1:]:
+        n = math.ceil(frac * n)
+        assert s.tokens_in.tolist() == [n + 1] * 4
+        assert s.heads.tolist() == [math.ceil(frac * 4)] * 4
+
+
+def test_budget_per_layer_dict_and_option_errors():
+    model = trimkit.apply(vit(), "smarttrim", stable_init=False,
+                          budget={("image", 2): (0.5, 0.25)})
+    with torch.no_grad():
+        model(images(2))
+    stats = trimkit.last_stats(model).layers
+    assert stats[1].tokens_in.tolist() == [65, 65] and stats[2].tokens_in.tolist() == [33, 33]
+    assert stats[2].heads.tolist() == [1, 1]
+    for bad, match in ((dict(ratio=1.5), "ratio"), (dict(tau=0), "tau"),
+                       (dict(layers=[9]), "layers"), (dict(streams=["audio"]), "streams"),
+                       (dict(tokens=False, heads=False), "tokens"), (dict(budget=2.0), "budget"),
+                       (dict(ratoi=0.5), "ratoi")):
+        m = vit()
+        with pytest.raises(ValueError, match=match):
+            trimkit.apply(m, "smarttrim", **bad)
+        assert not trimkit.is_applied(m)
+
+
+def test_a_head_off_in_every_instance_is_not_computed():
+    """At inference the attention runs only over the heads some instance keeps: gating two
+    heads off in the whole batch removes their attention FLOPs, and the output equals the
+    masked execution that computes every head and zeroes the gated ones."""
+    model = trimkit.apply(vit(heads=4), "smarttrim", tokens=False, layers=[1, 2, 3])
+    x = images(2)
+    full = trimkit.count_flops(model, x)
+    for site in model.trimkit.values():
+        for op in site.pre:
+            with torch.no_grad():
+                op.mlp[-1].bias.copy_(torch.tensor([4.0, 4.0, -4.0, -4.0]))
+    gated = trimkit.count_flops(model, x)
+    with torch.no_grad():
+        out = model(x)
+        trimkit.set_mode(model, "masked")
+        masked = model(x)
+    n, d = 65, 16
+    assert full - gated == 3 * 2 * 2 * (2 * 2 * n * n * d)  # 3 layers, 2 heads, batch 2
+    torch.testing.assert_close(out, masked, atol=1e-5, rtol=0)
+
+
+def test_layer_flops_matches_the_flop_counter_for_a_block():
+    model = vit(heads=4)
+    block = model.blocks[0]
+    layer = trimkit.describe(model).stream().layers[0]
+    for n in (65, 20):
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            block(torch.randn(1, n, 64))
+        assert counter.get_total_flops() == layer_flops(layer, n, n)
+
+
+def test_expected_ratio_is_the_cost_of_the_kept_tokens():
+    """In eval with hard decisions, the cost ratio equals the described layers' FLOPs at the
+    recorded counts over their FLOPs at the entry counts, per sample."""
+    model = trimkit.apply(METER(meter_tiny()).eval(), "smarttrim", stable_init=False)
+    ctx = _applied(model).ctx
+    ctx.record_costs = True
+    with torch.no_grad():
+        model(*meter_inputs())
+    ratio = expected_ratio(_applied(model).description, ctx)
+    assert ratio.shape == (3,) and bool(((ratio > 0) & (ratio < 1)).all())
+    trimkit.remove(model)
+    model = trimkit.apply(model, "smarttrim")  # stable init: nothing trimmed
+    ctx = _applied(model).ctx
+    ctx.record_costs = True
+    with torch.no_grad():
+        model(*meter_inputs())
+    torch.testing.assert_close(expected_ratio(_applied(model).description, ctx),
+                               torch.ones(3), atol=1e-6, rtol=0)

@@ -1,0 +1,160 @@
+"""Learned, per-instance trimmers (SmartTrim, Wang et al., LREC-COLING 2024).
+
+Both are `TokenOp`s that run at a layer's entry, before its attention:
+
+- `TokenTrimmer` scores every token with a local MLP plus a bilinear global term against the
+  stream's own pooled token and, in a cross-modal layer, the other stream's pooled token;
+- `HeadTrimmer` gates each attention head of the layer (self- and, if any, cross-attention)
+  from the stream's pooled token.
+
+In training the decisions are Gumbel-sigmoid samples with the straight-through estimator,
+multiplied into the previous keep mask (dropped stays dropped) and applied as attention bias
+(masked execution). At inference a token or head is kept where its logit is positive, or,
+with a fixed budget, the top fraction by logit per instance; compaction then removes the
+dropped tokens for real. With stable initialisation every logit starts at ``init_logit`` so
+the model begins untrimmed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from .ops import drop_tokens, gumbel_sigmoid_st, topk_by_score
+from .sites import Site, TokenOp
+from .state import TokenState
+
+__all__ = ["HeadTrimmer", "TokenTrimmer", "pooled_token"]
+
+
+def pooled_token(state: TokenState, has_cls: bool) -> torch.Tensor:
+    """B×D summary of a stream: its first token when that is a protected CLS, else the mean
+    of its live tokens weighted by ``keep``."""
+    if has_cls:
+        return state.x[:, 0]
+    w = state.keep.to(state.x.dtype)[..., None]
+    return (state.x * w).sum(1) / w.sum(1).clamp_min(1.0)
+
+
+def _ensure_one(decide: torch.Tensor, logits: torch.Tensor, eligible: torch.Tensor
+                ) -> torch.Tensor:
+    """``decide`` (B×N keep, bool or 0/1 float) with the best eligible entry switched on in rows
+    that keep none, so at least one survives wherever one is eligible."""
+    kept = (decide > 0) & eligible
+    empty = ~kept.any(1) & eligible.any(1)
+    if not bool(empty.any()):
+        return decide
+    best = logits.detach().float().masked_fill(~eligible, -math.inf).argmax(1)
+    rescue = torch.zeros_like(eligible).scatter(1, best[:, None], True) & empty[:, None]
+    if decide.dtype == torch.bool:
+        return decide | rescue
+    return decide + (1.0 - decide.detach()) * rescue.to(decide.dtype)
+
+
+def _stable_init(last: nn.Linear, init_logit: float | None) -> None:
+    if init_logit is not None:
+        nn.init.zeros_(last.weight)
+        nn.init.constant_(last.bias, init_logit)
+
+
+class TokenTrimmer(TokenOp):
+    """Cross-modal-aware token trimmer: keep logit ``π_i = MLP(LN(x_i)) + (W_t x_i)ᵀ g / √r``
+    with ``g = W_g [c_s; c_o]`` (own pooled token, other stream's pooled token).
+
+    ``other_dim`` is the width of the other stream's tokens (``None``: single-modality layer,
+    ``g = W_g c_s``); ``c_o`` is the other stream's pooled token as its latest state holds
+    it (zeros while that stream is absent or at another width). ``budget`` (a fraction)
+    switches inference to a fixed budget: each instance keeps the top ``ceil(budget · E)`` of
+    its E live unprotected tokens by logit.
+    """
+
+    def __init__(self, dim: int, *, other_dim: int | None = None, hidden: int | None = None,
+                 rank: int | None = None, init_logit: float | None = 4.0, tau: float = 1.0,
+                 budget: float | None = None):
+        super().__init__()
+        hidden = hidden or max(dim // 4, 8)
+        self.rank = rank or max(dim // 4, 8)
+        self.other_dim, self.tau, self.budget = other_dim, float(tau), budget
+        self.norm = nn.LayerNorm(dim)
+        self.local = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, 1))
+        self.token_proj = nn.Linear(dim, self.rank, bias=False)
+        self.global_proj = nn.Linear(dim + (other_dim or 0), self.rank, bias=False)
+        _stable_init(self.local[-1], init_logit)
+        if init_logit is not None:
+            nn.init.zeros_(self.global_proj.weight)
+
+    def extra_repr(self) -> str:
+        return f"cross={self.other_dim is not None}, tau={self.tau}, budget={self.budget}"
+
+    def logits(self, state: TokenState, site: Site) -> torch.Tensor:
+        """B×N keep logits."""
+        ctx = site.ctx
+        pooled = [pooled_token(state, ctx.protected.get(site.stream, 0) > 0)]
+        if self.other_dim is not None:
+            other = ctx.keys_state(site.cross_stream, site.pair) if site.cross_stream else None
+            if (other is None or other.x.shape[-1] != self.other_dim
+                    or other.x.shape[0] != state.x.shape[0]):
+                # the other stream is not there yet, or not at this layer's width (e.g. still
+                # in its own encoder): the global score uses the stream's own token only
+                pooled.append(state.x.new_zeros(state.x.shape[0], self.other_dim))
+            else:
+                pooled.append(pooled_token(other, ctx.protected.get(site.cross_stream, 0) > 0))
+        h = self.norm(state.x)
+        g = self.global_proj(torch.cat(pooled, -1).to(h.dtype))  # B×r
+        bilinear = (self.token_proj(h) * g[:, None]).sum(-1) / math.sqrt(self.rank)
+        return self.local(h)[..., 0] + bilinear
+
+    def forward(self, state: TokenState, site: Site) -> TokenState:
+        pi = self.logits(state, site)
+        eligible = state.live & ~state.protected
+        if site.training:
+            mask = gumbel_sigmoid_st(pi.float(), self.tau)
+            mask = torch.where(state.protected, torch.ones_like(mask), mask)
+            mask = _ensure_one(mask, pi, eligible)
+            keep = state.keep.to(mask.dtype) * mask
+            return replace(state, keep=keep, has_dead=True)
+        if self.budget is not None:
+            keep = topk_by_score(pi, self.budget, eligible)
+        else:
+            keep = _ensure_one(pi > 0, pi, eligible)
+        return drop_tokens(state, eligible & ~keep)
+
+
+class HeadTrimmer(TokenOp):
+    """Per-instance head gates from the pooled token: ``MLP(c_s)`` gives one logit per head of
+    the self-attention and, with ``cross_heads``, of the cross-attention. A gate multiplies
+    its head's output before the output projection; at inference a head gated off in every
+    instance of the batch is not computed. ``budget`` keeps the top ``ceil(budget · H)``
+    heads per instance instead of thresholding."""
+
+    def __init__(self, dim: int, heads: int, *, cross_heads: int = 0, hidden: int | None = None,
+                 init_logit: float | None = 4.0, tau: float = 1.0, budget: float | None = None):
+        super().__init__()
+        hidden = hidden or max(dim // 4, 8)
+        self.heads, self.cross_heads = heads, cross_heads
+        self.tau, self.budget = float(tau), budget
+        self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(),
+                                 nn.Linear(hidden, heads + cross_heads))
+        _stable_init(self.mlp[-1], init_logit)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.heads}, cross_heads={self.cross_heads}, budget={self.budget}"
+
+    def _gates(self, logits: torch.Tensor, training: bool) -> torch.Tensor:
+        every = torch.ones_like(logits, dtype=torch.bool)
+        if training:
+            return _ensure_one(gumbel_sigmoid_st(logits.float(), self.tau), logits, every)
+        if self.budget is not None:
+            return topk_by_score(logits, self.budget, every).to(logits.dtype)
+        return _ensure_one(logits > 0, logits, every).to(logits.dtype)
+
+    def forward(self, state: TokenState, site: Site) -> TokenState:
+        c = pooled_token(state, site.ctx.protected.get(site.stream, 0) > 0)
+        logits = self.mlp(c)
+        site.head_gates = self._gates(logits[:, :self.heads], site.training)
+        if self.cross_heads:
+            site.cross_head_gates = self._gates(logits[:, self.heads:], site.training)
+        return state
