@@ -181,5 +181,21 @@ def test_expected_ratio_is_the_cost_of_the_kept_tokens():
     ctx.record_costs = True
     with torch.no_grad():
         model(*meter_inputs())
-    torch.testing.assert_close(expected_ratio(_applied(model).description, ctx),
-                               torch.ones(3), atol=1e-6, rtol=0)
+    desc = _applied(model).description
+    with_trimmers = expected_ratio(desc, ctx)
+    assert bool(((with_trimmers > 1) & (with_trimmers < 1.1)).all())  # their own cost
+    for c in ctx.costs:
+        c.trimmers = 0.0
+    torch.testing.assert_close(expected_ratio(desc, ctx), torch.ones(3), atol=1e-6, rtol=0)
+
+
+def test_trimmer_flops_match_the_flop_counter():
+    """The trimmers' own cost, as the cost model counts it, is what the FLOPs counter sees."""
+    model = trimkit.apply(METER(meter_tiny()).eval(), "smarttrim")
+    site = model.trimkit["image_2"]
+    state = trimkit.TokenState.start(torch.randn(2, 17, 32), num_protected=1)
+    site.ctx.states["text"] = trimkit.TokenState.start(torch.randn(2, 5, 32), num_protected=1)
+    for op in site.pre:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            op(state, site)
+        assert counter.get_total_flops() == float(op.flops(torch.tensor([17.0]))[0]) * 2

@@ -12,8 +12,9 @@ cross-attention:
 - FFN: ``4·n'·D·F``.
 
 Head gates save the attention products only: a gated-off head's projections are still
-computed (they are one matmul per batch), so the model counts what execution skips.
-Trimmers' own small MLPs, embeddings and task heads are not counted.
+computed (they are one matmul per batch), so the model counts what execution skips. The
+trimmers' own FLOPs (`TokenOp.flops`) count on the trimmed side; embeddings and task heads,
+which no trimmer changes, are left out of both sides.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def expected_ratio(desc: ModelDescription, ctx: TrimContext) -> torch.Tensor:
             m0 = ctx.entry_counts.get(layer.cross_stream)
         m = c.cross_keys if c.cross_keys is not None else m0
         spent = spent + layer_flops(layer, c.tokens_in, c.tokens_out, c.heads, m, c.cross_heads)
+        spent = spent + c.trimmers
         full = full + layer_flops(layer, n0, n0, None, m0, None)
     return spent / full
 

@@ -89,6 +89,11 @@ class TokenTrimmer(TokenOp):
     def extra_repr(self) -> str:
         return f"cross={self.other_dim is not None}, tau={self.tau}, budget={self.budget}"
 
+    def flops(self, tokens: torch.Tensor) -> torch.Tensor:
+        dim, hidden = self.token_proj.in_features, self.local[0].out_features
+        per_token = 2 * (dim * hidden + hidden + dim * self.rank)  # matmuls, as counted
+        return tokens * per_token + 2 * self.global_proj.in_features * self.rank
+
     def logits(self, state: TokenState, site: Site) -> torch.Tensor:
         """B×N keep logits."""
         ctx = site.ctx
@@ -142,6 +147,12 @@ class HeadTrimmer(TokenOp):
 
     def extra_repr(self) -> str:
         return f"heads={self.heads}, cross_heads={self.cross_heads}, budget={self.budget}"
+
+    def flops(self, tokens: torch.Tensor) -> torch.Tensor:
+        first, last = self.mlp[1], self.mlp[-1]
+        per_sample = 2 * (first.in_features * first.out_features
+                          + last.in_features * last.out_features)
+        return torch.full_like(tokens, float(per_sample))
 
     def _gates(self, logits: torch.Tensor, training: bool) -> torch.Tensor:
         every = torch.ones_like(logits, dtype=torch.bool)

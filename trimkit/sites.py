@@ -41,6 +41,11 @@ class TokenOp(nn.Module):
     def forward(self, state: TokenState, site: Site) -> TokenState:  # pragma: no cover
         raise NotImplementedError
 
+    def flops(self, tokens: torch.Tensor) -> torch.Tensor | float:
+        """The op's own FLOPs on ``tokens`` live tokens (B float), for cost models; 0 for
+        ops whose work is negligible next to the layer's."""
+        return 0.0
+
 
 @dataclass
 class LayerStats:
@@ -73,6 +78,8 @@ class LayerCost:
     heads: torch.Tensor | None = None
     cross_heads: torch.Tensor | None = None
     cross_keys: torch.Tensor | None = None
+    #: the layer's trimmers' own FLOPs (B float, or 0)
+    trimmers: torch.Tensor | float = 0.0
 
 
 @dataclass
@@ -227,10 +234,13 @@ class Site(nn.Module):
         self.head_gates = self.cross_head_gates = None
         if self.cross_stream is not None:  # only cross-attending layers pair up
             self.ctx.entered[(self.stream, self.pair)] = state
+        entering = _soft_count(state.keep) if self.ctx.record_costs else None
         state = self._run(self.pre, state)
         self._tokens_in = state.live_counts()
-        if self.ctx.record_costs:
-            self._cost = {"tokens_in": _soft_count(state.keep)}
+        if entering is not None:
+            ops = [*self.pre, *self.post]
+            self._cost = {"tokens_in": _soft_count(state.keep),
+                          "trimmers": sum((op.flops(entering) for op in ops), 0.0)}
             for key, gates in (("heads", self.head_gates), ("cross_heads", self.cross_head_gates)):
                 if gates is not None:
                     self._cost[key] = gates.float().sum(1)
