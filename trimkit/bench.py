@@ -4,7 +4,8 @@
 deep-copies it, applies ``recipe`` to the copy, and times the two instances alternately on
 the same inputs (median of the repeats, after warm-up), so that drift (thermal, other
 processes, allocator state) hits both equally. Each `Row` carries the FLOPs per example of
-both (`trimkit.count_flops`), their ratio, the throughputs, the speedup, the speedup over
+both (`trimkit.count_flops` on that row's batch, divided by its size: per-instance trimming
+packs a batch to its longest survivor, so the batch decides), their ratio, the throughputs, the speedup, the speedup over
 the FLOPs ratio ("efficiency": 1.0 means no overhead of ours), and the activation peak
 memory of one forward.
 
@@ -56,6 +57,7 @@ __all__ = [
     "memory_probe",
     "parse_spec",
     "parse_value",
+    "time_pair",
 ]
 
 MakeInputs = Callable[[int], tuple]
@@ -267,6 +269,35 @@ def _timed(model: nn.Module, inputs: tuple, cuda: bool) -> float:
     return time.perf_counter() - t0
 
 
+def time_pair(
+    base: nn.Module,
+    trim: nn.Module,
+    inputs: tuple,
+    *,
+    warmup: int = 2,
+    repeats: int = 5,
+    device: str | torch.device = "cpu",
+    progress: Callable[[int, float, float], None] | None = None,
+) -> tuple[list[float], list[float]]:
+    """Seconds per forward of ``base`` and ``trim`` on the same ``inputs``, in one process:
+    ``warmup`` untimed rounds, then ``repeats`` timed rounds that alternate which model goes
+    first, so neither always follows the other. Take the medians."""
+    cuda = torch.device(device).type == "cuda"
+    tb: list[float] = []
+    tt: list[float] = []
+    with torch.inference_mode():
+        for _ in range(warmup):
+            _timed(base, inputs, cuda)
+            _timed(trim, inputs, cuda)
+        for i in range(repeats):
+            pair = ((base, tb), (trim, tt)) if i % 2 == 0 else ((trim, tt), (base, tb))
+            for model, times in pair:
+                times.append(_timed(model, inputs, cuda))
+            if progress is not None:
+                progress(i, tb[-1], tt[-1])
+    return tb, tt
+
+
 def benchmark(
     spec: str,
     recipe: str = "tome",
@@ -310,26 +341,18 @@ def benchmark(
 def _measure(spec, recipe, options, base, trim, make_inputs, batch_sizes, warmup, repeats,
              threads, memory, device, say) -> list[Row]:
     cuda = device.type == "cuda"
-    one = make_inputs(1)
-    flops_base = trimkit.count_flops(base, *one)
-    flops_trim = trimkit.count_flops(trim, *one)
-    ratio = flops_base / flops_trim if flops_trim else float("nan")
     rows = []
     for bs in batch_sizes:
         inputs = make_inputs(bs)
-        tb: list[float] = []
-        tt: list[float] = []
-        with torch.inference_mode():
-            for _ in range(warmup):
-                _timed(base, inputs, cuda)
-                _timed(trim, inputs, cuda)
-            for i in range(repeats):
-                # alternate which goes first, so neither always follows the other
-                pair = ((base, tb), (trim, tt)) if i % 2 == 0 else ((trim, tt), (base, tb))
-                for model, times in pair:
-                    times.append(_timed(model, inputs, cuda))
-                say(f"batch {bs}: repeat {i + 1}/{repeats}: base {tb[-1] * 1e3:.1f} ms, "
-                    f"trimmed {tt[-1] * 1e3:.1f} ms")
+        # FLOPs of this very batch, per example: per-instance trimming packs a batch to its
+        # longest survivor (and computes a head some instance keeps), so batches differ
+        flops_base = trimkit.count_flops(base, *inputs) / bs
+        flops_trim = trimkit.count_flops(trim, *inputs) / bs
+        ratio = flops_base / flops_trim if flops_trim else float("nan")
+        tb, tt = time_pair(base, trim, inputs, warmup=warmup, repeats=repeats, device=device,
+                           progress=lambda i, b, t, bs=bs: say(
+                               f"batch {bs}: repeat {i + 1}/{repeats}: base {b * 1e3:.1f} ms, "
+                               f"trimmed {t * 1e3:.1f} ms"))
         mb = mt = None
         if memory:
             if cuda:
