@@ -24,6 +24,7 @@ from .recipe import Option, Recipe, SitePlan
 from .registry import register_adapter, register_recipe
 from .sites import Site, TokenOp, TrimContext
 from .state import TokenState
+from .training import Objective, TaskObjective, TrainResult, train
 
 __version__ = "0.1.0"
 
@@ -32,13 +33,16 @@ __all__ = [
     "ForwardStats",
     "LayerDesc",
     "ModelDescription",
+    "Objective",
     "Option",
     "Recipe",
     "Site",
     "SitePlan",
     "StreamDesc",
+    "TaskObjective",
     "TokenOp",
     "TokenState",
+    "TrainResult",
     "TrimContext",
     "UnsupportedModelError",
     "apply",
@@ -56,5 +60,6 @@ __all__ = [
     "register_recipe",
     "remove",
     "set_mode",
+    "train",
     "trimming_disabled",
 ]

@@ -5,9 +5,9 @@ deep-copies it, applies ``recipe`` to the copy, and times the two instances alte
 the same inputs (median of the repeats, after warm-up), so that drift (thermal, other
 processes, allocator state) hits both equally. Each `Row` carries the FLOPs per example of
 both (`trimkit.count_flops` on that row's batch, divided by its size: per-instance trimming
-packs a batch to its longest survivor, so the batch decides), their ratio, the throughputs, the speedup, the speedup over
-the FLOPs ratio ("efficiency": 1.0 means no overhead of ours), and the activation peak
-memory of one forward.
+packs a batch to its longest survivor, so the batch decides), their ratio, the throughputs,
+the speedup, the speedup over the FLOPs ratio ("efficiency": 1.0 means no overhead of ours),
+and the activation peak memory of one forward.
 
 A model spec is ``<prefix>:<name>[?key=value&...]``; the prefix picks a builder in
 `BUILDERS` and the query string becomes keyword arguments of that builder, each value parsed
