@@ -9,7 +9,8 @@ before and after, the history, the evaluations and the sample indices it trained
 - ``twice``: an objective that calls the DDP-wrapped model twice per micro-batch, both
   passes with gradients (a teacher and a student sharing weights, as self-distillation
   does), the student alone using one parameter (like a learned trimmer's);
-- ``resume``: an uninterrupted run and one resumed from its mid-run checkpoint.
+- ``resume``: an uninterrupted run and one resumed from its mid-run checkpoint;
+- ``smarttrim``: the learned recipe on a tiny METER (teacher and student passes, cost loss).
 """
 
 from __future__ import annotations
@@ -100,6 +101,23 @@ def main(out: Path) -> None:
                             resume=resume)
         after.append((flat(model), len(res.history)))
     results["resume"] = after
+
+    # the smarttrim recipe on a tiny METER: learned trimmers, a teacher pass with trimming
+    # disabled and a trimmed student pass per micro-batch, the cost loss
+    from trimkit.adapters.meter import METER, meter_tiny
+
+    torch.manual_seed(rank)
+    meter = trimkit.apply(METER(meter_tiny(tasks=("vqa",))), "smarttrim", ratio=0.5)
+    g = torch.Generator().manual_seed(2)
+    vqa = TensorDataset(torch.randn(16, 3, 32, 32, generator=g),
+                        torch.randint(3, 100, (16, 6), generator=g),
+                        torch.ones(16, 6, dtype=torch.long),
+                        torch.randint(0, 7, (16,), generator=g))
+    before = flat(meter)
+    res = trimkit.train(meter, DataLoader(vqa, batch_size=4, shuffle=True),
+                        lambda out, batch: F.cross_entropy(out, batch[-1]), steps=3, lr=1e-3,
+                        seed=0, cpu=True, progress=False)
+    results["smarttrim"] = {"before": before, "after": flat(meter), "history": res.history}
     torch.save(results, out / f"rank{rank}.pt")
 
 

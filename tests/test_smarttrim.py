@@ -199,3 +199,71 @@ def test_trimmer_flops_match_the_flop_counter():
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             op(state, site)
         assert counter.get_total_flops() == float(op.flops(torch.tensor([17.0]))[0]) * 2
+
+
+# ------------------------------------------------------------------------------ training
+
+
+def vqa_loader(n: int = 16, batch: int = 4):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, 100, (n, 6), generator=g)
+    mask = torch.ones(n, 6, dtype=torch.long)
+    mask[::3, 4:] = 0
+    data = TensorDataset(torch.randn(n, 3, 32, 32, generator=g), ids.masked_fill(mask == 0, 1),
+                         mask, torch.randint(0, 7, (n,), generator=g))
+    return DataLoader(data, batch_size=batch, shuffle=True)
+
+
+def ce(out, batch):
+    return torch.nn.functional.cross_entropy(out, batch[-1])
+
+
+QUIET = dict(progress=False, seed=0, cpu=True)
+
+
+def test_training_follows_the_curriculum_and_the_cost_loss_pulls_the_ratio_down():
+    torch.manual_seed(0)
+    model = trimkit.apply(METER(meter_tiny(tasks=("vqa",))), "smarttrim", ratio=0.4,
+                          warmup=0.5, lambda_cost=100.0, init_logit=1.0)
+    res = trimkit.train(model, vqa_loader(), ce, steps=30, lr=3e-3, **QUIET)
+    targets = [h["target"] for h in res.history]
+    assert targets[0] == 1.0 and targets[15:] == [0.4] * 15
+    assert all(b <= a for a, b in zip(targets, targets[1:], strict=False))
+    ratios = [h["ratio"] for h in res.history]
+    assert max(ratios[:3]) > 0.75 and sum(ratios[-5:]) / 5 < 0.6
+    assert {"task", "full", "sd"} <= set(res.history[-1])
+    model.eval()
+    with torch.no_grad():
+        model(*meter_inputs())
+    assert any(bool((s.tokens_in < s.tokens_in.max()).any()) or int(s.tokens_in.max()) < 17
+               for s in trimkit.last_stats(model).layers if s.stream == "image")
+
+
+def test_curriculum_switches_for_the_ablation():
+    """warmup=0: the final target from step 0; stable_init=False: trimming from step 0."""
+    torch.manual_seed(0)
+    model = trimkit.apply(METER(meter_tiny(tasks=("vqa",))), "smarttrim", ratio=0.5,
+                          warmup=0.0, stable_init=False)
+    res = trimkit.train(model, vqa_loader(), ce, steps=2, lr=1e-3, **QUIET)
+    assert [h["target"] for h in res.history] == [0.5, 0.5]
+    assert res.history[0]["ratio"] < 0.9
+
+
+def test_resume_continues_the_curriculum_and_the_optimizer(tmp_path):
+    def run(steps, resume):
+        torch.manual_seed(0)
+        model = trimkit.apply(METER(meter_tiny(tasks=("vqa",))), "smarttrim", ratio=0.5,
+                              warmup=1.0, init_logit=1.0)
+        res = trimkit.train(model, vqa_loader(), ce, steps=steps, lr=1e-3,
+                            checkpoint_dir=tmp_path / "ckpt", save_every=3, resume=resume,
+                            **QUIET)
+        return model, res
+
+    full, res_full = run(6, False)
+    resumed, res_resumed = run(6, tmp_path / "ckpt" / "step_3")
+    assert [h["target"] for h in res_resumed.history] == [h["target"]
+                                                          for h in res_full.history[3:]]
+    for a, b in zip(full.parameters(), resumed.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)

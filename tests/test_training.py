@@ -299,11 +299,13 @@ def test_ddp_two_processes(tmp_path):
                           timeout=180)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
-    for name in ("task", "twice"):
+    for name in ("task", "twice", "smarttrim"):
         assert torch.equal(r0[name]["after"], r1[name]["after"])
         assert not torch.allclose(r0[name]["after"], r0[name]["before"])
         assert r0[name]["history"] == r1[name]["history"]
     assert not torch.equal(r0["task"]["before"], r1["task"]["before"])  # rank 0's broadcast
+    assert not torch.equal(r0["smarttrim"]["before"], r1["smarttrim"]["before"])
+    assert {"task", "full", "sd", "ratio", "target"} <= set(r0["smarttrim"]["history"][-1])
     for r in (r0, r1):
         (full, n_full), (resumed, n_resumed) = r["resume"]
         assert (n_full, n_resumed) == (6, 3)
