@@ -259,11 +259,12 @@ def _cuda_peak(model: nn.Module, inputs: tuple) -> int:
 
 # ----------------------------------------------------------------------------------- timing
 
-def _timed(model: nn.Module, inputs: tuple, cuda: bool) -> float:
+def _timed(model: nn.Module, batches: list[tuple], cuda: bool) -> float:
     if cuda:
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    model(*inputs)
+    for inputs in batches:
+        model(*inputs)
     if cuda:
         torch.cuda.synchronize()
     return time.perf_counter() - t0
@@ -272,27 +273,30 @@ def _timed(model: nn.Module, inputs: tuple, cuda: bool) -> float:
 def time_pair(
     base: nn.Module,
     trim: nn.Module,
-    inputs: tuple,
+    inputs: tuple | list[tuple],
     *,
     warmup: int = 2,
     repeats: int = 5,
     device: str | torch.device = "cpu",
     progress: Callable[[int, float, float], None] | None = None,
 ) -> tuple[list[float], list[float]]:
-    """Seconds per forward of ``base`` and ``trim`` on the same ``inputs``, in one process:
+    """Seconds per round of ``base`` and ``trim`` on the same ``inputs``, in one process:
     ``warmup`` untimed rounds, then ``repeats`` timed rounds that alternate which model goes
-    first, so neither always follows the other. Take the medians."""
+    first, so neither always follows the other. Take the medians. A round is one forward,
+    or, for a list of input tuples, one forward of each (e.g. many single examples, where
+    per-instance trimming makes one example unrepresentative)."""
     cuda = torch.device(device).type == "cuda"
+    batches = inputs if isinstance(inputs, list) else [inputs]
     tb: list[float] = []
     tt: list[float] = []
     with torch.inference_mode():
         for _ in range(warmup):
-            _timed(base, inputs, cuda)
-            _timed(trim, inputs, cuda)
+            _timed(base, batches, cuda)
+            _timed(trim, batches, cuda)
         for i in range(repeats):
             pair = ((base, tb), (trim, tt)) if i % 2 == 0 else ((trim, tt), (base, tb))
             for model, times in pair:
-                times.append(_timed(model, inputs, cuda))
+                times.append(_timed(model, batches, cuda))
             if progress is not None:
                 progress(i, tb[-1], tt[-1])
     return tb, tt

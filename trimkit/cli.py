@@ -1,4 +1,5 @@
-"""The ``trimkit`` command: ``bench``, ``recipes``, ``adapters``."""
+"""The ``trimkit`` command: ``bench``, ``recipes``, ``adapters``, and the commands shipped
+beside the engine (`trimkit.registry.register_command`), e.g. ``bench-vqa``."""
 
 from __future__ import annotations
 
@@ -116,6 +117,12 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("adapters", formatter_class=fmt, allow_abbrev=False, epilog=ADAPTERS_EPILOG,
                    help="list the model families trimkit recognises",
                    description="List the registered adapters (model families).")
+    from .registry import COMMANDS
+
+    for command in COMMANDS.values():
+        c = sub.add_parser(command.name, formatter_class=fmt, allow_abbrev=False,
+                           help=command.help, description=command.description)
+        command.configure(c)
     return p
 
 
@@ -180,7 +187,11 @@ def main(argv: list[str] | None = None) -> int:
             return _bench(args, extra)
         if args.command == "recipes":
             return _recipes()
-        return _adapters()
+        if args.command == "adapters":
+            return _adapters()
+        from .registry import COMMANDS
+
+        return COMMANDS[args.command].run(args)
     except (_UsageError, BenchSetupError) as e:
         # bad usage, or trimkit.apply's ValueError for the recipe and its options
         print(f"error: {e}", file=sys.stderr)

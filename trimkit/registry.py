@@ -2,17 +2,42 @@
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
     from .adapter import Adapter
     from .recipe import Recipe
 
-__all__ = ["ADAPTERS", "RECIPES", "register_adapter", "register_recipe"]
+__all__ = ["ADAPTERS", "COMMANDS", "RECIPES", "Command", "register_adapter", "register_command",
+           "register_recipe"]
 
 ADAPTERS: dict[str, Adapter] = {}
 RECIPES: dict[str, Recipe] = {}
+
+
+@dataclass(frozen=True)
+class Command:
+    """A ``trimkit`` sub-command shipped beside the engine (e.g. an end-to-end benchmark):
+    ``configure`` adds its arguments to an ``argparse`` parser, ``run`` gets the parsed
+    namespace and returns the exit status."""
+
+    name: str
+    help: str
+    description: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def register_command(command: Command) -> Command:
+    """Make ``command`` a ``trimkit`` sub-command."""
+    COMMANDS[command.name] = command
+    return command
 
 T = TypeVar("T")
 
@@ -30,8 +55,10 @@ def register_recipe(cls: type[T]) -> type[T]:
 
 
 def _load_builtins() -> None:
-    """Import the adapters and recipes that ship with trimkit (they register themselves)."""
+    """Import the adapters, recipes and commands that ship with trimkit (they register
+    themselves)."""
     import trimkit.adapters  # noqa: F401
+    import trimkit.benchmarks  # noqa: F401
     import trimkit.recipes  # noqa: F401
 
 

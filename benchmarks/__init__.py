@@ -1,0 +1,5 @@
+"""End-to-end benchmarks shipped with trimkit (installed as ``trimkit.benchmarks``): real
+data, real training, measured speed. Each registers a ``trimkit`` sub-command on import;
+heavy dependencies are imported only when a command runs."""
+
+from . import bench_vqa  # noqa: F401

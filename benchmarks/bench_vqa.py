@@ -1,0 +1,315 @@
+"""``trimkit bench-vqa``: SmartTrim end to end on real data (easy-VQA), and its speed.
+
+1. A small METER (pretrained MiniLM text encoder, frozen, its features cached per question;
+   a small CLIP-style ViT; co-attention fusion layers) is trained on the easy-VQA train
+   split to a strong baseline and cached (`trimkit.benchmarks.easy_vqa`).
+2. For each target cost ratio, SmartTrim is applied to a copy and fine-tuned with
+   `trimkit.train` (self-distillation from the untrimmed pass, cost loss, curriculum);
+   each fine-tuned model is cached too.
+3. On the test split: accuracy, GFLOPs per example (FLOPs counter at batch 1, trimmers
+   included, the frozen text encoder's cached features excluded on both sides), the
+   FLOPs ratio against the target, live tokens and heads per layer, the spread of live
+   image tokens per example, and the measured speedup at batch 1 (a run of single
+   examples) and at batch 32, trimmed against untrimmed in one process.
+4. ``meter-base`` at the published sizes (random weights) with the trimmers in fixed-budget
+   mode, keeping per layer the fractions of tokens and heads the trained small model kept:
+   FLOPs ratio and measured speedup at batches 32 and 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import trimkit
+from trimkit.bench import time_pair
+from trimkit.registry import Command, register_command
+
+SMARTTRIM = dict(lambda_cost=100.0, warmup=0.5, init_logit=3.0)
+FINE_TUNE = dict(steps=300, batch_size=64, lr=5e-5, trimmer_lr=1e-3)
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------ data
+
+
+class _Questions(torch.utils.data.Dataset):
+    """Questions of a split as (image, text features, text mask, label) examples."""
+
+    def __init__(self, split: Any, feats: torch.Tensor, mask: torch.Tensor):
+        self.split, self.feats, self.mask = split, feats, mask
+
+    def __len__(self) -> int:
+        return len(self.split.labels)
+
+    def __getitem__(self, i: int):
+        s = self.split
+        q = int(s.question_index[i])
+        return (s.images[int(s.image_index[i])], self.feats[q], self.mask[q],
+                int(s.labels[i]))
+
+
+def _forward(model: nn.Module, batch) -> torch.Tensor:
+    images, feats, mask = batch[:3]
+    return model(images, attention_mask=mask, text_embeds=feats)
+
+
+def _loss(out: torch.Tensor, batch) -> torch.Tensor:
+    return F.cross_entropy(out, batch[-1])
+
+
+# ------------------------------------------------------------------------------ stages
+
+
+def _fine_tune(base: nn.Module, target: float, train_set, cache: Path, cfg: dict,
+               smart: dict) -> tuple[nn.Module, dict]:
+    """SmartTrim at ``target`` fine-tuned from ``base`` (cached by its settings)."""
+    key = hashlib.sha1(json.dumps([target, cfg, smart, base.config.__repr__()],
+                                  sort_keys=True, default=str).encode()).hexdigest()[:12]
+    path = cache / f"smarttrim_{target:g}_{key}.pt"
+    model = trimkit.apply(copy.deepcopy(base), "smarttrim", ratio=target, **smart)
+    if path.exists():
+        saved = torch.load(path, weights_only=False)
+        model.load_state_dict(saved["state_dict"])
+        _say(f"smarttrim {target:g}: loaded the fine-tuned model from {path}")
+        return model.eval(), saved["info"]
+    trimmers = [p for n, p in model.named_parameters() if n.startswith("trimkit.")]
+    rest = [p for n, p in model.named_parameters()
+            if not n.startswith("trimkit.") and p.requires_grad]
+    opt = torch.optim.AdamW([{"params": rest, "lr": cfg["lr"]},
+                             {"params": trimmers, "lr": cfg["trimmer_lr"]}])
+    loader = torch.utils.data.DataLoader(train_set, batch_size=cfg["batch_size"], shuffle=True,
+                                         drop_last=True)
+    t0 = time.perf_counter()
+    res = trimkit.train(model, loader, _loss, forward=_forward, steps=cfg["steps"],
+                        optimizer=opt, lr_schedule="cosine", seed=0, cpu=True, log_every=10)
+    info = {"train_seconds": time.perf_counter() - t0, "steps": cfg["steps"],
+            "last": res.history[-1] if res.history else {}}
+    model.eval()
+    cache.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": model.state_dict(), "info": info}, path)
+    return model, info
+
+
+@torch.no_grad()
+def _test_pass(model: nn.Module, test_set, batch_size: int = 256) -> dict:
+    """Accuracy and per-example live counts over the test split (compacted execution)."""
+    loader = torch.utils.data.DataLoader(test_set, batch_size=batch_size)
+    correct, total = 0, 0
+    tokens: dict[tuple[str, int], list[torch.Tensor]] = {}
+    heads: dict[tuple[str, int], list[torch.Tensor]] = {}
+    applied = trimkit.is_applied(model)
+    for batch in loader:
+        out = _forward(model, batch)
+        correct += int((out.argmax(-1) == batch[-1]).sum())
+        total += len(batch[-1])
+        if applied:
+            for s in trimkit.last_stats(model).layers:
+                tokens.setdefault((s.stream, s.layer), []).append(s.tokens_in)
+                h = s.heads if isinstance(s.heads, torch.Tensor) else torch.full_like(
+                    s.tokens_in, s.heads)
+                heads.setdefault((s.stream, s.layer), []).append(h)
+    return {"accuracy": correct / total,
+            "tokens": {k: torch.cat(v).float() for k, v in tokens.items()},
+            "heads": {k: torch.cat(v).float() for k, v in heads.items()}}
+
+
+def _flops_per_example(model: nn.Module, test_set, n: int) -> list[float]:
+    out = []
+    for i in range(n):
+        images, feats, mask, _ = test_set[i * (len(test_set) // n)]
+        out.append(trimkit.count_flops(model, images[None], attention_mask=mask[None],
+                                       text_embeds=feats[None]))
+    return out
+
+
+def _speed(base: nn.Module, trim: nn.Module, test_set, repeats: int) -> dict[int, float]:
+    """Speedup at batch 1 (a run of 32 single examples) and at batch 32."""
+    examples = [test_set[i] for i in range(32)]
+
+    def call(model):
+        return lambda images, mask, feats: model(images, attention_mask=mask, text_embeds=feats)
+
+    singles = [(e[0][None], e[2][None], e[1][None]) for e in examples]
+    batch = (torch.stack([e[0] for e in examples]), torch.stack([e[2] for e in examples]),
+             torch.stack([e[1] for e in examples]))
+    out = {}
+    for bs, inputs in ((1, singles), (32, batch)):
+        tb, tt = time_pair(call(base), call(trim), inputs, warmup=1, repeats=repeats)
+        out[bs] = statistics.median(tb) / statistics.median(tt)
+    return out
+
+
+def _budget_from(stats: dict, desc_small, desc_base) -> dict:
+    """Fixed-budget fractions for ``meter-base``: per fusion layer, the fraction of the
+    stream's entry tokens the small model kept (interpolated over relative depth, converted
+    to fractions of the tokens left) and its fraction of heads."""
+    budget = {}
+    for stream in ("image", "text"):
+        small = [i for i, lay in enumerate(desc_small.streams[stream].layers)
+                 if lay.cross_attention]
+        big = [i for i, lay in enumerate(desc_base.streams[stream].layers) if lay.cross_attention]
+        entry = stats["tokens"][(stream, 0)].mean().item() if (stream, 0) in stats["tokens"] \
+            else None
+        kept = [stats["tokens"][(stream, i)].mean().item() for i in small]
+        first = entry if stream == "image" else kept[0]
+        if stream == "text":  # the text stream enters at the fusion stack: its first layer's
+            first = stats["entry_text"]  # input, before trimming
+        fracs = [k / first for k in kept]
+        hfr = [stats["heads"][(stream, i)].mean().item()
+               / desc_small.streams[stream].layers[i].num_heads for i in small]
+        prev = 1.0
+        for j, i in enumerate(big):
+            pos = j * (len(small) - 1) / max(len(big) - 1, 1)
+            lo, hi = math.floor(pos), math.ceil(pos)
+            w = pos - lo
+            absf = fracs[lo] * (1 - w) + fracs[hi] * w
+            hf = hfr[lo] * (1 - w) + hfr[hi] * w
+            rel = min(max(absf / prev, 1e-3), 1.0)
+            budget[(stream, i)] = (rel, min(max(hf, 1e-3), 1.0))
+            prev = absf
+    return budget
+
+
+def _meter_base(budget: dict, repeats: int) -> list[dict]:
+    from trimkit.adapters.meter import METER, meter_base
+
+    torch.manual_seed(0)
+    base = METER(meter_base()).eval()
+    trim = trimkit.apply(copy.deepcopy(base), "smarttrim", budget=budget)
+    rows = []
+    for bs in (32, 1):
+        g = torch.Generator().manual_seed(bs)
+        cfg = base.config
+        inputs = (torch.randn(bs, 3, cfg.image_size, cfg.image_size, generator=g),
+                  torch.randint(3, cfg.vocab_size, (bs, 40), generator=g),
+                  torch.ones(bs, 40, dtype=torch.long))
+        fb = trimkit.count_flops(base, *inputs) / bs
+        ft = trimkit.count_flops(trim, *inputs) / bs
+        _say(f"meter-base batch {bs}: timing ({repeats} repeats)")
+        tb, tt = time_pair(base, trim, inputs, warmup=1, repeats=repeats)
+        speed = statistics.median(tb) / statistics.median(tt)
+        rows.append(dict(batch=bs, gflops_base=fb / 1e9, gflops_trim=ft / 1e9,
+                         flops_ratio=fb / ft, speedup=speed, efficiency=speed / (fb / ft)))
+    return rows
+
+
+# ------------------------------------------------------------------------------ report
+
+
+def _fmt_layers(values: dict, stream: str) -> str:
+    keys = sorted(k for k in values if k[0] == stream)
+    return " ".join(f"{values[k].mean().item():.1f}" for k in keys)
+
+
+def run(args: argparse.Namespace) -> int:
+    from . import easy_vqa
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cache = Path(args.cache_dir) if args.cache_dir else easy_vqa.default_cache_dir()
+    start = time.perf_counter()
+    base, info = easy_vqa.train_baseline(cache, log=_say)
+    base.eval()
+    train, test = easy_vqa.load_split("train"), easy_vqa.load_split("test")
+    train_feats, train_mask = easy_vqa.text_features(train.questions_unique, cache)
+    test_feats, test_mask = easy_vqa.text_features(test.questions_unique, cache)
+    train_set = _Questions(train, train_feats, train_mask)
+    test_set = _Questions(test, test_feats, test_mask)
+
+    cfg = dict(FINE_TUNE, steps=args.steps)
+    base_pass = _test_pass(base, test_set)
+    base_flops = _flops_per_example(base, test_set, args.flops_examples)
+    rows = [dict(model="untrimmed", target=1.0, accuracy=base_pass["accuracy"],
+                 gflops=statistics.mean(base_flops) / 1e9, ratio=1.0)]
+    trimmed = {}
+    for target in args.targets:
+        model, tinfo = _fine_tune(base, target, train_set, cache, cfg, SMARTTRIM)
+        res = _test_pass(model, test_set)
+        flops = _flops_per_example(model, test_set, args.flops_examples)
+        ratio = statistics.mean(flops) / statistics.mean(base_flops)
+        _say(f"smarttrim {target:g}: timing")
+        speed = _speed(base, model, test_set, args.repeats)
+        img = [k for k in res["tokens"] if k[0] == "image"]
+        last = res["tokens"][max(img)] if img else torch.zeros(1)
+        rows.append(dict(
+            model="smarttrim", target=target, accuracy=res["accuracy"],
+            gflops=statistics.mean(flops) / 1e9, ratio=ratio, speedup_1=speed[1],
+            speedup_32=speed[32], image_tokens=_fmt_layers(res["tokens"], "image"),
+            text_tokens=_fmt_layers(res["tokens"], "text"),
+            image_heads=_fmt_layers(res["heads"], "image"),
+            text_heads=_fmt_layers(res["heads"], "text"),
+            spread=f"{last.mean():.1f} ± {last.std():.1f} ({int(last.min())}–{int(last.max())})",
+            train_seconds=tinfo.get("train_seconds")))
+        res["entry_text"] = test_mask.float().sum(1)[test.question_index].mean().item()
+        trimmed[target] = res
+    print(_table(rows, info))
+
+    if not args.no_meter_base and trimmed:
+        target = min(trimmed)
+        desc_small = trimkit.describe(base)
+        from trimkit.adapters.meter import METER, meter_base
+
+        desc_base = trimkit.describe(METER(meter_base()))
+        budget = _budget_from(trimmed[target], desc_small, desc_base)
+        mrows = _meter_base(budget, max(1, args.repeats // 2))
+        print()
+        print(f"meter-base (published sizes, random weights), fixed budget from the "
+              f"target-{target:g} model:")
+        print("| batch | GFLOPs base | GFLOPs trim | FLOPs ratio | speedup | efficiency |")
+        print("|---|---|---|---|---|---|")
+        for r in mrows:
+            print(f"| {r['batch']} | {r['gflops_base']:.2f} | {r['gflops_trim']:.2f} | "
+                  f"{r['flops_ratio']:.3f}× | {r['speedup']:.3f}× | {r['efficiency']:.1%} |")
+    _say(f"bench-vqa finished in {(time.perf_counter() - start) / 60:.1f} min")
+    return 0
+
+
+def _table(rows: list[dict], info: dict) -> str:
+    lines = ["| model | target | test acc | GFLOPs/ex | FLOPs ratio | speedup b1 | speedup b32 "
+             "| image tokens per layer | text tokens per layer | image heads | text heads "
+             "| live image tokens per example (last layer) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['target']:g} | {r['accuracy']:.2%} | {r['gflops']:.4f} | "
+            f"{r['ratio']:.3f} | {r.get('speedup_1', 1.0):.2f}× | {r.get('speedup_32', 1.0):.2f}× "
+            f"| {r.get('image_tokens', '')} | {r.get('text_tokens', '')} | "
+            f"{r.get('image_heads', '')} | {r.get('text_heads', '')} | {r.get('spread', '')} |")
+    return "\n".join(lines)
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.33],
+                   help="target cost ratios to fine-tune (default: 0.5 0.33)")
+    p.add_argument("--steps", type=int, default=FINE_TUNE["steps"],
+                   help=f"fine-tuning steps per target (default: {FINE_TUNE['steps']})")
+    p.add_argument("--flops-examples", type=int, default=200,
+                   help="test examples whose FLOPs are counted one by one (default: 200)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs of each (default: 5)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--cache-dir", default=None,
+                   help="where the baseline, text features and fine-tuned models are cached "
+                        "(default: $TRIMKIT_CACHE or ~/.cache/trimkit/easy_vqa)")
+    p.add_argument("--no-meter-base", action="store_true",
+                   help="skip the fixed-budget measurement on meter-base")
+
+
+register_command(Command(
+    "bench-vqa", help="SmartTrim on easy-VQA: accuracy, FLOPs and speed, end to end",
+    description=__doc__.split("\n\n", 1)[1], configure=configure, run=run))
