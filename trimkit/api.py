@@ -29,6 +29,7 @@ __all__ = [
     "last_stats",
     "list_adapters",
     "list_recipes",
+    "recording_costs",
     "remove",
     "set_mode",
     "trimming_disabled",
@@ -166,6 +167,34 @@ class trimming_disabled:
 
     def __exit__(self, *exc: object) -> None:
         self.ctx.enabled = self.was
+
+
+class recording_costs:
+    """Context manager: the forwards inside record each layer's soft token and head counts;
+    `ratio` gives the last forward's achieved cost ratio per sample (`trimkit.cost`), with
+    the trimmers' gradient in training. For cost losses in your own training loop::
+
+        with trimkit.recording_costs(model) as costs:
+            out = model(*batch)
+        loss = task_loss(out) + lam * trimkit.objectives.cost_loss(costs.ratio(), target)
+    """
+
+    def __init__(self, model: nn.Module):
+        self.applied = _applied(model)
+
+    def __enter__(self) -> recording_costs:
+        ctx = self.applied.ctx
+        self.was, ctx.record_costs, ctx.costs = ctx.record_costs, True, []
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.applied.ctx.record_costs = self.was
+
+    def ratio(self) -> torch.Tensor:
+        """B: the last forward's cost over its untrimmed cost, for the described layers."""
+        from .cost import expected_ratio
+
+        return expected_ratio(self.applied.description, self.applied.ctx)
 
 
 @dataclass

@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .api import _applied, trimming_disabled
-from .cost import expected_ratio
+from .api import _applied, recording_costs, trimming_disabled
 from .training import Objective, default_forward, unwrap
 
 __all__ = [
@@ -126,12 +125,12 @@ class SelfDistillationObjective(Objective):
                 full = self.loss_fn(teacher_out, batch)
                 total = total + full
                 logs["full"] = full.item()
-        ctx.record_costs, ctx.costs = True, []
         ctx.observe = self.lambda_hidden > 0
         try:
-            student_out = self.forward(model, batch)
+            with recording_costs(base) as costs:
+                student_out = self.forward(model, batch)
         finally:
-            ctx.record_costs, ctx.observe = False, False
+            ctx.observe = False
         task = self.loss_fn(student_out, batch)
         total = total + task
         logs["task"] = task.item()
@@ -150,7 +149,7 @@ class SelfDistillationObjective(Objective):
                 logs["hidden"] = hid.item()
             ctx.observed = {}
         target = self.schedule(step)
-        ratio = expected_ratio(applied.description, ctx)
+        ratio = costs.ratio()
         cost = cost_loss(ratio, target)
         total = total + self.lambda_cost * cost
         logs.update(ratio=ratio.mean().item(), target=target)
