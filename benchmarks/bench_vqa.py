@@ -38,7 +38,7 @@ from trimkit.bench import time_pair
 from trimkit.registry import Command, register_command
 
 SMARTTRIM = dict(lambda_cost=100.0, warmup=0.5, init_logit=3.0)
-FINE_TUNE = dict(steps=300, batch_size=64, lr=5e-5, trimmer_lr=1e-3)
+FINE_TUNE = dict(steps=300, batch_size=64, lr=2e-4, trimmer_lr=3e-3)
 
 
 def _say(msg: str) -> None:
@@ -155,34 +155,39 @@ def _speed(base: nn.Module, trim: nn.Module, test_set, repeats: int) -> dict[int
     return out
 
 
-def _budget_from(stats: dict, desc_small, desc_base) -> dict:
-    """Fixed-budget fractions for ``meter-base``: per fusion layer, the fraction of the
-    stream's entry tokens the small model kept (interpolated over relative depth, converted
-    to fractions of the tokens left) and its fraction of heads."""
+def _segments(layers) -> list[list[int]]:
+    """A stream's layer indices split into its leading run of single-modality layers (an
+    encoder) and the rest (the cross-modal stack)."""
+    own = [i for i, lay in enumerate(layers) if not lay.cross_attention]
+    cross = [i for i, lay in enumerate(layers) if lay.cross_attention]
+    return [own, cross]
+
+
+def _budget_from(res: dict, entry: dict[str, float], desc_small, desc_base) -> dict:
+    """Fixed-budget fractions for ``meter-base``: per layer, the share of the stream's entry
+    tokens and of the heads that the trained small model kept at the same relative depth
+    of the same segment (encoder or fusion stack), as (fraction of the tokens left, fraction
+    of the heads)."""
     budget = {}
-    for stream in ("image", "text"):
-        small = [i for i, lay in enumerate(desc_small.streams[stream].layers)
-                 if lay.cross_attention]
-        big = [i for i, lay in enumerate(desc_base.streams[stream].layers) if lay.cross_attention]
-        entry = stats["tokens"][(stream, 0)].mean().item() if (stream, 0) in stats["tokens"] \
-            else None
-        kept = [stats["tokens"][(stream, i)].mean().item() for i in small]
-        first = entry if stream == "image" else kept[0]
-        if stream == "text":  # the text stream enters at the fusion stack: its first layer's
-            first = stats["entry_text"]  # input, before trimming
-        fracs = [k / first for k in kept]
-        hfr = [stats["heads"][(stream, i)].mean().item()
-               / desc_small.streams[stream].layers[i].num_heads for i in small]
+    for stream, small_desc in desc_small.streams.items():
+        big_desc = desc_base.streams[stream]
         prev = 1.0
-        for j, i in enumerate(big):
-            pos = j * (len(small) - 1) / max(len(big) - 1, 1)
-            lo, hi = math.floor(pos), math.ceil(pos)
-            w = pos - lo
-            absf = fracs[lo] * (1 - w) + fracs[hi] * w
-            hf = hfr[lo] * (1 - w) + hfr[hi] * w
-            rel = min(max(absf / prev, 1e-3), 1.0)
-            budget[(stream, i)] = (rel, min(max(hf, 1e-3), 1.0))
-            prev = absf
+        for small, big in zip(_segments(small_desc.layers), _segments(big_desc.layers),
+                              strict=True):
+            if not small or not big:
+                continue
+            toks = [res["tokens"][(stream, i)].mean().item() / entry[stream] for i in small]
+            heads = [res["heads"][(stream, i)].mean().item()
+                     / small_desc.layers[i].num_heads for i in small]
+            for j, i in enumerate(big):
+                pos = j * (len(small) - 1) / max(len(big) - 1, 1)
+                lo, hi = math.floor(pos), math.ceil(pos)
+                w = pos - lo
+                frac = min(toks[lo] * (1 - w) + toks[hi] * w, prev)
+                head = heads[lo] * (1 - w) + heads[hi] * w
+                if frac < 0.999 * prev or head < 0.999:
+                    budget[(stream, i)] = (max(frac / prev, 1e-3), max(min(head, 1.0), 1e-3))
+                prev = frac
     return budget
 
 
@@ -225,12 +230,14 @@ def run(args: argparse.Namespace) -> int:
     cache = Path(args.cache_dir) if args.cache_dir else easy_vqa.default_cache_dir()
     start = time.perf_counter()
     base, info = easy_vqa.train_baseline(cache, log=_say)
-    base.eval()
-    train, test = easy_vqa.load_split("train"), easy_vqa.load_split("test")
-    train_feats, train_mask = easy_vqa.text_features(train.questions_unique, cache)
-    test_feats, test_mask = easy_vqa.text_features(test.questions_unique, cache)
-    train_set = _Questions(train, train_feats, train_mask)
-    test_set = _Questions(test, test_feats, test_mask)
+    train, test = easy_vqa.load_split("train", cache), easy_vqa.load_split("test", cache)
+    train_set = _Questions(train, *easy_vqa.text_features(train.questions, cache))
+    test_set = _Questions(test, *easy_vqa.text_features(test.questions, cache))
+    desc = trimkit.describe(base)
+    entry = {"image": float(desc.streams["image"].num_tokens),
+             "text": test_set.mask.float().sum(1)[test.question_index].mean().item()}
+    smart = dict(SMARTTRIM, layers={"image": list(range(1, len(desc.streams["image"].layers))),
+                                    "text": list(range(len(desc.streams["text"].layers)))})
 
     cfg = dict(FINE_TUNE, steps=args.steps)
     base_pass = _test_pass(base, test_set)
@@ -239,14 +246,14 @@ def run(args: argparse.Namespace) -> int:
                  gflops=statistics.mean(base_flops) / 1e9, ratio=1.0)]
     trimmed = {}
     for target in args.targets:
-        model, tinfo = _fine_tune(base, target, train_set, cache, cfg, SMARTTRIM)
+        model, tinfo = _fine_tune(base, target, train_set, cache, cfg, smart)
         res = _test_pass(model, test_set)
         flops = _flops_per_example(model, test_set, args.flops_examples)
         ratio = statistics.mean(flops) / statistics.mean(base_flops)
-        _say(f"smarttrim {target:g}: timing")
+        _say(f"smarttrim {target:g}: test accuracy {res['accuracy']:.2%}, FLOPs ratio "
+             f"{ratio:.3f}; timing")
         speed = _speed(base, model, test_set, args.repeats)
-        img = [k for k in res["tokens"] if k[0] == "image"]
-        last = res["tokens"][max(img)] if img else torch.zeros(1)
+        last = res["tokens"][max(k for k in res["tokens"] if k[0] == "image")]
         rows.append(dict(
             model="smarttrim", target=target, accuracy=res["accuracy"],
             gflops=statistics.mean(flops) / 1e9, ratio=ratio, speedup_1=speed[1],
@@ -256,21 +263,19 @@ def run(args: argparse.Namespace) -> int:
             text_heads=_fmt_layers(res["heads"], "text"),
             spread=f"{last.mean():.1f} ± {last.std():.1f} ({int(last.min())}–{int(last.max())})",
             train_seconds=tinfo.get("train_seconds")))
-        res["entry_text"] = test_mask.float().sum(1)[test.question_index].mean().item()
         trimmed[target] = res
     print(_table(rows, info))
 
     if not args.no_meter_base and trimmed:
-        target = min(trimmed)
-        desc_small = trimkit.describe(base)
         from trimkit.adapters.meter import METER, meter_base
 
-        desc_base = trimkit.describe(METER(meter_base()))
-        budget = _budget_from(trimmed[target], desc_small, desc_base)
+        target = min(trimmed)
+        budget = _budget_from(trimmed[target], entry, desc,
+                              trimkit.describe(METER(meter_base())))
         mrows = _meter_base(budget, max(1, args.repeats // 2))
         print()
-        print(f"meter-base (published sizes, random weights), fixed budget from the "
-              f"target-{target:g} model:")
+        print(f"meter-base (published sizes, random weights), fixed budget: per layer the "
+              f"fractions of tokens and heads the target-{target:g} model kept")
         print("| batch | GFLOPs base | GFLOPs trim | FLOPs ratio | speedup | efficiency |")
         print("|---|---|---|---|---|---|")
         for r in mrows:

@@ -447,3 +447,74 @@ def test_fine_tuning_set_up_adaptations():
     pe = dst.text_transformer.embeddings.position_embeddings.weight
     torch.testing.assert_close(pe, src.text_transformer.embeddings.position_embeddings.weight[:52])
 
+
+# ---------------------------------------------------------------------------- BERT, cached text
+
+
+def _bert_inputs(vocab: int = 120):
+    """Two images; five questions, each pointing at one of them, one of them padded."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 3, 32, 32, generator=g)
+    idx = torch.tensor([0, 1, 1, 0, 1])
+    ids = torch.randint(1, vocab, (5, 6), generator=g)
+    mask = torch.ones(5, 6, dtype=torch.long)
+    mask[1, 4:] = 0
+    return images, idx, ids.masked_fill(mask == 0, 0), mask  # BERT pads with id 0
+
+
+def test_bert_text_encoder_is_built_like_minilm():
+    from transformers import BertModel, RobertaModel
+
+    assert MeterConfig().text_encoder == "roberta"
+    assert isinstance(_build().text_transformer, RobertaModel)
+    cfg = meter_tiny(text_encoder="bert", vocab_size=120, text_max_positions=512)
+    bert = _build(cfg).text_transformer
+    assert isinstance(bert, BertModel) and bert.pooler is None
+    c = bert.config
+    assert (c.vocab_size, c.pad_token_id, c.type_vocab_size, c.max_position_embeddings,
+            c.layer_norm_eps, c.hidden_size, c.num_hidden_layers, c._attn_implementation) == (
+        120, 0, 2, 512, 1e-12, cfg.text_hidden, cfg.text_layers, "sdpa")
+    # positions default to max_text_len (BERT counts them from 0)
+    assert _build(meter_tiny(text_encoder="bert")).text_transformer.config \
+        .max_position_embeddings == meter_tiny().max_text_len
+    with pytest.raises(ValueError, match="text_encoder"):
+        meter_tiny(text_encoder="gpt")
+
+
+@pytest.mark.parametrize("encoder", ["bert", "roberta"])
+def test_text_embeds_and_image_index_match_the_plain_call(encoder):
+    """Cached text features with a per-question image index give what the plain call on
+    the repeated images gives, for the forward, every single-image task and `infer`."""
+    torch.manual_seed(0)
+    m = METER(meter_tiny(text_encoder=encoder, vocab_size=120)).eval()
+    images, idx, ids, mask = _bert_inputs()
+    if encoder == "roberta":
+        ids = ids.masked_fill(mask == 0, 1)
+    with torch.no_grad():
+        feats = m.encode_text(ids, mask)
+        plain = m(images[idx], ids, mask)
+        cached = m(images, attention_mask=mask, text_embeds=feats, image_index=idx)
+        torch.testing.assert_close(cached, plain, atol=1e-5, rtol=0)
+        same_images = m(images[idx], None, mask, text_embeds=feats)  # positional mask too
+        torch.testing.assert_close(same_images, plain, atol=1e-5, rtol=0)
+        for task in ("vqa", "snli", "itm", "irtr"):
+            torch.testing.assert_close(
+                getattr(m, task)(images, attention_mask=mask, text_embeds=feats,
+                                 image_index=idx),
+                getattr(m, task)(images[idx], ids, mask), atol=1e-5, rtol=0, msg=task)
+        a = m.infer(images, attention_mask=mask.bool(), text_embeds=feats, image_index=idx)
+        b = m.infer(images[idx], ids, mask)
+    for key in ("cls_feats", "image_feats"):
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
+    torch.testing.assert_close(a["text_feats"][mask.bool()], b["text_feats"][mask.bool()],
+                               atol=1e-5, rtol=0)
+
+
+def test_text_embeds_need_a_mask_and_some_text():
+    torch.manual_seed(0)
+    m = METER(meter_tiny(text_encoder="bert", vocab_size=120)).eval()
+    images, idx, ids, mask = _bert_inputs()
+    with pytest.raises(ValueError, match="input_ids or text_embeds"):
+        m(images, attention_mask=mask)
+    with pytest.raises(ValueError, match="attention_mask"):
+        m(images, text_embeds=torch.zeros(2, 6, m.config.text_hidden))

@@ -9,7 +9,7 @@ map onto it by name (see `adapters.meter.loader`).
 Layout (attribute names as in the official ``METERTransformerSS``)::
 
     vit_model                     open_clip VisionTransformer, used through its parts only
-    text_transformer              transformers RobertaModel, no pooler
+    text_transformer              transformers RobertaModel (or BertModel), no pooler
     cross_modal_{text,image}_transform   Linear(encoder width -> hidden_size)
     token_type_embeddings         Embedding(2, hidden), 3 rows when "nlvr2" is a task
     cross_modal_{text,image}_layers      ModuleList of BertCrossLayer (parallel co-attention)
@@ -73,11 +73,14 @@ class MeterConfig:
     ``vision_layers`` is the number of CLIP resblocks actually built: the official
     ``clip_model.Transformer`` builds ``layers - 1`` blocks of a 12-layer CLIP ViT-B, i.e. 11.
     ``mlp_ratio`` sets the MLP width of all three towers (4 everywhere in METER).
-    ``text_max_positions`` is RoBERTa's ``max_position_embeddings``; ``None`` means
-    ``max_text_len + 2`` (RoBERTa counts positions from ``pad_token_id + 1 = 2``), enough for
-    ``max_text_len`` tokens. `meter_base` sets 514, the size of the ``roberta-base`` table
-    that official checkpoints carry, so they load without reshaping (the loader also
-    truncates a larger table onto a smaller one).
+    ``text_encoder`` is ``"roberta"`` (METER's) or ``"bert"`` (a BERT-family encoder such
+    as MiniLM: padding id 0, two token types, positions from 0, LayerNorm eps 1e-12).
+    ``text_max_positions`` is the text encoder's ``max_position_embeddings``; ``None`` means
+    ``max_text_len + 2`` for RoBERTa (it counts positions from ``pad_token_id + 1 = 2``) and
+    ``max_text_len`` for BERT, enough for ``max_text_len`` tokens (MiniLM's table has 512).
+    `meter_base` sets 514, the size of the ``roberta-base`` table that official checkpoints
+    carry, so they load without reshaping (the loader also truncates a larger table onto a
+    smaller one).
     """
 
     image_size: int = 288
@@ -98,9 +101,13 @@ class MeterConfig:
     drop_rate: float = 0.1
     vqa_labels: int = 3129
     tasks: tuple[str, ...] = field(default=("vqa",))
+    text_encoder: str = "roberta"
 
     def __post_init__(self):
         object.__setattr__(self, "tasks", tuple(self.tasks))
+        if self.text_encoder not in ("roberta", "bert"):
+            raise ValueError(f"text_encoder must be 'roberta' or 'bert', "
+                             f"got {self.text_encoder!r}")
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown:
             raise ValueError(f"unknown METER task(s) {unknown}; choose from {TASKS}")
@@ -330,6 +337,19 @@ def _build_vit(cfg: MeterConfig) -> nn.Module:
     return vit
 
 
+def _build_bert(cfg: MeterConfig) -> nn.Module:
+    from transformers import BertConfig, BertModel
+
+    bc = BertConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.text_hidden,
+        num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
+        intermediate_size=cfg.text_hidden * cfg.mlp_ratio,
+        max_position_embeddings=cfg.text_max_positions or cfg.max_text_len, type_vocab_size=2,
+        layer_norm_eps=1e-12, pad_token_id=0, hidden_dropout_prob=cfg.drop_rate,
+        attention_probs_dropout_prob=cfg.drop_rate, attn_implementation="sdpa")
+    return BertModel(bc, add_pooling_layer=False)
+
+
 def _build_roberta(cfg: MeterConfig) -> nn.Module:
     from transformers import RobertaConfig, RobertaModel
 
@@ -348,7 +368,10 @@ class METER(nn.Module):
     """METER with CLIP-ViT image encoder and RoBERTa text encoder (see module docstring).
 
     Inputs: ``images`` B×3×S×S (already normalised), ``input_ids`` B×T (RoBERTa ids, padding
-    ``1``), ``attention_mask`` B×T (bool or 0/1, True/1 = real token). ``forward`` runs the
+    ``1``; BERT ids, padding ``0``, with ``text_encoder="bert"``), ``attention_mask`` B×T
+    (bool or 0/1, True/1 = real token). Instead of ``input_ids``, the task methods and
+    ``forward`` take ``text_embeds=`` (precomputed text-encoder outputs) and optionally
+    ``image_index=`` (each text's row in ``images``), see `infer`. ``forward`` runs the
     first of ``vqa``, ``snli``, ``itm`` that appears in ``config.tasks`` (in the order of
     ``config.tasks``); call `nlvr2` and `irtr` (or any task) by name.
     """
@@ -359,7 +382,8 @@ class METER(nn.Module):
         hs = cfg.hidden_size
 
         self.vit_model = _build_vit(cfg)
-        self.text_transformer = _build_roberta(cfg)
+        self.text_transformer = (_build_bert(cfg) if cfg.text_encoder == "bert"
+                                 else _build_roberta(cfg))
 
         self.cross_modal_text_transform = nn.Linear(cfg.text_hidden, hs)
         self.cross_modal_image_transform = nn.Linear(cfg.vision_width, hs)
@@ -419,19 +443,37 @@ class METER(nn.Module):
         return vit.ln_post(x)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """RoBERTa last hidden state, B×T×text_hidden."""
+        """The text encoder's (RoBERTa's or BERT's) last hidden state, B×T×text_hidden."""
         out = self.text_transformer(input_ids=input_ids, attention_mask=attention_mask.long())
         return out.last_hidden_state
 
     # ------------------------------------------------------------------ fusion
 
-    def infer(self, images: torch.Tensor, input_ids: torch.Tensor,
-              attention_mask: torch.Tensor, image_token_type_idx: int = 1) -> dict:
+    def infer(self, images: torch.Tensor, input_ids: torch.Tensor | None = None,
+              attention_mask: torch.Tensor | None = None, image_token_type_idx: int = 1, *,
+              text_embeds: torch.Tensor | None = None,
+              image_index: torch.Tensor | None = None) -> dict:
         """Encode, fuse, pool: ``{"text_feats": B×T×h, "image_feats": B×(1+P)×h,
-        "cls_feats": B×2h}`` (text pooler ⊕ image pooler, both on token 0)."""
+        "cls_feats": B×2h}`` (text pooler ⊕ image pooler, both on token 0).
+
+        ``text_embeds`` (B×T×text_hidden, the text encoder's last hidden state, e.g. cached
+        for a frozen encoder) replaces ``input_ids``; ``attention_mask`` is still needed.
+        ``image_index`` (B longs) maps each text to its image among ``images`` (B_img of
+        them), so an image asked several questions is encoded once and its tokens are
+        repeated for the fusion layers. (Trimming in the CLIP tower then sees B_img images
+        and the fusion stack B texts: the image stream's trimming state restarts there.)
+        """
+        if attention_mask is None:
+            raise ValueError("METER needs the text attention_mask")
         text_mask = attention_mask.bool()
-        x = self.cross_modal_text_transform(self.encode_text(input_ids, attention_mask))
+        if text_embeds is None:
+            if input_ids is None:
+                raise ValueError("give input_ids or text_embeds")
+            text_embeds = self.encode_text(input_ids, attention_mask)
+        x = self.cross_modal_text_transform(text_embeds)
         y = self.cross_modal_image_transform(self.encode_image(images))
+        if image_index is not None:
+            y = y[image_index]
         image_mask = torch.ones(y.shape[:2], dtype=torch.bool, device=y.device)
 
         types = self.token_type_embeddings.weight
@@ -459,10 +501,16 @@ class METER(nn.Module):
                                f"(config.tasks = {self.config.tasks})")
         return head
 
-    def vqa(self, images, input_ids, attention_mask) -> torch.Tensor:
-        """VQAv2 answer logits, B×vqa_labels."""
+    def vqa(self, images: torch.Tensor, input_ids: torch.Tensor | None = None,
+            attention_mask: torch.Tensor | None = None, *,
+            text_embeds: torch.Tensor | None = None,
+            image_index: torch.Tensor | None = None) -> torch.Tensor:
+        """VQAv2 answer logits, B×vqa_labels (``text_embeds``, ``image_index``: see
+        `infer`; likewise for `snli`, `itm` and `irtr`)."""
         head = self._head("vqa")
-        return head(self.infer(images, input_ids, attention_mask)["cls_feats"])
+        feats = self.infer(images, input_ids, attention_mask, text_embeds=text_embeds,
+                           image_index=image_index)
+        return head(feats["cls_feats"])
 
     def nlvr2(self, images1, images2, input_ids, attention_mask) -> torch.Tensor:
         """NLVR2 logits, B×2: one pass per image (image token types 1 and 2), pooled features
@@ -472,27 +520,46 @@ class METER(nn.Module):
         b = self.infer(images2, input_ids, attention_mask, image_token_type_idx=2)["cls_feats"]
         return head(torch.cat([a, b], dim=-1))
 
-    def snli(self, images, input_ids, attention_mask) -> torch.Tensor:
+    def snli(self, images: torch.Tensor, input_ids: torch.Tensor | None = None,
+             attention_mask: torch.Tensor | None = None, *,
+             text_embeds: torch.Tensor | None = None,
+             image_index: torch.Tensor | None = None) -> torch.Tensor:
         """SNLI-VE logits, B×3."""
         head = self._head("snli")
-        return head(self.infer(images, input_ids, attention_mask)["cls_feats"])
+        feats = self.infer(images, input_ids, attention_mask, text_embeds=text_embeds,
+                           image_index=image_index)
+        return head(feats["cls_feats"])
 
-    def itm(self, images, input_ids, attention_mask) -> torch.Tensor:
+    def itm(self, images: torch.Tensor, input_ids: torch.Tensor | None = None,
+            attention_mask: torch.Tensor | None = None, *,
+            text_embeds: torch.Tensor | None = None,
+            image_index: torch.Tensor | None = None) -> torch.Tensor:
         """Image-text matching logits, B×2 (index 1 = match)."""
         head = self._head("itm")  # also built for "irtr", as the official IRTR training
-        return head(self.infer(images, input_ids, attention_mask)["cls_feats"])
+        feats = self.infer(images, input_ids, attention_mask, text_embeds=text_embeds,
+                           image_index=image_index)
+        return head(feats["cls_feats"])
 
-    def irtr(self, images, input_ids, attention_mask) -> torch.Tensor:
+    def irtr(self, images: torch.Tensor, input_ids: torch.Tensor | None = None,
+             attention_mask: torch.Tensor | None = None, *,
+             text_embeds: torch.Tensor | None = None,
+             image_index: torch.Tensor | None = None) -> torch.Tensor:
         """Retrieval score, shape B (``rank_output(cls_feats)[:, 0]``)."""
         head = self._head("irtr")
-        return head(self.infer(images, input_ids, attention_mask)["cls_feats"])[:, 0]
+        feats = self.infer(images, input_ids, attention_mask, text_embeds=text_embeds,
+                           image_index=image_index)
+        return head(feats["cls_feats"])[:, 0]
 
-    def forward(self, images: torch.Tensor, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor) -> torch.Tensor:
-        """The first of ``vqa``/``snli``/``itm`` listed in ``config.tasks``."""
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, *,
+                text_embeds: torch.Tensor | None = None,
+                image_index: torch.Tensor | None = None) -> torch.Tensor:
+        """The first of ``vqa``/``snli``/``itm`` listed in ``config.tasks`` (``text_embeds``
+        and ``image_index`` as in `infer`)."""
         for task in self.config.tasks:
             if task in _FORWARD_TASKS:
-                return getattr(self, task)(images, input_ids, attention_mask)
+                return getattr(self, task)(images, input_ids, attention_mask,
+                                           text_embeds=text_embeds, image_index=image_index)
         raise RuntimeError(f"METER.forward runs one of {_FORWARD_TASKS}, none of which is in "
                            f"config.tasks = {self.config.tasks}; call .nlvr2(...) or "
                            f".irtr(...) directly")
