@@ -70,6 +70,9 @@ class SmartTrim(Recipe):
         "hidden": Option(None, "width of the trimmers' MLPs (default: width / 4)"),
         "rank": Option(None, "rank of the bilinear global score (default: width / 4)"),
         "tau": Option(1.0, "Gumbel-sigmoid temperature in training"),
+        "anneal_noise": Option(True, "scale the Gumbel noise linearly from 1 to 0 over "
+                                     "training, so the last steps train the decisions (and "
+                                     "the cost) that inference makes"),
         "stable_init": Option(True, "start with every keep logit at init_logit (all kept)"),
         "init_logit": Option(4.0, "the starting keep logit under stable_init"),
         "warmup": Option(0.5, "fraction of the training steps over which the target goes "
@@ -142,7 +145,11 @@ class SmartTrim(Recipe):
                   total_steps: int, options: dict) -> Any:
         """The `trimkit.objectives.SelfDistillationObjective` that `trimkit.train` runs for
         this recipe (see the module docstring)."""
-        from trimkit.objectives import RatioSchedule, SelfDistillationObjective
+        from trimkit.objectives import (
+            NoiseSchedule,
+            RatioSchedule,
+            SelfDistillationObjective,
+        )
 
         warmup = float(options["warmup"])
         if not 0 <= warmup <= 1:
@@ -152,7 +159,9 @@ class SmartTrim(Recipe):
             model, loss_fn, schedule=schedule, forward=forward,
             lambda_sd=options["lambda_sd"], temperature=options["temperature"],
             lambda_cost=options["lambda_cost"], lambda_hidden=options["lambda_hidden"],
-            teacher_loss=options["teacher_loss"])
+            teacher_loss=options["teacher_loss"],
+            noise_schedule=NoiseSchedule(1.0, 0.0, total_steps) if options["anneal_noise"]
+            else None)
 
 
 def _paired_dim(desc: ModelDescription, layer) -> int:

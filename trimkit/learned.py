@@ -27,7 +27,17 @@ from .ops import drop_tokens, gumbel_sigmoid_st, topk_by_score
 from .sites import Site, TokenOp
 from .state import TokenState
 
-__all__ = ["HeadTrimmer", "TokenTrimmer", "pooled_token"]
+__all__ = ["HeadTrimmer", "TokenTrimmer", "pooled_token", "set_noise"]
+
+
+def set_noise(model: nn.Module, noise: float) -> None:
+    """Scale the Gumbel noise of every learned trimmer in ``model`` (1: the plain
+    Gumbel-softmax sample; 0: the deterministic decision ``logit > 0`` that inference takes).
+    Annealing it to 0 during training makes the trained cost the inference cost: a sampled
+    mask keeps a token with probability ``sigmoid(logit)``, a threshold keeps it or not."""
+    for m in model.modules():
+        if isinstance(m, (TokenTrimmer, HeadTrimmer)):
+            m.noise = float(noise)
 
 
 def pooled_token(state: TokenState, has_cls: bool) -> torch.Tensor:
@@ -78,6 +88,7 @@ class TokenTrimmer(TokenOp):
         hidden = hidden or max(dim // 4, 8)
         self.rank = rank or max(dim // 4, 8)
         self.other_dim, self.tau, self.budget = other_dim, float(tau), budget
+        self.noise = 1.0
         self.norm = nn.LayerNorm(dim)
         self.local = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, 1))
         self.token_proj = nn.Linear(dim, self.rank, bias=False)
@@ -116,7 +127,7 @@ class TokenTrimmer(TokenOp):
         pi = self.logits(state, site)
         eligible = state.live & ~state.protected
         if site.training:
-            mask = gumbel_sigmoid_st(pi.float(), self.tau)
+            mask = gumbel_sigmoid_st(pi.float(), self.tau, noise=self.noise)
             mask = torch.where(state.protected, torch.ones_like(mask), mask)
             mask = _ensure_one(mask, pi, eligible)
             keep = state.keep.to(mask.dtype) * mask
@@ -141,6 +152,7 @@ class HeadTrimmer(TokenOp):
         hidden = hidden or max(dim // 4, 8)
         self.heads, self.cross_heads = heads, cross_heads
         self.tau, self.budget = float(tau), budget
+        self.noise = 1.0
         self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(),
                                  nn.Linear(hidden, heads + cross_heads))
         _stable_init(self.mlp[-1], init_logit)
@@ -157,7 +169,8 @@ class HeadTrimmer(TokenOp):
     def _gates(self, logits: torch.Tensor, training: bool) -> torch.Tensor:
         every = torch.ones_like(logits, dtype=torch.bool)
         if training:
-            return _ensure_one(gumbel_sigmoid_st(logits.float(), self.tau), logits, every)
+            return _ensure_one(gumbel_sigmoid_st(logits.float(), self.tau, noise=self.noise),
+                               logits, every)
         if self.budget is not None:
             return topk_by_score(logits, self.budget, every).to(logits.dtype)
         return _ensure_one(logits > 0, logits, every).to(logits.dtype)

@@ -20,11 +20,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .api import _applied, recording_costs, trimming_disabled
+from .learned import set_noise
 from .training import Objective, default_forward, unwrap
 
 __all__ = [
     "RatioSchedule",
     "SelfDistillationObjective",
+    "NoiseSchedule",
     "cost_loss",
     "distillation_loss",
     "hidden_distillation_loss",
@@ -69,6 +71,18 @@ def cost_loss(ratio: torch.Tensor, target: float) -> torch.Tensor:
     return (ratio.float().mean() - target) ** 2
 
 
+class NoiseSchedule:
+    """The scale of the trimmers' Gumbel noise at an optimizer step: linear from ``start``
+    to ``final`` over ``total_steps`` (see `trimkit.learned.set_noise`)."""
+
+    def __init__(self, start: float, final: float, total_steps: int):
+        self.start, self.final, self.total = float(start), float(final), max(int(total_steps), 1)
+
+    def __call__(self, step: int) -> float:
+        t = min(max(step / self.total, 0.0), 1.0)
+        return self.start + (self.final - self.start) * t
+
+
 class RatioSchedule:
     """The target cost ratio at an optimizer step: linear from ``start`` (1.0, untrimmed) to
     ``final`` over the first ``warmup_steps``, then constant; ``warmup_steps = 0`` gives the
@@ -86,7 +100,8 @@ class RatioSchedule:
 class SelfDistillationObjective(Objective):
     """Task loss of the trimmed pass + ``lambda_sd`` · distillation from the same model run
     with trimming disabled + ``lambda_cost`` · cost loss toward the scheduled target
-    (+ ``lambda_hidden`` · hidden-state distillation). With ``teacher_loss`` the full pass
+    (+ ``lambda_hidden`` · hidden-state distillation), the trimmers' Gumbel noise
+    following ``noise_schedule`` if given. With ``teacher_loss`` the full pass
     also gets its task loss (shared weights, both trained); without it the teacher runs
     under ``no_grad``."""
 
@@ -94,8 +109,10 @@ class SelfDistillationObjective(Objective):
                  schedule: RatioSchedule, forward: Callable[[nn.Module, Any], Any] | None = None,
                  logits: Callable[[Any], torch.Tensor] = logits_of, lambda_sd: float = 1.0,
                  temperature: float = 1.0, lambda_cost: float = 10.0,
-                 lambda_hidden: float = 0.0, teacher_loss: bool = True):
+                 lambda_hidden: float = 0.0, teacher_loss: bool = True,
+                 noise_schedule: NoiseSchedule | None = None):
         self.model, self.loss_fn, self.schedule = model, loss_fn, schedule
+        self.noise = noise_schedule
         self.forward = forward or default_forward
         self.logits = logits
         self.lambda_sd, self.temperature = float(lambda_sd), float(temperature)
@@ -106,6 +123,8 @@ class SelfDistillationObjective(Objective):
                  ) -> tuple[torch.Tensor, dict[str, float]]:
         base = unwrap(model)
         applied = _applied(base)
+        if self.noise is not None:
+            set_noise(base, self.noise(step))
         ctx = applied.ctx
         need_teacher = self.lambda_sd > 0 or self.teacher_loss or self.lambda_hidden > 0
         logs: dict[str, float] = {}

@@ -53,16 +53,19 @@ def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> t
 
 
 def gumbel_sigmoid_st(
-    logits: torch.Tensor, tau: float = 1.0, generator: torch.Generator | None = None
+    logits: torch.Tensor, tau: float = 1.0, generator: torch.Generator | None = None,
+    noise: float = 1.0,
 ) -> torch.Tensor:
     """Two-way Gumbel-softmax with the straight-through estimator.
 
     The forward value is a hard 0/1 keep mask; the gradient is that of the soft sample
-    ``sigmoid((logits + g1 - g2) / tau)``. The difference of two Gumbels is a logistic variable.
+    ``sigmoid((logits + noise · (g1 - g2)) / tau)``. The difference of two Gumbels is a
+    logistic variable; ``noise < 1`` scales it down (``0``: the deterministic decision
+    ``logits > 0`` that inference takes, with the same soft gradient).
     """
     u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
     u = u.clamp(1e-6, 1 - 1e-6)
-    soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / tau)
+    soft = torch.sigmoid((logits + noise * (torch.log(u) - torch.log1p(-u))) / tau)
     hard = (soft > 0.5).to(soft.dtype)
     return hard - soft.detach() + soft
 
