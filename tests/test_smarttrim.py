@@ -267,3 +267,23 @@ def test_resume_continues_the_curriculum_and_the_optimizer(tmp_path):
                                                           for h in res_full.history[3:]]
     for a, b in zip(full.parameters(), resumed.parameters(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_noise_annealing_reaches_the_inference_decisions():
+    """With the Gumbel noise scaled to 0, a training forward makes exactly the decisions of
+    inference (so the trained cost is the inference cost); the schedule goes 1 → 0."""
+    from trimkit.learned import set_noise
+    from trimkit.objectives import NoiseSchedule
+
+    sched = NoiseSchedule(1.0, 0.0, 10)
+    assert [sched(0), sched(5), sched(10), sched(20)] == [1.0, 0.5, 0.0, 0.0]
+    model = trimkit.apply(METER(meter_tiny()).eval(), "smarttrim", stable_init=False)
+    inputs = meter_inputs()
+    with torch.no_grad():
+        model(*inputs)
+        infer = [s.tokens_in.tolist() for s in trimkit.last_stats(model).layers]
+        model.train()
+        set_noise(model, 0.0)
+        model(*inputs)
+        train = [s.tokens_in.tolist() for s in trimkit.last_stats(model).layers]
+    assert train == infer
