@@ -228,6 +228,8 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cache = Path(args.cache_dir) if args.cache_dir else easy_vqa.default_cache_dir()
+    if args.baseline_epochs:  # part of the baseline's cache key
+        easy_vqa.BASELINE = dict(easy_vqa.BASELINE, epochs=args.baseline_epochs)
     start = time.perf_counter()
     base, info = easy_vqa.train_baseline(cache, log=_say)
     train, test = easy_vqa.load_split("train", cache), easy_vqa.load_split("test", cache)
@@ -304,6 +306,9 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="target cost ratios to fine-tune (default: 0.5 0.33)")
     p.add_argument("--steps", type=int, default=FINE_TUNE["steps"],
                    help=f"fine-tuning steps per target (default: {FINE_TUNE['steps']})")
+    p.add_argument("--baseline-epochs", type=int, default=None,
+                   help="epochs of the baseline (default: the tuned setting; fewer for a "
+                        "quick check of the pipeline)")
     p.add_argument("--flops-examples", type=int, default=200,
                    help="test examples whose FLOPs are counted one by one (default: 200)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs of each (default: 5)")
