@@ -118,3 +118,11 @@ def test_usage_errors(capsys):
 def test_memory_probe_positive():
     peak = probe_in_subprocess(TINY, "tome", {"r": 2}, batch_size=8, threads=1)
     assert peak > 0
+
+
+def test_registered_commands_appear_in_the_cli(capsys):
+    """Commands shipped beside the engine register themselves: bench-vqa has its help."""
+    assert main(["bench-vqa", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--targets" in out and "--baseline-epochs" in out and "meter-base" in out
+    assert main(["bench-vqa", "--bogus"]) == 2
