@@ -11,7 +11,9 @@ are grouped by image (`image_loader`): each image is encoded once per step and i
 are shared by all its questions (``image_index``), so a batch is
 ``(images, text_embeds, text_mask, image_index, labels)`` and the model call for it is
 ``model(images, attention_mask=text_mask, text_embeds=text_embeds, image_index=image_index)``.
-The trained baseline is cached as ``baseline.pt`` in `default_cache_dir` (`train_baseline`).
+The baseline (`train_baseline`) trains in two stages: the CLIP tower first, with a light
+answer head that costs about the tower alone (`VisionWarmup`), then the whole METER; it is
+cached as ``baseline.pt`` in `default_cache_dir`.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ __all__ = [
     "SMALL",
     "ImageGroupedSampler",
     "VQASplit",
+    "VisionWarmup",
+    "answer_balanced_weights",
     "build_model",
     "default_cache_dir",
     "evaluate",
@@ -57,19 +61,26 @@ _MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073])[:, None, None]
 _STD = torch.tensor([0.26862954, 0.26130258, 0.27577711])[:, None, None]
 
 #: The small METER. Text: MiniLM's sizes (BERT, 6 layers, 384 wide, its 512 positions), so its
-#: weights load as they are. Vision: one CLIP block, 64 wide, on 8×8 patches. Fusion: 2 + 2
-#: co-attention layers 128 wide, which hold ~90% of an example's FLOPs.
+#: weights load as they are. Vision: two CLIP blocks, 64 wide, on 8×8 patches (65 tokens).
+#: Fusion: 2 + 2 co-attention layers 128 wide, which hold ~84% of an example's FLOPs.
 SMALL: dict = dict(
-    image_size=64, patch_size=8, vision_width=64, vision_layers=1, vision_heads=4,
+    image_size=64, patch_size=8, vision_width=64, vision_layers=2, vision_heads=4,
     text_encoder="bert", vocab_size=30522, text_hidden=384, text_layers=6, text_heads=12,
     text_max_positions=512, max_text_len=32, hidden_size=128, num_fusion_layers=2,
     num_heads=4, mlp_ratio=4, drop_rate=0.0, vqa_labels=13, tasks=("vqa",))
 
-#: Baseline training: AdamW with a one-cycle cosine schedule over batches of
-#: ``images_per_batch`` images, each with ``questions_per_image`` of its questions drawn
-#: afresh every epoch (all of them if ``None``).
-BASELINE: dict = dict(epochs=10, images_per_batch=32, questions_per_image=4, lr=1e-3,
-                      weight_decay=0.01, warmup=0.1, grad_clip=1.0, seed=0)
+#: Baseline training, two stages with AdamW and one-cycle cosine schedules. Stage 1
+#: (`VisionWarmup`): the CLIP tower with a light answer head, ``vision_epochs`` passes at
+#: ``vision_lr`` over batches of ``vision_images_per_batch`` images with all their questions;
+#: it costs about the tower alone and is where shapes are learnt. Stage 2: the whole METER
+#: (MiniLM frozen), ``epochs`` passes at ``lr`` (the tower at ``lr * vision_lr_scale``) over
+#: batches of ``images_per_batch`` images with ``questions_per_image`` questions each, drawn
+#: afresh each pass (by `answer_balanced_weights` if ``balance_answers``: otherwise the
+#: yes/no priors are learnt long before the cross-modal match).
+BASELINE: dict = dict(seed=0, vision_epochs=25, vision_lr=3e-3, vision_images_per_batch=32,
+                      epochs=7, lr=1e-3, vision_lr_scale=0.3, images_per_batch=8,
+                      questions_per_image=4, balance_answers=True, weight_decay=0.01,
+                      warmup=0.1, grad_clip=1.0)
 
 
 def default_cache_dir() -> Path:
@@ -275,6 +286,17 @@ class ImageGroupedSampler(Sampler[list[int]]):
             yield torch.cat(qs).tolist()
 
 
+def answer_balanced_weights(split: VQASplit) -> torch.Tensor:
+    """Per question, ``1 / (questions with the same text and the same answer)``: sampling
+    by it gives every answer to a question text the same share (as VQA v2 balances its
+    pairs). easy-VQA's yes/no questions are skewed per text ("is there a red shape?" is
+    mostly "no"), so without it a model learns the prior long before the match."""
+    n_answers = len(split.answers)
+    pair = split.question_index * n_answers + split.labels
+    counts = torch.bincount(pair, minlength=len(split.questions) * n_answers)
+    return 1.0 / counts[pair].double()
+
+
 class _Questions(Dataset):
     """Question ``i`` is just its index; `_ByImage` builds the batch."""
 
@@ -421,26 +443,37 @@ def evaluate(model: nn.Module, split: VQASplit, batch_size: int = 256,
     return correct / len(split)
 
 
-def fit(model: nn.Module, loader: DataLoader, *, epochs: int, lr: float,
+def fit(module: nn.Module, loader: DataLoader, *, epochs: int, lr: float,
         weight_decay: float = 0.01, warmup: float = 0.1, grad_clip: float | None = 1.0,
-        log: Callable[[str], None] | None = print) -> dict:
-    """Train ``model``'s trainable parameters on ``loader`` (batches of `image_loader`)
-    with cross-entropy: AdamW (no decay on biases and norms), one-cycle cosine schedule
-    with ``warmup`` of the steps. Returns per-epoch losses and accuracies."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98))
+        lr_scale: dict[str, float] | None = None,
+        forward: Callable[[nn.Module, tuple], torch.Tensor] = model_call,
+        log: Callable[[str], None] | None = print, name: str = "train") -> dict:
+    """Train ``module``'s trainable parameters on ``loader`` (batches of `image_loader`,
+    logits from ``forward(module, batch)``) with cross-entropy: AdamW (no decay on biases
+    and norms), one-cycle cosine schedule peaking at ``lr`` after ``warmup`` of the steps;
+    ``lr_scale`` multiplies the rate of the parameters under a name prefix (e.g.
+    ``{"vit_model.": 0.3}``). Returns the steps and per-epoch loss and accuracy."""
+    scales = lr_scale or {}
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    for pname, p in module.named_parameters():
+        if p.requires_grad:
+            scale = next((v for k, v in scales.items() if pname.startswith(k)), 1.0)
+            groups.setdefault((scale, p.ndim >= 2), []).append(p)
+    params = [p for ps in groups.values() for p in ps]
+    opt = torch.optim.AdamW(
+        [{"params": ps, "lr": lr * scale, "weight_decay": weight_decay if decay else 0.0}
+         for (scale, decay), ps in groups.items()], lr=lr, betas=(0.9, 0.98))
     total = len(loader) * epochs
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total,
-                                                pct_start=warmup, anneal_strategy="cos")
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=total, pct_start=warmup,
+        anneal_strategy="cos")
     history = []
-    model.train()
+    module.train()
     t0 = time.perf_counter()
     for epoch in range(epochs):
         loss_sum, correct, seen = 0.0, 0, 0
         for batch in loader:
-            logits = model_call(model, batch)
+            logits = forward(module, batch)
             loss = F.cross_entropy(logits, batch[-1])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -456,10 +489,40 @@ def fit(model: nn.Module, loader: DataLoader, *, epochs: int, lr: float,
                         "questions": seen, "seconds": time.perf_counter() - t0})
         if log:
             h = history[-1]
-            log(f"baseline epoch {epoch + 1}/{epochs}: loss {h['loss']:.4f}, train accuracy "
+            log(f"{name} epoch {epoch + 1}/{epochs}: loss {h['loss']:.4f}, train accuracy "
                 f"{h['accuracy']:.2%} ({h['seconds']:.0f} s)")
-    model.eval()
+    module.eval()
     return {"history": history, "steps": total}
+
+
+class VisionWarmup(nn.Module):
+    """Stage 1 of the baseline: METER's CLIP tower with a light late-fusion answer head.
+
+    Logits from ``GELU(A·cls + B·[q_cls, q_mean])`` through one more GELU layer, where
+    ``cls`` is the tower's CLS token and ``q_cls``, ``q_mean`` are the question's MiniLM
+    [CLS] and mean features. It costs about the tower alone, so the tower can see every
+    image many times for the price of a few fusion passes; METER itself starts from
+    pretrained towers. Only ``vit_model`` is shared with the METER; the head is thrown away.
+    Called like METER on a batch of `image_loader` (`model_call`).
+    """
+
+    def __init__(self, model: METER, hidden: int = 256):
+        super().__init__()
+        self.vit_model = model.vit_model
+        object.__setattr__(self, "_meter", model)  # not a submodule: only its tower trains
+        self.image_proj = nn.Linear(model.config.vision_width, hidden)
+        self.text_proj = nn.Linear(2 * model.config.text_hidden, hidden)
+        self.hidden = nn.Linear(hidden, hidden)
+        self.out = nn.Linear(hidden, model.config.vqa_labels)
+
+    def forward(self, images: torch.Tensor, attention_mask: torch.Tensor, *,
+                text_embeds: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
+        cls = self._meter.encode_image(images)[:, 0][image_index]
+        m = attention_mask.to(text_embeds.dtype)[..., None]
+        mean = (text_embeds * m).sum(1) / m.sum(1).clamp_min(1.0)
+        text = torch.cat([text_embeds[:, 0], mean], dim=-1)
+        h = F.gelu(self.image_proj(cls) + self.text_proj(text))
+        return self.out(F.gelu(self.hidden(h)))
 
 
 @contextlib.contextmanager
@@ -481,8 +544,9 @@ def _settings_key() -> str:
 
 def train_baseline(cache_dir: Path | None = None, *, threads: int | None = None,
                    log: Callable[[str], None] = print) -> tuple[METER, dict]:
-    """The untrimmed baseline (`SMALL` trained with `BASELINE` on the train split), in eval
-    mode, and a summary: test ``accuracy``, ``train_seconds``, ``epochs``, ``threads``,
+    """The untrimmed baseline (`SMALL` trained with `BASELINE` on the train split, both
+    stages), in eval mode, and a summary: test ``accuracy``, ``train_seconds`` (both
+    stages), ``epochs`` (per stage), ``threads``,
     per-example GFLOPs (``gflops``: vision / fusion / heads / total, ``fusion_share``) and
     ``minilm_gflops`` (one question through the frozen MiniLM, cached per question).
 
@@ -507,24 +571,39 @@ def train_baseline(cache_dir: Path | None = None, *, threads: int | None = None,
             log(f"baseline: {path} was trained with other settings; training again")
         train, test = load_split("train"), load_split("test")
         feats, mask = text_features(train.questions, cache_dir)
-        loader = image_loader(train, feats, mask, seed=BASELINE["seed"],
-                              images_per_batch=BASELINE["images_per_batch"],
-                              questions_per_image=BASELINE["questions_per_image"])
-        torch.manual_seed(BASELINE["seed"])
+        cfg = BASELINE
+        common = dict(weight_decay=cfg["weight_decay"], warmup=cfg["warmup"],
+                      grad_clip=cfg["grad_clip"], log=log)
         t0 = time.perf_counter()
-        result = fit(model, loader, epochs=BASELINE["epochs"], lr=BASELINE["lr"],
-                     weight_decay=BASELINE["weight_decay"], warmup=BASELINE["warmup"],
-                     grad_clip=BASELINE["grad_clip"], log=log)
+        torch.manual_seed(cfg["seed"])
+        warmup = VisionWarmup(model)
+        stage1 = fit(warmup, image_loader(train, feats, mask, seed=cfg["seed"],
+                                          images_per_batch=cfg["vision_images_per_batch"]),
+                     epochs=cfg["vision_epochs"], lr=cfg["vision_lr"], name="stage 1 (vision)",
+                     **common)
+        stage1_seconds = time.perf_counter() - t0
+        del warmup
+        weights = answer_balanced_weights(train) if cfg["balance_answers"] else None
+        loader = image_loader(train, feats, mask, seed=cfg["seed"] + 1,
+                              images_per_batch=cfg["images_per_batch"],
+                              questions_per_image=cfg["questions_per_image"], weights=weights)
+        result = fit(model, loader, epochs=cfg["epochs"], lr=cfg["lr"],
+                     lr_scale={"vit_model.": cfg["vision_lr_scale"]}, name="stage 2 (METER)",
+                     **common)
         train_seconds = time.perf_counter() - t0
         t1 = time.perf_counter()
         accuracy = evaluate(model, test, cache_dir=cache_dir)
         info = {
             "accuracy": accuracy, "train_accuracy": result["history"][-1]["accuracy"],
-            "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - t1,
-            "epochs": BASELINE["epochs"], "steps": result["steps"],
-            "questions_seen": sum(h["questions"] for h in result["history"]),
+            "train_seconds": train_seconds, "stage1_seconds": stage1_seconds,
+            "eval_seconds": time.perf_counter() - t1,
+            "epochs": {"vision": cfg["vision_epochs"], "meter": cfg["epochs"]},
+            "steps": stage1["steps"] + result["steps"],
+            "questions_seen": {"vision": sum(h["questions"] for h in stage1["history"]),
+                               "meter": sum(h["questions"] for h in result["history"])},
             "threads": torch.get_num_threads(), "config": asdict(model.config),
-            "training": dict(BASELINE), "history": result["history"],
+            "training": dict(BASELINE),
+            "history": {"vision": stage1["history"], "meter": result["history"]},
             "gflops": flops_per_example(model, test, cache_dir),
             "minilm_gflops": _minilm_gflops(test.questions[0], feats.shape[1]),
             "cache": str(path)}
