@@ -1,5 +1,5 @@
 """The ``trimkit`` command: ``bench``, ``recipes``, ``adapters``, and the commands shipped
-beside the engine (`trimkit.registry.register_command`), e.g. ``bench-vqa``."""
+beside the engine (`trimkit.registry.register_command`)."""
 
 from __future__ import annotations
 

@@ -120,14 +120,14 @@ class SelfDistillationObjective(Objective):
         self.teacher_loss = bool(teacher_loss)
 
     def __call__(self, model: nn.Module, batch: Any, step: int
-                 ) -> tuple[torch.Tensor, dict[str, float]]:
+                 ) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
         base = unwrap(model)
         applied = _applied(base)
         if self.noise is not None:
             set_noise(base, self.noise(step))
         ctx = applied.ctx
         need_teacher = self.lambda_sd > 0 or self.teacher_loss or self.lambda_hidden > 0
-        logs: dict[str, float] = {}
+        logs: dict[str, float | torch.Tensor] = {}  # tensors: read only when logged
         total = 0.0
         teacher_out, teacher_hidden = None, {}
         if need_teacher:
@@ -143,7 +143,7 @@ class SelfDistillationObjective(Objective):
             if self.teacher_loss:
                 full = self.loss_fn(teacher_out, batch)
                 total = total + full
-                logs["full"] = full.item()
+                logs["full"] = full.detach()
         ctx.observe = self.lambda_hidden > 0
         try:
             with recording_costs(base) as costs:
@@ -152,12 +152,12 @@ class SelfDistillationObjective(Objective):
             ctx.observe = False
         task = self.loss_fn(student_out, batch)
         total = total + task
-        logs["task"] = task.item()
+        logs["task"] = task.detach()
         if self.lambda_sd > 0:
             sd = distillation_loss(self.logits(student_out), self.logits(teacher_out),
                                    self.temperature)
             total = total + self.lambda_sd * sd
-            logs["sd"] = sd.item()
+            logs["sd"] = sd.detach()
         if self.lambda_hidden > 0:
             terms = [hidden_distillation_loss(x, teacher_hidden[s], ctx.states[s].keep)
                      for s, x in ctx.observed.items()
@@ -165,12 +165,12 @@ class SelfDistillationObjective(Objective):
             if terms:
                 hid = torch.stack(terms).mean()
                 total = total + self.lambda_hidden * hid
-                logs["hidden"] = hid.item()
+                logs["hidden"] = hid.detach()
             ctx.observed = {}
         target = self.schedule(step)
         ratio = costs.ratio()
         cost = cost_loss(ratio, target)
         total = total + self.lambda_cost * cost
-        logs.update(ratio=ratio.mean().item(), target=target)
+        logs.update(ratio=ratio.detach().mean(), target=target)
         ctx.costs = []
         return total, logs

@@ -501,16 +501,21 @@ class METER(nn.Module):
                                f"(config.tasks = {self.config.tasks})")
         return head
 
+    def _cls(self, task: str, images, input_ids, attention_mask, text_embeds, image_index
+             ) -> torch.Tensor:
+        """``task``'s head on the pooled features of one `infer` pass."""
+        head = self._head(task)
+        feats = self.infer(images, input_ids, attention_mask, text_embeds=text_embeds,
+                           image_index=image_index)
+        return head(feats["cls_feats"])
+
     def vqa(self, images: torch.Tensor, input_ids: torch.Tensor | None = None,
             attention_mask: torch.Tensor | None = None, *,
             text_embeds: torch.Tensor | None = None,
             image_index: torch.Tensor | None = None) -> torch.Tensor:
         """VQAv2 answer logits, B×vqa_labels (``text_embeds``, ``image_index``: see
         `infer`; likewise for `snli`, `itm` and `irtr`)."""
-        head = self._head("vqa")
-        feats = self.infer(images, input_ids, attention_mask, text_embeds=text_embeds,
-                           image_index=image_index)
-        return head(feats["cls_feats"])
+        return self._cls("vqa", images, input_ids, attention_mask, text_embeds, image_index)
 
     def nlvr2(self, images1, images2, input_ids, attention_mask) -> torch.Tensor:
         """NLVR2 logits, B×2: one pass per image (image token types 1 and 2), pooled features
@@ -525,30 +530,23 @@ class METER(nn.Module):
              text_embeds: torch.Tensor | None = None,
              image_index: torch.Tensor | None = None) -> torch.Tensor:
         """SNLI-VE logits, B×3."""
-        head = self._head("snli")
-        feats = self.infer(images, input_ids, attention_mask, text_embeds=text_embeds,
-                           image_index=image_index)
-        return head(feats["cls_feats"])
+        return self._cls("snli", images, input_ids, attention_mask, text_embeds, image_index)
 
     def itm(self, images: torch.Tensor, input_ids: torch.Tensor | None = None,
             attention_mask: torch.Tensor | None = None, *,
             text_embeds: torch.Tensor | None = None,
             image_index: torch.Tensor | None = None) -> torch.Tensor:
-        """Image-text matching logits, B×2 (index 1 = match)."""
-        head = self._head("itm")  # also built for "irtr", as the official IRTR training
-        feats = self.infer(images, input_ids, attention_mask, text_embeds=text_embeds,
-                           image_index=image_index)
-        return head(feats["cls_feats"])
+        """Image-text matching logits, B×2 (index 1 = match); the head is also built for
+        "irtr", as in the official IRTR training."""
+        return self._cls("itm", images, input_ids, attention_mask, text_embeds, image_index)
 
     def irtr(self, images: torch.Tensor, input_ids: torch.Tensor | None = None,
              attention_mask: torch.Tensor | None = None, *,
              text_embeds: torch.Tensor | None = None,
              image_index: torch.Tensor | None = None) -> torch.Tensor:
         """Retrieval score, shape B (``rank_output(cls_feats)[:, 0]``)."""
-        head = self._head("irtr")
-        feats = self.infer(images, input_ids, attention_mask, text_embeds=text_embeds,
-                           image_index=image_index)
-        return head(feats["cls_feats"])[:, 0]
+        return self._cls("irtr", images, input_ids, attention_mask, text_embeds,
+                         image_index)[:, 0]
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, *,
