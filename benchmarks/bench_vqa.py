@@ -35,10 +35,13 @@ from torch import nn
 
 import trimkit
 from trimkit.bench import time_pair
+from trimkit.learned import param_groups
 from trimkit.registry import Command, register_command
 
-SMARTTRIM = dict(lambda_cost=100.0, warmup=0.5, init_logit=3.0)
-FINE_TUNE = dict(steps=300, batch_size=64, lr=2e-4, trimmer_lr=3e-3)
+SMARTTRIM = dict(lambda_cost=1000.0, warmup=0.5, init_logit=3.0)
+FINE_TUNE = dict(steps=300, batch_size=64, lr=2e-4, trimmer_lr=3e-3, threshold_lr=3e-2)
+#: bump when the trimmers' architecture changes, so cached fine-tunes are not reused
+_VERSION = 3
 
 
 def _say(msg: str) -> None:
@@ -79,7 +82,7 @@ def _loss(out: torch.Tensor, batch) -> torch.Tensor:
 def _fine_tune(base: nn.Module, target: float, train_set, cache: Path, cfg: dict,
                smart: dict) -> tuple[nn.Module, dict]:
     """SmartTrim at ``target`` fine-tuned from ``base`` (cached by its settings)."""
-    key = hashlib.sha1(json.dumps([target, cfg, smart, base.config.__repr__()],
+    key = hashlib.sha1(json.dumps([_VERSION, target, cfg, smart, base.config.__repr__()],
                                   sort_keys=True, default=str).encode()).hexdigest()[:12]
     path = cache / f"smarttrim_{target:g}_{key}.pt"
     model = trimkit.apply(copy.deepcopy(base), "smarttrim", ratio=target, **smart)
@@ -88,11 +91,8 @@ def _fine_tune(base: nn.Module, target: float, train_set, cache: Path, cfg: dict
         model.load_state_dict(saved["state_dict"])
         _say(f"smarttrim {target:g}: loaded the fine-tuned model from {path}")
         return model.eval(), saved["info"]
-    trimmers = [p for n, p in model.named_parameters() if n.startswith("trimkit.")]
-    rest = [p for n, p in model.named_parameters()
-            if not n.startswith("trimkit.") and p.requires_grad]
-    opt = torch.optim.AdamW([{"params": rest, "lr": cfg["lr"]},
-                             {"params": trimmers, "lr": cfg["trimmer_lr"]}])
+    opt = torch.optim.AdamW(param_groups(model, cfg["lr"], trimmer_lr=cfg["trimmer_lr"],
+                                         threshold_lr=cfg["threshold_lr"]))
     loader = torch.utils.data.DataLoader(train_set, batch_size=cfg["batch_size"], shuffle=True,
                                          drop_last=True)
     t0 = time.perf_counter()

@@ -61,8 +61,10 @@ class SmartTrim(Recipe):
     options = {
         "ratio": Option(0.5, "target cost ratio (trimmed / untrimmed FLOPs of the described "
                              "layers), e.g. 0.5 or 0.33"),
-        "tokens": Option(True, "place token trimmers"),
-        "heads": Option(True, "place head trimmers"),
+        "tokens": Option(True, "place token trimmers (True, False, or the streams to place "
+                               "them in)"),
+        "heads": Option(True, "place head trimmers (True, False, or the streams to place "
+                              "them in)"),
         "streams": Option(None, "streams to trim (default: all)"),
         "layers": Option(None, "layer indices (a list for every trimmed stream, or a dict "
                                "stream -> list); default: the cross-modal layers, else the "
@@ -75,6 +77,8 @@ class SmartTrim(Recipe):
                                      "the cost) that inference makes"),
         "stable_init": Option(True, "start with every keep logit at init_logit (all kept)"),
         "init_logit": Option(4.0, "the starting keep logit under stable_init"),
+        "span": Option(6.0, "how far a trimmer's input-dependent score may move a logit from "
+                            "its layer's threshold (logit = threshold + span·tanh(score/span))"),
         "warmup": Option(0.5, "fraction of the training steps over which the target goes "
                               "linearly from 1 to ratio (0: no scheduler)"),
         "lambda_sd": Option(1.0, "weight of the self-distillation KL"),
@@ -120,25 +124,32 @@ class SmartTrim(Recipe):
             raise ValueError(f"tau must be a positive number, got {tau!r}")
         if not (options["tokens"] or options["heads"]):
             raise ValueError("smarttrim needs tokens=True or heads=True (or both)")
+        tokens = _stream_set(desc, "tokens", options["tokens"])
+        heads = _stream_set(desc, "heads", options["heads"])
         init = float(options["init_logit"]) if options["stable_init"] else None
-        common = dict(hidden=options["hidden"], init_logit=init, tau=float(tau))
+        span = options["span"]
+        if isinstance(span, bool) or not isinstance(span, (int, float)) or span <= 0:
+            raise ValueError(f"span must be a positive number, got {span!r}")
+        common = dict(hidden=options["hidden"], init_logit=init, tau=float(tau),
+                      span=float(span))
         plans = {}
         for name, layers in self._layers(desc, options).items():
             for i in layers:
                 layer = desc.streams[name].layers[i]
                 tok_budget, head_budget = _budget(options["budget"], (name, i))
                 ops: list[nn.Module] = []
-                if options["tokens"]:
+                if name in tokens:
                     other = None
                     if layer.cross_stream is not None:
                         other = _paired_dim(desc, layer)
                     ops.append(TokenTrimmer(layer.dim, other_dim=other, rank=options["rank"],
                                             budget=tok_budget, **common))
-                if options["heads"]:
+                if name in heads:
                     cross = layer.num_heads if layer.cross_attention else 0
                     ops.append(HeadTrimmer(layer.dim, layer.num_heads, cross_heads=cross,
                                            budget=head_budget, **common))
-                plans[(name, i)] = SitePlan(pre=ops)
+                if ops:
+                    plans[(name, i)] = SitePlan(pre=ops)
         return plans
 
     def objective(self, model: nn.Module, loss_fn: Callable, forward: Callable | None,
@@ -162,6 +173,21 @@ class SmartTrim(Recipe):
             teacher_loss=options["teacher_loss"],
             noise_schedule=NoiseSchedule(1.0, 0.0, total_steps) if options["anneal_noise"]
             else None)
+
+
+def _stream_set(desc: ModelDescription, option: str, value: Any) -> set[str]:
+    """The streams an on/off-or-streams option (``tokens``, ``heads``) names."""
+    if isinstance(value, bool):
+        return set(desc.streams) if value else set()
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, (list, tuple, set)) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{option} must be True, False or a list of stream names, got "
+                         f"{value!r}")
+    unknown = sorted(set(names) - set(desc.streams))
+    if unknown:
+        raise ValueError(f"{option} names streams {unknown}; this model has "
+                         f"{sorted(desc.streams)}")
+    return set(names)
 
 
 def _paired_dim(desc: ModelDescription, layer) -> int:

@@ -77,6 +77,25 @@ def test_default_placement_skips_the_first_quarter_of_a_vit_and_takes_fusion_lay
     assert trimmer.other_dim == meter.config.hidden_size  # cross-modal global score
 
 
+def test_tokens_and_heads_can_name_streams():
+    """``tokens=["image"]`` trims image tokens only; text layers keep their head trimmers."""
+    from trimkit.learned import HeadTrimmer, TokenTrimmer
+
+    meter = trimkit.apply(METER(meter_tiny()).eval(), "smarttrim", tokens=["image"])
+    kinds = {k: {type(op) for op in s.pre} for k, s in meter.trimkit.items() if len(s.pre)}
+    assert kinds["image_2"] == {TokenTrimmer, HeadTrimmer}
+    assert kinds["text_0"] == kinds["text_1"] == {HeadTrimmer}
+    with torch.no_grad():
+        meter(*meter_inputs())
+    text = [s for s in trimkit.last_stats(meter).layers if s.stream == "text"]
+    assert all(s.tokens_in.tolist() == text[0].tokens_in.tolist() for s in text)
+    for bad in (["audio"], 3):
+        m = METER(meter_tiny()).eval()
+        with pytest.raises(ValueError, match="tokens"):
+            trimkit.apply(m, "smarttrim", tokens=bad)
+        assert not trimkit.is_applied(m)
+
+
 def test_training_masks_only_shrink_and_enter_attention_as_bias():
     model = trimkit.apply(vit(), "smarttrim", init_logit=0.0)
     perturb(model, 0.3)
@@ -124,7 +143,7 @@ def test_budget_per_layer_dict_and_option_errors():
     stats = trimkit.last_stats(model).layers
     assert stats[1].tokens_in.tolist() == [65, 65] and stats[2].tokens_in.tolist() == [33, 33]
     assert stats[2].heads.tolist() == [1, 1]
-    for bad, match in ((dict(ratio=1.5), "ratio"), (dict(tau=0), "tau"),
+    for bad, match in ((dict(ratio=1.5), "ratio"), (dict(tau=0), "tau"), (dict(span=-1), "span"),
                        (dict(layers=[9]), "layers"), (dict(streams=["audio"]), "streams"),
                        (dict(tokens=False, heads=False), "tokens"), (dict(budget=2.0), "budget"),
                        (dict(ratoi=0.5), "ratoi")):
@@ -144,7 +163,7 @@ def test_a_head_off_in_every_instance_is_not_computed():
     for site in model.trimkit.values():
         for op in site.pre:
             with torch.no_grad():
-                op.mlp[-1].bias.copy_(torch.tensor([4.0, 4.0, -4.0, -4.0]))
+                op.bias.copy_(torch.tensor([4.0, 4.0, -4.0, -4.0]))
     gated = trimkit.count_flops(model, x)
     with torch.no_grad():
         out = model(x)

@@ -27,7 +27,7 @@ from .ops import drop_tokens, gumbel_sigmoid_st, topk_by_score
 from .sites import Site, TokenOp
 from .state import TokenState
 
-__all__ = ["HeadTrimmer", "TokenTrimmer", "pooled_token", "set_noise"]
+__all__ = ["HeadTrimmer", "TokenTrimmer", "param_groups", "pooled_token", "set_noise"]
 
 
 def set_noise(model: nn.Module, noise: float) -> None:
@@ -38,6 +38,38 @@ def set_noise(model: nn.Module, noise: float) -> None:
     for m in model.modules():
         if isinstance(m, (TokenTrimmer, HeadTrimmer)):
             m.noise = float(noise)
+
+
+def param_groups(model: nn.Module, lr: float, *, trimmer_lr: float | None = None,
+                 threshold_lr: float | None = None) -> list[dict]:
+    """Optimizer parameter groups for fine-tuning a model with learned trimmers: the model's
+    own trainable parameters at ``lr``, the trimmers' weights at ``trimmer_lr`` (default
+    ``lr``) and their thresholds at ``threshold_lr`` (default ``trimmer_lr``).
+
+    The thresholds are the biases of the trimmers' last layers: they shift every logit of a
+    layer at once, which is what the cost loss asks for. Under Adam a parameter moves by
+    about its learning rate per step, so a short fine-tune from a stable initialisation
+    (logits at +3 to +5) needs a fast threshold to reach its target; a fast learning rate
+    on every trimmer weight instead makes the logits run to hundreds, where the
+    straight-through gradient vanishes."""
+    trimmers = [m for m in model.modules() if isinstance(m, (TokenTrimmer, HeadTrimmer))]
+    thresholds = {id(m.threshold) for m in trimmers}
+    trimmer_params = {id(p) for m in trimmers for p in m.parameters()}
+    own, weights, biases = [], [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) in thresholds:
+            biases.append(p)
+        elif id(p) in trimmer_params:
+            weights.append(p)
+        else:
+            own.append(p)
+    trimmer_lr = lr if trimmer_lr is None else trimmer_lr
+    threshold_lr = trimmer_lr if threshold_lr is None else threshold_lr
+    groups = [{"params": own, "lr": lr}, {"params": weights, "lr": trimmer_lr},
+              {"params": biases, "lr": threshold_lr}]
+    return [g for g in groups if g["params"]]
 
 
 def pooled_token(state: TokenState, has_cls: bool) -> torch.Tensor:
@@ -64,15 +96,24 @@ def _ensure_one(decide: torch.Tensor, logits: torch.Tensor, eligible: torch.Tens
     return decide + (1.0 - decide.detach()) * rescue.to(decide.dtype)
 
 
-def _stable_init(last: nn.Linear, init_logit: float | None) -> None:
+def _stable_init(last: nn.Linear, bias: nn.Parameter, init_logit: float | None) -> None:
     if init_logit is not None:
         nn.init.zeros_(last.weight)
-        nn.init.constant_(last.bias, init_logit)
+        nn.init.constant_(bias, init_logit)
+
+
+def _bounded(bias: torch.Tensor, score: torch.Tensor, span: float) -> torch.Tensor:
+    """Keep logits ``bias + span · tanh(score / span)``: the input-dependent part stays within
+    ``± span`` of the layer's threshold ``bias``. Unbounded scores drift to where the
+    straight-through gradient (through ``sigmoid'``) vanishes, and a shift of the threshold,
+    which is what the cost loss asks for, then no longer reaches them."""
+    return bias + span * torch.tanh(score / span)
 
 
 class TokenTrimmer(TokenOp):
-    """Cross-modal-aware token trimmer: keep logit ``π_i = MLP(LN(x_i)) + (W_t x_i)ᵀ g / √r``
-    with ``g = W_g [c_s; c_o]`` (own pooled token, other stream's pooled token).
+    """Cross-modal-aware token trimmer: keep logit ``π_i = b + span · tanh(s_i / span)`` with
+    the score ``s_i = MLP(LN(x_i)) + (W_t LN(x_i))ᵀ g / √r``, ``g = W_g [LN(c_s); LN'(c_o)]``
+    (own pooled token, other stream's pooled token) and ``b`` the layer's threshold.
 
     ``other_dim`` is the width of the other stream's tokens (``None``: single-modality layer,
     ``g = W_g c_s``); ``c_o`` is the other stream's pooled token as its latest state holds
@@ -83,19 +124,31 @@ class TokenTrimmer(TokenOp):
 
     def __init__(self, dim: int, *, other_dim: int | None = None, hidden: int | None = None,
                  rank: int | None = None, init_logit: float | None = 4.0, tau: float = 1.0,
-                 budget: float | None = None):
+                 budget: float | None = None, span: float = 6.0):
         super().__init__()
         hidden = hidden or max(dim // 4, 8)
         self.rank = rank or max(dim // 4, 8)
         self.other_dim, self.tau, self.budget = other_dim, float(tau), budget
         self.noise = 1.0
         self.norm = nn.LayerNorm(dim)
-        self.local = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, 1))
+        # pooled tokens enter the global score normalised too: a raw residual-stream vector
+        # can be large, and the bilinear product of two learned projections of it saturates
+        # the logits (and kills their gradient) within a few fast optimizer steps
+        self.other_norm = nn.LayerNorm(other_dim) if other_dim else None
+        self.span = float(span)
+        self.local = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(),
+                                   nn.Linear(hidden, 1, bias=False))
         self.token_proj = nn.Linear(dim, self.rank, bias=False)
         self.global_proj = nn.Linear(dim + (other_dim or 0), self.rank, bias=False)
-        _stable_init(self.local[-1], init_logit)
+        self.bias = nn.Parameter(torch.zeros(()))
+        _stable_init(self.local[-1], self.bias, init_logit)
         if init_logit is not None:
             nn.init.zeros_(self.global_proj.weight)
+
+    @property
+    def threshold(self) -> nn.Parameter:
+        """The bias that shifts every keep logit of the layer (see `param_groups`)."""
+        return self.bias
 
     def extra_repr(self) -> str:
         return f"cross={self.other_dim is not None}, tau={self.tau}, budget={self.budget}"
@@ -108,7 +161,7 @@ class TokenTrimmer(TokenOp):
     def logits(self, state: TokenState, site: Site) -> torch.Tensor:
         """B×N keep logits."""
         ctx = site.ctx
-        pooled = [pooled_token(state, ctx.protected.get(site.stream, 0) > 0)]
+        pooled = [self.norm(pooled_token(state, ctx.protected.get(site.stream, 0) > 0))]
         if self.other_dim is not None:
             other = ctx.keys_state(site.cross_stream, site.pair) if site.cross_stream else None
             if (other is None or other.x.shape[-1] != self.other_dim
@@ -117,11 +170,12 @@ class TokenTrimmer(TokenOp):
                 # in its own encoder): the global score uses the stream's own token only
                 pooled.append(state.x.new_zeros(state.x.shape[0], self.other_dim))
             else:
-                pooled.append(pooled_token(other, ctx.protected.get(site.cross_stream, 0) > 0))
+                pooled.append(self.other_norm(
+                    pooled_token(other, ctx.protected.get(site.cross_stream, 0) > 0)))
         h = self.norm(state.x)
         g = self.global_proj(torch.cat(pooled, -1).to(h.dtype))  # B×r
         bilinear = (self.token_proj(h) * g[:, None]).sum(-1) / math.sqrt(self.rank)
-        return self.local(h)[..., 0] + bilinear
+        return _bounded(self.bias, self.local(h)[..., 0] + bilinear, self.span)
 
     def forward(self, state: TokenState, site: Site) -> TokenState:
         pi = self.logits(state, site)
@@ -140,22 +194,31 @@ class TokenTrimmer(TokenOp):
 
 
 class HeadTrimmer(TokenOp):
-    """Per-instance head gates from the pooled token: ``MLP(c_s)`` gives one logit per head of
-    the self-attention and, with ``cross_heads``, of the cross-attention. A gate multiplies
+    """Per-instance head gates from the pooled token: ``b + span · tanh(MLP(c_s) / span)`` gives
+    one logit per head of the self-attention and, with ``cross_heads``, of the
+    cross-attention. A gate multiplies
     its head's output before the output projection; at inference a head gated off in every
     instance of the batch is not computed. ``budget`` keeps the top ``ceil(budget · H)``
     heads per instance instead of thresholding."""
 
     def __init__(self, dim: int, heads: int, *, cross_heads: int = 0, hidden: int | None = None,
-                 init_logit: float | None = 4.0, tau: float = 1.0, budget: float | None = None):
+                 init_logit: float | None = 4.0, tau: float = 1.0, budget: float | None = None,
+                 span: float = 6.0):
         super().__init__()
         hidden = hidden or max(dim // 4, 8)
         self.heads, self.cross_heads = heads, cross_heads
         self.tau, self.budget = float(tau), budget
         self.noise = 1.0
+        self.span = float(span)
         self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(),
-                                 nn.Linear(hidden, heads + cross_heads))
-        _stable_init(self.mlp[-1], init_logit)
+                                 nn.Linear(hidden, heads + cross_heads, bias=False))
+        self.bias = nn.Parameter(torch.zeros(heads + cross_heads))
+        _stable_init(self.mlp[-1], self.bias, init_logit)
+
+    @property
+    def threshold(self) -> nn.Parameter:
+        """The biases of the head logits (see `param_groups`)."""
+        return self.bias
 
     def extra_repr(self) -> str:
         return f"heads={self.heads}, cross_heads={self.cross_heads}, budget={self.budget}"
@@ -177,7 +240,7 @@ class HeadTrimmer(TokenOp):
 
     def forward(self, state: TokenState, site: Site) -> TokenState:
         c = pooled_token(state, site.ctx.protected.get(site.stream, 0) > 0)
-        logits = self.mlp(c)
+        logits = _bounded(self.bias, self.mlp(c), self.span)
         site.head_gates = self._gates(logits[:, :self.heads], site.training)
         if self.cross_heads:
             site.cross_head_gates = self._gates(logits[:, self.heads:], site.training)
