@@ -7,7 +7,14 @@ import types
 import torch
 from torch import nn
 
-from trimkit import Adapter, LayerDesc, ModelDescription, StreamDesc, register_adapter
+from trimkit import (
+    Adapter,
+    HeadLayout,
+    LayerDesc,
+    ModelDescription,
+    StreamDesc,
+    register_adapter,
+)
 from trimkit.bench import register_builder
 from trimkit.rewrite import ADDITIVE_MASK_FUNCTIONS
 from trimkit.sites import TrimContext
@@ -25,6 +32,29 @@ def _vit_class() -> type | None:
     if hasattr(attention, "maybe_add_mask"):
         ADDITIVE_MASK_FUNCTIONS.add(attention.maybe_add_mask)
     return VisionTransformer
+
+
+def _head_layout(attn: nn.Module) -> HeadLayout:
+    """Where timm's `Attention` keeps its heads: the fused ``qkv`` (or ``q_proj``/``k_proj``/
+    ``v_proj``), ``proj``, the optional per-head output ``gate``, ``num_heads`` and
+    ``attn_dim``."""
+    why = None
+    proj = {}
+    if isinstance(getattr(attn, "qkv", None), nn.Linear):
+        proj["qkv"] = "attn.qkv"
+    elif all(isinstance(getattr(attn, p, None), nn.Linear) for p in ("q_proj", "k_proj",
+                                                                      "v_proj")):
+        proj.update(q="attn.q_proj", k="attn.k_proj", v="attn.v_proj")
+    else:
+        why = f"{type(attn).__name__} has no qkv (or q/k/v) projection"
+    if getattr(attn, "num_kv_heads", attn.num_heads) != attn.num_heads:
+        why = "grouped-query attention (fewer key/value heads) is not supported"
+    if not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity):
+        why = "its norm over all heads' outputs (scale_norm) mixes the heads"
+    gate = ("attn.gate",) if isinstance(getattr(attn, "gate", None), nn.Linear) else ()
+    widths = ("attn.attn_dim",) if hasattr(attn, "attn_dim") else ()
+    return HeadLayout(out="attn.proj", per_head=gate, counts=("attn.num_heads",),
+                      widths=widths, unsupported=why, **proj)
 
 
 @register_adapter
@@ -46,7 +76,9 @@ class TimmViTAdapter(Adapter):
                 raise TypeError(f"block {i} ({type(blk).__name__}) has no `attn` with `num_heads`;"
                                 f" trimkit's timm adapter supports blocks of the Block shape")
             layers.append(LayerDesc(block=f"blocks.{i}", attention="attn",
-                                    num_heads=attn.num_heads, dim=model.embed_dim))
+                                    num_heads=attn.num_heads, dim=model.embed_dim,
+                                    head_dim=getattr(attn, "head_dim", None),
+                                    heads=_head_layout(attn)))
         n = None
         if not getattr(model, "dynamic_img_size", False):
             n = model.patch_embed.num_patches + model.num_prefix_tokens

@@ -10,6 +10,7 @@ from .api import (
     describe,
     find_adapter,
     forward_stats,
+    head_scores,
     is_applied,
     last_states,
     last_stats,
@@ -20,7 +21,8 @@ from .api import (
     set_mode,
     trimming_disabled,
 )
-from .describe import LayerDesc, ModelDescription, StreamDesc
+from .describe import HeadLayout, LayerDesc, ModelDescription, StreamDesc
+from .heads import pruned_heads
 from .recipe import Option, Recipe, SitePlan
 from .registry import register_adapter, register_recipe
 from .sites import Site, TokenOp, TrimContext
@@ -32,6 +34,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Adapter",
     "ForwardStats",
+    "HeadLayout",
     "LayerDesc",
     "ModelDescription",
     "Objective",
@@ -51,12 +54,14 @@ __all__ = [
     "describe",
     "find_adapter",
     "forward_stats",
+    "head_scores",
     "install_fx_sites",
     "is_applied",
     "last_states",
     "last_stats",
     "list_adapters",
     "list_recipes",
+    "pruned_heads",
     "recording_costs",
     "register_adapter",
     "register_recipe",

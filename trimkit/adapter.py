@@ -6,12 +6,13 @@ A family whose blocks trace with `torch.fx` needs only `detect` and `describe`: 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 import torch.fx as fx
 from torch import nn
 
 from .describe import LayerDesc, ModelDescription
+from .heads import MULTIHEAD_TYPES, HeadKey, prune_heads
 from .rewrite import (
     RewriteError,
     find_attention,
@@ -45,6 +46,16 @@ class Adapter:
                 ctx: TrimContext) -> list[Undo]:
         """Put ``sites`` into the model's forward; return what undoes it, in order."""
         return install_fx_sites(model, desc, sites)
+
+    def prune_heads(self, model: nn.Module, desc: ModelDescription,
+                    keep: Mapping[HeadKey, Sequence[int]]) -> None:
+        """Keep only the heads ``keep[(stream, layer, kind)]`` of those attentions, for real.
+
+        The default works from the description's `HeadLayout`s (`trimkit.heads`); a family
+        with an unusual layout overrides it. It must check everything before changing
+        anything, and leave a model whose `describe` gives the new head counts.
+        """
+        prune_heads(model, desc, keep)
 
 
 def _route_attention(core: nn.Module) -> Callable[[fx.GraphModule], None]:
@@ -92,8 +103,9 @@ def install_fx_sites(model: nn.Module, desc: ModelDescription,
     """Rewrite every described layer's block and attention modules with its site.
 
     Blocks must trace with `torch.fx` (their children are kept as leaves); an attention
-    module is either a `torch.nn.MultiheadAttention` (routed through the site's core by
-    `route_multihead_attention`) or computes one attention product (SDPA or the explicit
+    module is either a `torch.nn.MultiheadAttention` or a head-pruned
+    `trimkit.heads.PrunedMultiheadAttention` (routed through the site's core by
+    `route_multihead_attention`), or computes one attention product (SDPA or the explicit
     softmax chain) that the fx pass replaces.
     """
     undo: list[Undo] = []
@@ -107,7 +119,7 @@ def install_fx_sites(model: nn.Module, desc: ModelDescription,
                     attns.append((layer.cross_attention, site.cross_core))
                 for path, core in attns:
                     module = block.get_submodule(path)
-                    if isinstance(module, nn.MultiheadAttention):
+                    if isinstance(module, MULTIHEAD_TYPES):
                         undo.append(route_multihead_attention(module, core).undo)
                     else:
                         undo.append(patch_forward(module, _route_attention(core)).undo)

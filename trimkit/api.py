@@ -11,6 +11,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .adapter import Adapter, Undo
 from .describe import ModelDescription
+from .heads import head_importance as _head_importance
+from .heads import head_key_name, locate_heads, prunable_heads
 from .registry import ADAPTERS, RECIPES, _load_builtins
 from .sites import MODES, LayerStats, Site, TrimContext
 from .state import TokenState
@@ -24,6 +26,7 @@ __all__ = [
     "describe",
     "find_adapter",
     "forward_stats",
+    "head_scores",
     "is_applied",
     "last_states",
     "last_stats",
@@ -85,6 +88,18 @@ def describe(model: nn.Module) -> ModelDescription:
     return find_adapter(model).describe(model)
 
 
+def head_scores(model: nn.Module, data: Any, *, loss_fn: Any = None,
+                forward: Any = None) -> dict[str, list[float]]:
+    """Gradient × output importance of every head that ``"prune_heads"`` could remove,
+    summed over the batches of ``data``: ``{"image.3": [H floats], "text.1.cross": ...}``
+    (see `trimkit.heads.head_importance` for ``loss_fn`` and ``forward``). The result can be
+    edited and passed back as ``apply(model, "prune_heads", ratio=..., scores=...)``."""
+    desc = find_adapter(model).describe(model)
+    heads = locate_heads(model, desc, prunable_heads(desc))
+    scores = _head_importance(model, heads, data, loss_fn=loss_fn, forward=forward)
+    return {head_key_name(k): v.tolist() for k, v in scores.items()}
+
+
 def is_applied(model: nn.Module) -> bool:
     """Whether ``model`` currently carries trimkit's sites."""
     return STATE_ATTR in model.__dict__
@@ -103,7 +118,9 @@ def apply(model: nn.Module, recipe: str = "tome", *, mode: str = "auto",
     ``mode`` is ``"auto"`` (masked in training, compacted in eval), ``"masked"`` or
     ``"compacted"``; ``track_source`` records which input tokens each token covers (for
     pictures). Every recipe default can be overridden by keyword. Nothing is changed
-    unless everything checks out: errors leave the model as it was.
+    unless everything checks out: errors leave the model as it was. A one-shot recipe
+    (``"prune_heads"``) changes the model itself and installs nothing: afterwards
+    `is_applied` is false and there is nothing to `remove`.
     """
     _load_builtins()
     if recipe not in RECIPES:
@@ -117,10 +134,16 @@ def apply(model: nn.Module, recipe: str = "tome", *, mode: str = "auto",
     rec = RECIPES[recipe]
     options = rec.resolve(overrides)
     desc = adapter.describe(model)
+    if rec.transforms:  # a one-shot change of the model itself: no sites, nothing to remove
+        if mode != "auto" or track_source:
+            raise ValueError(f"recipe {recipe!r} changes the model once and installs nothing: "
+                             f"mode and track_source do not apply")
+        return rec.transform(model, adapter, desc, options)
     plan = rec.plan(desc, options)
     ctx = TrimContext(mode=mode, track_source=track_source, parallel=desc.parallel,
                       protected={s.name: s.num_protected for s in desc.streams.values()},
-                      proportional=frozenset(s for (s, _), p in plan.items() if p.proportional))
+                      proportional=frozenset(s for (s, _), p in plan.items() if p.proportional),
+                      positional=frozenset(s.name for s in desc.streams.values() if s.positional))
     sites: dict[tuple[str, int], Site] = {}
     for stream in desc.streams.values():
         for i, layer in enumerate(stream.layers):

@@ -74,8 +74,8 @@ Builder = Callable[..., tuple[nn.Module, MakeInputs]]
 
 def parse_value(text: str) -> Any:
     """A command-line value as Python: int, float, bool, None, a list (comma-separated or
-    JSON ``[...]``), else the string itself. ``"13"`` → 13, ``"0.5"`` → 0.5, ``"true"`` →
-    True, ``"none"`` → None, ``"3,6,9"`` → [3, 6, 9]."""
+    JSON ``[...]``), a JSON object ``{...}``, else the string itself. ``"13"`` → 13,
+    ``"0.5"`` → 0.5, ``"true"`` → True, ``"none"`` → None, ``"3,6,9"`` → [3, 6, 9]."""
     s = text.strip()
     low = s.lower()
     if low in ("true", "yes", "on"):
@@ -84,7 +84,7 @@ def parse_value(text: str) -> Any:
         return False
     if low in ("none", "null"):
         return None
-    if s.startswith("["):
+    if s.startswith(("[", "{")):
         try:
             return json.loads(s)
         except json.JSONDecodeError:
@@ -337,7 +337,8 @@ def benchmark(
             return _measure(spec, recipe, options, base, trim, make_inputs, list(batch_sizes),
                             warmup, repeats, threads, memory, torch.device(device), say)
         finally:
-            trimkit.remove(trim)
+            if trimkit.is_applied(trim):  # one-shot recipes (prune_heads) install nothing
+                trimkit.remove(trim)
     finally:
         torch.set_num_threads(old_threads)
 

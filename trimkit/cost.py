@@ -1,14 +1,14 @@
 """A cost model of trimmed layers, differentiable in the soft token and head counts.
 
 The FLOPs of one described layer (multiply-adds counted twice, as
-`torch.utils.flop_counter` does), with D its width, d = D/H the head width, F its FFN width,
-n tokens entering its attention, n' leaving towards its FFN, h live heads, m keys of its
-cross-attention:
+`torch.utils.flop_counter` does), with D its width, d its head width (D/H unless
+``LayerDesc.head_dim`` says otherwise), F its FFN width, n tokens entering its attention,
+n' leaving towards its FFN, h live heads, m keys of its cross-attention:
 
-- self-attention: q, k, v and output projections ``8·n·D²`` + scores and weighted sum
-  ``4·n²·d·h``;
-- cross-attention: q and output ``4·n·D²``, k and v on the other stream ``4·m·D²``, scores
-  and weighted sum ``4·n·m·d·h``;
+- self-attention: q, k, v and output projections ``8·n·D·I`` + scores and weighted sum
+  ``4·n²·d·h``, with ``I = H·d`` the attention's width (``D`` unless heads were pruned);
+- cross-attention: q and output ``4·n·D·I``, k and v on the other stream ``4·m·D·I``,
+  scores and weighted sum ``4·n·m·d·h``;
 - FFN: ``4·n'·D·F``.
 
 Head gates save the attention products only: a gated-off head's projections are still
@@ -32,14 +32,17 @@ def layer_flops(layer: LayerDesc, n, n_out, heads=None, cross_keys=None, cross_h
     and ``cross_keys`` keys in its cross-attention (ignored without one). Works on floats and
     on tensors alike (per-sample counts, with gradient)."""
     d_model, h_all = layer.dim, layer.num_heads
-    d_head = d_model / h_all
+    d_head = layer.head_dim or d_model / h_all
+    inner = h_all * d_head  # the attention's width: smaller than D once heads are pruned
     mlp = layer.mlp_dim or 4 * d_model
     h = h_all if heads is None else heads
-    flops = 8 * n * d_model ** 2 + 4 * n * n * d_head * h + 4 * n_out * d_model * mlp
+    flops = 8 * n * d_model * inner + 4 * n * n * d_head * h + 4 * n_out * d_model * mlp
     if layer.cross_attention is not None and cross_keys is not None:
-        hc = h_all if cross_heads is None else cross_heads
-        m = cross_keys
-        flops = flops + 4 * n * d_model ** 2 + 4 * m * d_model ** 2 + 4 * n * m * d_head * hc
+        hc_all = layer.cross_num_heads or h_all
+        hc = hc_all if cross_heads is None else cross_heads
+        m, inner_c = cross_keys, hc_all * d_head
+        flops = (flops + 4 * n * d_model * inner_c + 4 * m * d_model * inner_c
+                 + 4 * n * m * d_head * hc)
     return flops
 
 

@@ -4,7 +4,44 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["LayerDesc", "ModelDescription", "StreamDesc"]
+__all__ = ["HeadLayout", "LayerDesc", "ModelDescription", "StreamDesc"]
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """Where one attention module keeps its heads, for static head pruning (`trimkit.heads`).
+
+    Every path is relative to the layer's ``block``. A head ``h`` of width ``d`` owns the
+    slice ``h·d:(h+1)·d`` of each projection's head-side dimension (head-major order, the
+    layout every ``x.unflatten(-1, (H, d))`` reshape assumes).
+
+    - ``multihead``: a `torch.nn.MultiheadAttention` (or an already pruned
+      `trimkit.heads.PrunedMultiheadAttention`); the engine replaces it by a
+      `PrunedMultiheadAttention` with the kept heads. Nothing else needs naming.
+    - ``qkv``: a fused ``nn.Linear`` whose output is ``[q; k; v]``, each ``H·d`` wide.
+    - ``q``, ``k``, ``v``: separate ``nn.Linear`` projections, each with ``H·d`` outputs
+      (give these or ``qkv``).
+    - ``out``: the output projection ``nn.Linear``, with ``H·d`` inputs; its input is what
+      gradient × output importance scores, so it must be called as a module, batch first.
+    - ``per_head``: further ``nn.Linear`` modules sliced like ``q`` (e.g. a per-head
+      output gate computed from the block's input).
+    - ``counts``: attributes holding the head count, as ``"path.to.module.attr"`` (or just
+      ``"attr"`` on the block); set to the number of kept heads.
+    - ``widths``: attributes holding the inner width ``H·d``; set to ``kept·d``.
+    - ``unsupported``: why this attention's heads cannot be pruned (e.g. a LayerNorm over
+      all heads' outputs mixes them); selecting it is then a `ValueError` with this reason.
+    """
+
+    multihead: str | None = None
+    qkv: str | None = None
+    q: str | None = None
+    k: str | None = None
+    v: str | None = None
+    out: str | None = None
+    per_head: tuple[str, ...] = ()
+    counts: tuple[str, ...] = ()
+    widths: tuple[str, ...] = ()
+    unsupported: str | None = None
 
 
 @dataclass(frozen=True)
@@ -25,6 +62,13 @@ class LayerDesc:
     - ``masks_are_padding``: the masks the attention modules receive only mark padding,
       which the trimming state carries (and updates) itself, so they are not applied again.
     - ``mlp_dim``: the width of the layer's FFN (default ``4 · dim``), for cost models.
+    - ``head_dim``: the width of one head (default ``dim // num_heads``); it differs once
+      heads were pruned, when the attention's inner width ``num_heads · head_dim`` is
+      smaller than ``dim``.
+    - ``cross_num_heads``: the cross-attention's head count (default ``num_heads``; heads
+      of the same width ``head_dim``).
+    - ``heads`` / ``cross_heads``: where the self- and cross-attention keep their heads
+      (`HeadLayout`), for static head pruning; ``None`` where the adapter does not say.
     - ``pair``: in a ``parallel`` model, the index that pairs this cross-attending layer
       with the other stream's cross-attending layer running beside it (default: its
       position in the stream; layers without cross-attention never pair).
@@ -43,6 +87,10 @@ class LayerDesc:
     masks_are_padding: bool = False
     pair: int | None = None
     mlp_dim: int | None = None
+    head_dim: int | None = None
+    cross_num_heads: int | None = None
+    heads: HeadLayout | None = None
+    cross_heads: HeadLayout | None = None
 
 
 @dataclass(frozen=True)
@@ -52,6 +100,14 @@ class StreamDesc:
     ``num_tokens`` is the entry length when it is static (a ViT at its native resolution),
     else ``None``; ``num_protected`` leading tokens (CLS, registers, distillation token) are
     never dropped or merged; ``padded`` says whether inputs may carry padding.
+
+    ``positional``: the attention masks the stream's layers receive (a causal mask, a
+    per-sample padding mask) are given over its entry tokens, whatever was trimmed before.
+    The state then tracks ``source``; each self-attention reads the mask at its tokens'
+    entry positions (`trimkit.ops.entry_positions`: a merged token at its latest member's),
+    and scores tokens from one real query row (the token a pooler reads, when protected).
+    `trimkit.ops.restore_positions` puts a stream's output back at its entry positions,
+    for models that read outputs at positions computed from their inputs.
     """
 
     name: str
@@ -59,6 +115,7 @@ class StreamDesc:
     num_tokens: int | None = None
     num_protected: int = 1
     padded: bool = False
+    positional: bool = False
 
 
 @dataclass(frozen=True)

@@ -22,11 +22,14 @@ __all__ = [
     "bipartite_soft_matching",
     "compact",
     "drop_tokens",
+    "entry_positions",
     "fuse_tokens",
+    "gather_entry_mask",
     "gumbel_sigmoid_st",
     "masked_softmax",
     "merge_tokens",
     "query_attention",
+    "restore_positions",
     "topk_by_score",
 ]
 
@@ -70,6 +73,30 @@ def gumbel_sigmoid_st(
     return hard - soft.detach() + soft
 
 
+class _LogKeep(torch.autograd.Function):
+    """``log(keep)`` as an attention bias whose gradient is bounded at dropped keys.
+
+    The exact derivative at ``keep = 0`` is the weight the key would get back, which is
+    ``exp(score gap)`` for a dropped key that would dominate its query (we measured 1e13);
+    one such step derails training. The backward treats a keep below `LOG_KEEP_FLOOR` as
+    the floor, so the straight-through gradient of a dropped key stays finite; a kept key's
+    gradient is exact."""
+
+    @staticmethod
+    def forward(ctx, keep: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(keep)
+        return torch.log(keep + 1e-20)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (keep,) = ctx.saved_tensors
+        return grad / keep.clamp_min(LOG_KEEP_FLOOR)
+
+
+#: the smallest keep value `attention_bias`'s backward divides by (see `_LogKeep`)
+LOG_KEEP_FLOOR = 1e-2
+
+
 def attention_bias(
     state: TokenState, dtype: torch.dtype, proportional: bool
 ) -> torch.Tensor | None:
@@ -84,7 +111,7 @@ def attention_bias(
         if state.has_dead:
             parts.append(additive_mask(keep, dtype))
     elif keep.requires_grad:
-        parts.append(torch.log(keep.float() + 1e-20).to(dtype))
+        parts.append(_LogKeep.apply(keep.float()).to(dtype))
     elif state.has_dead:
         parts.append(torch.where(keep > 0, torch.log(keep.float().clamp_min(1e-20)),
                                  NEG(dtype)).to(dtype))
@@ -326,3 +353,49 @@ def compact(state: TokenState) -> tuple[TokenState, torch.Tensor | None]:
     has_dead = bool(pad.any()) or _partial(keep)
     return replace(state, x=x, keep=keep, size=size, protected=protected, source=source,
                    has_dead=has_dead), idx
+
+
+# ------------------------------------------------------------------ entry positions (``source``)
+
+def entry_positions(state: TokenState) -> torch.Tensor:
+    """B×N long: the entry position each current token stands for, the *latest* entry token it
+    covers (a merged token sits where its last member sat, so under a causal mask nothing
+    attends to it before all of its members were visible). Tokens covering nothing (dropped,
+    padding) get the last entry position. Needs ``state.source``."""
+    src = state.source
+    if src is None:
+        raise ValueError("entry positions need a state that tracks its source")
+    b, n0 = src.shape
+    n = state.keep.shape[1]
+    pos = torch.full((b, n + 1), -1, dtype=torch.long, device=src.device)
+    entry = torch.arange(n0, device=src.device).expand(b, n0)
+    pos = pos.scatter_reduce(1, src.masked_fill(src < 0, n), entry, "amax")[:, :n]
+    return pos.masked_fill(pos < 0, n0 - 1)
+
+
+def gather_entry_mask(mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """An attention mask given over a stream's N0 entry tokens (any shape that SDPA
+    broadcasts to B×H×N0×N0) as a B×H×N×N mask over its current tokens at ``positions``
+    (B×N, `entry_positions`); H is the mask's own head count (1 if it has none)."""
+    n0 = mask.shape[-1]
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    b, n = positions.shape
+    mask = mask.expand(b, -1, -1, -1)
+    h = mask.shape[1]
+    rows = mask.gather(2, positions[:, None, :, None].expand(b, h, n, n0))
+    return rows.gather(3, positions[:, None, None, :].expand(b, h, n, n))
+
+
+def restore_positions(state: TokenState, x: torch.Tensor) -> torch.Tensor:
+    """``x`` (B×N×D, laid out like ``state``) back at the stream's entry positions, B×N0×D:
+    each entry position holds the token that now covers it (a merged token at all of its
+    members' positions), zeros where the entry token was dropped or was padding. A protected
+    token is alone in its slot, so it comes back exactly where it entered. Needs
+    ``state.source``."""
+    src = state.source
+    if src is None:
+        raise ValueError("restoring entry positions needs a state that tracks its source")
+    d = x.shape[-1]
+    out = x.gather(1, src.clamp_min(0)[..., None].expand(-1, -1, d))
+    return out.masked_fill((src < 0)[..., None], 0.0)

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
 
 from .describe import ModelDescription
 from .sites import TokenOp
+
+if TYPE_CHECKING:
+    from .adapter import Adapter
 
 __all__ = ["Option", "Recipe", "SitePlan", "check_ratio"]
 
@@ -37,11 +42,16 @@ def check_ratio(name: str, value: Any) -> float:
 
 
 class Recipe:
-    """Base class of recipes. Subclass, set ``name`` and ``options``, implement `plan`."""
+    """Base class of recipes. Subclass, set ``name`` and ``options``, implement `plan`.
+
+    A recipe that changes the model once and installs nothing (static head pruning) sets
+    ``transforms = True`` and implements `transform` instead.
+    """
 
     name: str = ""
     summary: str = ""
     options: dict[str, Option] = {}
+    transforms: bool = False
 
     def resolve(self, overrides: dict[str, Any]) -> dict[str, Any]:
         """Defaults updated by ``overrides``; an unknown keyword is a `ValueError` naming it."""
@@ -56,4 +66,10 @@ class Recipe:
     ) -> dict[tuple[str, int], SitePlan]:
         """A `SitePlan` per (stream, layer index) that does something; raises `ValueError`
         for options that do not fit this model."""
+        raise NotImplementedError
+
+    def transform(self, model: nn.Module, adapter: Adapter, desc: ModelDescription,
+                  options: dict[str, Any]) -> nn.Module:
+        """For ``transforms`` recipes: change ``model`` in place, once, and return it. It
+        must raise `ValueError` for bad options before changing anything."""
         raise NotImplementedError

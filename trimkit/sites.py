@@ -21,7 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import additive_mask, attention_bias, compact, query_attention
+from .ops import (
+    additive_mask,
+    attention_bias,
+    compact,
+    entry_positions,
+    gather_entry_mask,
+    query_attention,
+)
 from .state import TokenState
 
 __all__ = ["LayerCost", "LayerStats", "Site", "TokenOp", "TrimContext"]
@@ -93,6 +100,12 @@ class TrimContext:
     parallel: bool = False
     #: streams whose merged tokens weigh attention by log(size) wherever they are keys
     proportional: frozenset[str] = frozenset()
+    #: streams whose attention masks are given over their entry tokens (`StreamDesc.positional`)
+    positional: frozenset[str] = frozenset()
+    #: per stream, ``(real, protected)`` B×N bool masks (or ``None``) for its next entry, which
+    #: an adapter derives from the model's own inputs (e.g. the token a pooler reads)
+    entry: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = field(
+        default_factory=dict)
     states: dict[str, TokenState] = field(default_factory=dict)
     entered: dict[tuple[str, int], TokenState] = field(default_factory=dict)
     stats: list[LayerStats] = field(default_factory=list)
@@ -110,14 +123,23 @@ class TrimContext:
         return self.mode == "compacted" or (self.mode == "auto" and not training)
 
     def start(self, stream: str, x: torch.Tensor, real: torch.Tensor | None = None) -> TokenState:
-        """A fresh state for ``stream`` at its entry (``real``: B×N bool, False on padding);
-        that stream's statistics and remembered layer entries restart."""
+        """A fresh state for ``stream`` at its entry (``real``: B×N bool, False on padding),
+        with the stream's pending `entry` masks; that stream's statistics and remembered
+        layer entries restart."""
         self.stats = [s for s in self.stats if s.stream != stream]
         self.costs = [c for c in self.costs if c.stream != stream]
         self.entered = {k: v for k, v in self.entered.items() if k[0] != stream}
+        extra_real, protected = self.entry.pop(stream, (None, None))
+        for mask in (extra_real, protected):
+            if mask is not None and mask.shape != x.shape[:2]:
+                raise RuntimeError(f"trimkit: the entry masks of stream {stream!r} have shape "
+                                   f"{tuple(mask.shape)}, its tokens {tuple(x.shape[:2])}")
+        if extra_real is not None:
+            real = extra_real if real is None else real.to(torch.bool) & extra_real
         pad = None if real is None else ~real.to(torch.bool)
         state = TokenState.start(x, num_protected=self.protected.get(stream, 0),
-                                 padding_mask=pad, track_source=self.track_source)
+                                 protected=protected, padding_mask=pad,
+                                 track_source=self.track_source or stream in self.positional)
         self.states[stream] = state
         if self.record_costs:
             self.entry_counts[stream] = state.keep.float().sum(1)
@@ -290,6 +312,20 @@ class Site(nn.Module):
                                                   scale=scale)
         if self.masks_are_padding:
             attn_mask = None  # the state carries (and compacts) the padding
+        positional = not cross and state is not None and self.stream in self.ctx.positional
+        if positional and (attn_mask is not None or is_causal):
+            # masks over the entry tokens, read at the tokens' entry positions
+            positions = entry_positions(state)
+            if attn_mask is not None:
+                if attn_mask.shape[-1] != state.source.shape[1]:
+                    raise RuntimeError(
+                        f"trimkit: {self.stream} layer {self.layer} got an attention mask over "
+                        f"{attn_mask.shape[-1]} tokens; the stream entered with "
+                        f"{state.source.shape[1]}")
+                attn_mask = additive_mask(gather_entry_mask(attn_mask, positions), q.dtype)
+            elif is_causal:
+                causal = positions[:, None, :, None] >= positions[:, None, None, :]
+                attn_mask, is_causal = additive_mask(causal, q.dtype), False
         key_stream = self.cross_stream if cross else self.stream
         bias = attention_bias(keys, q.dtype, key_stream in self.ctx.proportional)
         if bias is not None:
@@ -306,8 +342,11 @@ class Site(nn.Module):
                 self.captured["keys"] = k.mean(1)
             if "query_scores" in self.needs:
                 s = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-                self.captured["query_scores"] = query_attention(
-                    self._query_row(q, state), k, _row_mask(attn_mask), s)
+                if not positional:
+                    rows, row_mask = self._query_row(q, state), _row_mask(attn_mask)
+                else:
+                    rows, row_mask = _scoring_rows(q, attn_mask, state)
+                self.captured["query_scores"] = query_attention(rows, k, row_mask, s)
         gates = self.cross_head_gates if cross else self.head_gates
         if gates is not None and not gates.requires_grad and self.ctx.compacting(self.training):
             return _attend_live_heads(q, k, v, attn_mask, dropout_p, is_causal, scale, gates)
@@ -316,6 +355,26 @@ class Site(nn.Module):
         if gates is not None:
             out = out * gates.to(out.dtype)[:, :, None, None]
         return out
+
+
+def _scoring_rows(q: torch.Tensor, mask: torch.Tensor | None, state: TokenState
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The query row (B×H×1×d) that scores tokens in a stream whose masks are positional, and
+    its mask row: each sample's first protected token (the token its pooler reads), else its
+    last live token (which, under a causal mask, sees every other)."""
+    b, h, n, d = q.shape
+    idx = torch.arange(n, device=q.device)
+    first = torch.where(state.protected, idx, n).amin(1)
+    last = torch.where(state.live, idx, -1).amax(1).clamp_min(0)
+    row = torch.where(first < n, first, last)
+    rows = q.gather(2, row[:, None, None, None].expand(b, h, 1, d))
+    if mask is None or mask.dim() < 2 or mask.shape[-2] == 1:
+        return rows, mask
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    mask = mask.expand(b, *mask.shape[1:])
+    return rows, mask.gather(2, row[:, None, None, None].expand(b, mask.shape[1], 1,
+                                                                  mask.shape[-1]))
 
 
 def _attend_live_heads(q, k, v, attn_mask, dropout_p, is_causal, scale, gates: torch.Tensor):

@@ -17,10 +17,28 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trimkit import Adapter, LayerDesc, ModelDescription, StreamDesc, register_adapter
+from trimkit import (
+    Adapter,
+    HeadLayout,
+    LayerDesc,
+    ModelDescription,
+    StreamDesc,
+    register_adapter,
+)
 from trimkit.bench import register_builder
 
 from .model import METER, meter_base, meter_tiny
+
+
+def _bert_heads(attn: str) -> HeadLayout:
+    """A fusion layer's BERT-style attention ``attn``: ``self.query/key/value``, then
+    ``output.dense``; ``BertSelfAttention`` reshapes by its ``num_attention_heads``."""
+    return HeadLayout(q=f"{attn}.self.query", k=f"{attn}.self.key", v=f"{attn}.self.value",
+                      out=f"{attn}.output.dense", counts=(f"{attn}.self.num_attention_heads",),
+                      widths=(f"{attn}.self.all_head_size",))
+
+
+_BERT_HEADS = {a: _bert_heads(a) for a in ("attention", "crossattention")}
 
 
 @register_adapter
@@ -35,19 +53,25 @@ class MeterAdapter(Adapter):
         fusion = {}
         for name, other, attr in (("text", "image", "cross_modal_text_layers"),
                                   ("image", "text", "cross_modal_image_layers")):
+            # head counts are read from the modules: static head pruning changes them
             fusion[name] = tuple(
                 LayerDesc(block=f"{attr}.{i}", attention="attention.self",
-                          num_heads=cfg.num_heads, dim=cfg.hidden_size, stream_arg=0, mask_arg=2,
+                          num_heads=blk.attention.self.num_attention_heads,
+                          dim=cfg.hidden_size, stream_arg=0, mask_arg=2,
                           cross_attention="crossattention.self", cross_stream=other,
                           leave_after="crossattention", residual=False, masks_are_padding=True,
-                          pair=i)
-                for i in range(len(getattr(model, attr))))
+                          pair=i, head_dim=blk.attention.self.attention_head_size,
+                          cross_num_heads=blk.crossattention.self.num_attention_heads,
+                          heads=_BERT_HEADS["attention"],
+                          cross_heads=_BERT_HEADS["crossattention"])
+                for i, blk in enumerate(getattr(model, attr)))
         # the CLIP tower's blocks (open_clip, on nn.MultiheadAttention) come first in the
         # image stream: tokens trimmed there stay trimmed through the fusion stack
         encoder = tuple(
             LayerDesc(block=f"vit_model.transformer.resblocks.{i}", attention="attn",
-                      num_heads=cfg.vision_heads, dim=cfg.vision_width)
-            for i in range(len(model.vit_model.transformer.resblocks)))
+                      num_heads=blk.attn.num_heads, dim=cfg.vision_width,
+                      head_dim=blk.attn.head_dim, heads=HeadLayout(multihead="attn"))
+            for i, blk in enumerate(model.vit_model.transformer.resblocks))
         n_image = (cfg.image_size // cfg.patch_size) ** 2 + 1
         streams = {
             "text": StreamDesc("text", fusion["text"], num_tokens=None, num_protected=1,

@@ -1,0 +1,352 @@
+"""Hugging Face transformers (v5) encoders: BERT, CLIP (text and vision towers) and ViT.
+
+These modules do not trace with plain `torch.fx`, so nothing is rewritten. Instead, per
+instance and reversibly:
+
+- attention: trimkit's function in transformers' `AttentionInterface` registry, set with
+  ``model.set_attn_implementation`` (`trimkit.adapters.hf.attention`), runs each layer's
+  site core;
+- layers: a forward pre-hook on every encoder layer calls the site's enter on its hidden
+  states; the site's leave runs on the layer's output (CLIP, ViT: pre-norm layers, so the
+  point is the residual sum that ends the layer) or on its attention block's output (BERT:
+  post-norm, so the FFN already runs on the kept tokens);
+- towers: a hook on each tower (``BertModel``, ``CLIPTextModel``, ``CLIPVisionModel``,
+  ``ViTModel``) reads the 2D ``attention_mask`` (padding enters the trimming state) and, for
+  CLIP text, the token ids, to protect the token its pooler reads (the EOS token: the argmax
+  of the ids, or the first ``eos_token_id``) wherever it sits;
+- outputs: the last layer's output goes back to the tower's entry positions
+  (`trimkit.ops.restore_positions`), so ``last_hidden_state`` keeps the input's length and
+  every pooler (CLS, EOS at the position the ids give) reads the right token. A merged
+  token's value is copied to every position it covers; dropped and padding positions are
+  zero. Hidden states of intermediate layers (``output_hidden_states``) have the length the
+  layer had.
+
+CLIP's text stream attends causally: it is ``positional`` (the causal mask is rebuilt from
+each token's entry position, a merged token at its latest member's) and the token scores of
+attention pruning come from the EOS query. Streams: ``"image"`` (ViT, CLIP vision; CLS
+protected) and ``"text"`` (BERT: CLS protected; CLIP text: EOS protected).
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from trimkit import Adapter, LayerDesc, ModelDescription, StreamDesc, register_adapter
+from trimkit.adapter import Undo
+from trimkit.api import UnsupportedModelError
+from trimkit.ops import restore_positions
+from trimkit.sites import Site, TrimContext
+
+from .attention import Binding, route_attention
+
+__all__ = ["HFAdapter", "UnsupportedConfigError", "pooled_positions"]
+
+IMAGE, TEXT = "image", "text"
+
+
+class UnsupportedConfigError(UnsupportedModelError):
+    """A transformers model whose configuration trimkit cannot trim (raised before any
+    change)."""
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """How one tower class is laid out."""
+
+    stream: str
+    layers: str  # the ModuleList of encoder layers, relative to the tower
+    attention: str  # the attention module inside a layer (it calls the attention function)
+    leave_after: str  # the child of the layer whose output is trimmed, or where it ends
+    residual: bool  # True: the leave point is the residual sum that ends the layer
+    num_protected: int
+    positional: bool = False
+
+
+_KINDS = {
+    "BertModel": _Kind(TEXT, "encoder.layer", "attention.self", "attention", False, 1),
+    "CLIPTextModel": _Kind(TEXT, "encoder.layers", "self_attn", "mlp", True, 0, True),
+    "CLIPVisionModel": _Kind(IMAGE, "encoder.layers", "self_attn", "mlp", True, 1),
+    "ViTModel": _Kind(IMAGE, "layers", "attention", "mlp", True, 1),
+}
+
+
+def _classes() -> dict[str, type] | None:
+    """The tower classes, or ``None`` while transformers was never imported (then no model
+    can be one of them, and importing it here would slow every trimkit import)."""
+    if "transformers" not in sys.modules:
+        return None
+    from transformers import BertModel, CLIPTextModel, CLIPVisionModel, ViTModel
+
+    return {"BertModel": BertModel, "CLIPTextModel": CLIPTextModel,
+            "CLIPVisionModel": CLIPVisionModel, "ViTModel": ViTModel}
+
+
+@dataclass
+class _Tower:
+    path: str
+    module: nn.Module
+    kind: _Kind
+    name: str  # the class it was recognised as
+
+    @property
+    def prefix(self) -> str:
+        return f"{self.path}." if self.path else ""
+
+    def layers(self) -> nn.ModuleList:
+        return self.module.get_submodule(self.kind.layers)
+
+
+def _towers(model: nn.Module) -> list[_Tower]:
+    classes = _classes()
+    if classes is None:
+        return []
+    towers: list[_Tower] = []
+    for path, module in model.named_modules():
+        if any(not t.path or path.startswith(t.prefix) for t in towers):
+            continue  # inside a tower already found
+        for name, cls in classes.items():
+            if isinstance(module, cls):
+                towers.append(_Tower(path, module, _KINDS[name], name))
+                break
+    return towers
+
+
+def _unsupported(tower: _Tower, what: str) -> UnsupportedConfigError:
+    where = f" at {tower.path!r}" if tower.path else ""
+    return UnsupportedConfigError(f"trimkit's Hugging Face adapter cannot trim the {tower.name}"
+                                  f"{where}: {what}. Nothing was changed.")
+
+
+def _check(tower: _Tower) -> None:
+    config = tower.module.config
+    if tower.name == "BertModel" and (config.is_decoder or config.add_cross_attention):
+        raise _unsupported(tower, "BERT as a decoder (is_decoder, cross-attention, KV cache) is "
+                                  "not supported, only the bidirectional encoder")
+    for i, layer in enumerate(tower.layers()):
+        if getattr(layer, "gradient_checkpointing", False):
+            raise _unsupported(tower, f"layer {i} uses gradient checkpointing, which re-runs "
+                                      f"attention in the backward pass; turn it off first")
+
+
+def pooled_positions(input_ids: torch.Tensor, eos_token_id: int | None) -> torch.Tensor:
+    """B long: the position CLIP's text pooler reads (transformers' rule): the argmax of the
+    ids for the legacy ``eos_token_id == 2``, else the first ``eos_token_id``."""
+    ids = input_ids.to(torch.int)
+    if eos_token_id == 2:
+        return ids.argmax(dim=-1)
+    return (ids == eos_token_id).int().argmax(dim=-1)
+
+
+def _in_place(src: torch.Tensor, real: torch.Tensor | None) -> bool:
+    """Whether every real entry token still sits in its own slot, alone (``src``: B×N0 source
+    of a state of N0 slots)."""
+    expected = torch.arange(src.shape[1], device=src.device).expand_as(src)
+    if real is not None:
+        expected = expected.masked_fill(~real.to(src.device), -1)
+    return torch.equal(src, expected)
+
+
+@dataclass
+class _Entry:
+    """A tower's view of the forward under way: is it inside the tower, how did its stream
+    enter (``real``: B×N bool or ``None``), and do its tokens still sit where they entered
+    (``None``: not known yet)."""
+
+    stream: str
+    ctx: TrimContext
+    active: int = 0
+    real: torch.Tensor | None = None
+    in_place: bool | None = True
+
+    def untouched(self) -> bool:
+        """Whether the stream is laid out as it entered, for layers no op has acted before
+        (padding compacted away at the entry moves tokens only when a shorter sample is not
+        padded at its end, or no sample is full-length)."""
+        if self.in_place is None:
+            state = self.ctx.states.get(self.stream)
+            self.in_place = (state is not None and state.source is not None
+                             and state.keep.shape == state.source.shape
+                             and _in_place(state.source, self.real))
+        return self.in_place
+
+
+def _tower_hooks(tower: _Tower, ctx: TrimContext, entry: _Entry) -> list[Undo]:
+    """Read the padding (and, for CLIP text, the pooled token) where the tower is called."""
+    signature = inspect.signature(tower.module.forward)
+    stream = tower.kind.stream
+
+    def before(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        entry.active += 1
+        entry.real, entry.in_place = None, True
+        if not ctx.enabled:
+            return
+        bound = signature.bind_partial(*args, **kwargs).arguments
+        mask = bound.get("attention_mask")
+        real = protected = None
+        if mask is not None:
+            if mask.dim() != 2:
+                raise ValueError(f"trimkit reads padding from a 2D attention_mask (B×N, 1 on "
+                                 f"real tokens); the {tower.name} got one of shape "
+                                 f"{tuple(mask.shape)}")
+            real = mask.to(torch.bool)
+            entry.real = real
+            if ctx.compacting(module.training) and not bool(real.all()):
+                entry.in_place = None  # known once the padding was compacted
+        ids = bound.get("input_ids")
+        if tower.name == "CLIPTextModel" and ids is not None:
+            ids = ids.view(-1, ids.shape[-1])
+            pos = pooled_positions(ids, module.eos_token_id)
+            protected = torch.arange(ids.shape[1], device=ids.device)[None] == pos[:, None]
+        if real is not None or protected is not None:
+            ctx.entry[stream] = (real, protected)
+
+    def after(module: nn.Module, args: tuple, kwargs: dict, out: object) -> None:
+        entry.active -= 1
+        ctx.entry.pop(stream, None)
+
+    handles = [tower.module.register_forward_pre_hook(before, with_kwargs=True),
+               tower.module.register_forward_hook(after, with_kwargs=True, always_call=True)]
+    return [h.remove for h in handles]
+
+
+def _restore(x: torch.Tensor, stream: str, ctx: TrimContext, entry: _Entry) -> torch.Tensor:
+    """The stream's output back at its entry positions, or ``x`` itself when nothing moved."""
+    state = ctx.states.get(stream)
+    if state is None or state.source is None or state.keep.shape != x.shape[:2]:
+        return x
+    src = state.source
+    real = entry.real if entry.real is not None and entry.real.shape == src.shape else None
+    if x.shape[1] == src.shape[1] and _in_place(src, real):
+        return x
+    return restore_positions(state, x)
+
+
+def _replace_first(output: object, x: torch.Tensor) -> object:
+    if isinstance(output, tuple):
+        return (x, *output[1:])
+    return x
+
+
+def _first(output: object) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _layer_hooks(tower: _Tower, layer_index: int, layer: nn.Module, site: Site, last: bool,
+                 ctx: TrimContext, entry: _Entry) -> list[Undo]:
+    """enter before the layer; leave after it (or after its attention block); the stream's
+    output restored after the last layer. Runs before any other hook on the layer, so
+    transformers' ``output_hidden_states`` records what the next layer receives."""
+    kind = tower.kind
+    handles = []
+
+    def enter(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if not ctx.enabled:
+            return None
+        if module.training and getattr(module, "gradient_checkpointing", False):
+            raise RuntimeError("trimkit cannot trim a layer under gradient checkpointing (its "
+                               "backward pass re-runs attention); turn it off while trimmed")
+        if layer_index == 0 and not entry.active:
+            raise RuntimeError(f"trimkit: call the {tower.name} (or the model around it), not "
+                               f"its encoder layers directly, so padding reaches the trimmers")
+        if args:
+            return (site.enter(args[0]), *args[1:]), kwargs
+        kwargs = dict(kwargs, hidden_states=site.enter(kwargs["hidden_states"]))
+        return args, kwargs
+
+    handles.append(layer.register_forward_pre_hook(enter, with_kwargs=True, prepend=True))
+
+    if not kind.residual:
+        def leave_child(module: nn.Module, args: tuple, output: object) -> object:
+            return _replace_first(output, site.leave(_first(output)))
+
+        child = layer.get_submodule(kind.leave_after)
+        handles.append(child.register_forward_hook(leave_child, prepend=True))
+
+    if kind.residual or last:
+        def leave(module: nn.Module, args: tuple, output: object) -> object:
+            x = _first(output)
+            if kind.residual:
+                x = site.leave(x)
+            if last and ctx.enabled:
+                x = _restore(x, kind.stream, ctx, entry)
+            return _replace_first(output, x)
+
+        handles.append(layer.register_forward_hook(leave, prepend=True))
+    return [h.remove for h in handles]
+
+
+@register_adapter
+class HFAdapter(Adapter):
+    """transformers' BERT, CLIP and ViT encoders, alone or inside a model built on them
+    (``BertForSequenceClassification``, ``CLIPModel``, ``ViTForImageClassification``…)."""
+
+    name = "hf"
+
+    def detect(self, model: nn.Module) -> bool:
+        if "transformers" not in sys.modules:
+            return False
+        from transformers import PreTrainedModel
+
+        return isinstance(model, PreTrainedModel) and bool(_towers(model))
+
+    def describe(self, model: nn.Module) -> ModelDescription:
+        towers = _towers(model)
+        if not towers:
+            raise UnsupportedConfigError(f"trimkit's Hugging Face adapter found no BertModel, "
+                                         f"CLIPTextModel, CLIPVisionModel or ViTModel in this "
+                                         f"{type(model).__name__}")
+        streams: dict[str, StreamDesc] = {}
+        for tower in towers:
+            _check(tower)
+            kind, config = tower.kind, tower.module.config
+            if kind.stream in streams:
+                raise _unsupported(tower, f"the model has more than one {kind.stream} tower")
+            layers = tuple(
+                LayerDesc(block=f"{tower.prefix}{kind.layers}.{i}", attention=kind.attention,
+                          num_heads=config.num_attention_heads, dim=config.hidden_size,
+                          leave_after=kind.leave_after, residual=kind.residual,
+                          masks_are_padding=True, mlp_dim=config.intermediate_size)
+                for i in range(len(tower.layers())))
+            n = None
+            if kind.stream == IMAGE:
+                emb = tower.module.embeddings
+                emb = getattr(emb, "patch_embeddings", emb)  # ViT keeps its count one deeper
+                n = emb.num_patches + 1
+            streams[kind.stream] = StreamDesc(
+                kind.stream, layers, num_tokens=n, num_protected=kind.num_protected,
+                padded=kind.stream == TEXT, positional=kind.positional)
+        return ModelDescription("hf", streams)
+
+    def install(self, model: nn.Module, desc: ModelDescription, sites: dict[tuple[str, int], Site],
+                ctx: TrimContext) -> list[Undo]:
+        # outputs go back to their entry positions, which needs every token's source
+        ctx.track_source = True
+        undo: list[Undo] = []
+        try:
+            bindings: dict[nn.Module, Binding] = {}
+            for tower in _towers(model):
+                stream = tower.kind.stream
+                entry = _Entry(stream, ctx)
+                undo.extend(_tower_hooks(tower, ctx, entry))
+                layers = tower.layers()
+                acted = False  # some op of this stream acts at or before this layer's attention
+                for i, layer in enumerate(layers):
+                    site = sites[(stream, i)]
+                    acted = acted or bool(len(site.pre)) or bool(site.needs)
+                    bindings[layer.get_submodule(tower.kind.attention)] = Binding(
+                        site, plain=not acted, untouched=entry.untouched)
+                    acted = acted or bool(len(site.post))
+                    undo.extend(_layer_hooks(tower, i, layer, site, i == len(layers) - 1, ctx,
+                                             entry))
+            undo.append(route_attention(model, bindings))
+        except Exception:
+            for u in reversed(undo):
+                u()
+            raise
+        return undo
+

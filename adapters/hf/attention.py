@@ -1,0 +1,197 @@
+"""trimkit's entry in transformers' `AttentionInterface`, and what routes a model to it.
+
+Hugging Face modules in transformers 5 compute q, k and v themselves and hand the attention
+product to a function looked up by name in the `AttentionInterface` registry, under the
+name their config's ``_attn_implementation`` holds. trimkit registers one such function
+(`ATTN_IMPLEMENTATION`) and sets it on the trimmed model with
+``model.set_attn_implementation``. The function finds the site bound to the calling
+attention module and runs the site's core there; wherever trimming has nothing to do (it is
+disabled, or nothing trimmed the stream yet and the layer records nothing) it calls the
+implementation the model had before, with the model's own mask, so eager, SDPA, flex or
+flash attention keep working exactly as chosen.
+
+The model builds its attention mask once per forward, by the same name, from transformers'
+`AttentionMaskInterface`: trimkit registers a mask function there too, which builds the mask
+the original implementation would get, so the model's own mask stays right wherever that
+implementation runs.
+
+A config object may be shared by several model instances: the implementation each config
+had is recorded once, counted per trimmed model, and put back when the last one is removed.
+A module that runs through trimkit's function without a site (an untrimmed model sharing the
+config, a part of the model no stream describes) gets that recorded implementation.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from trimkit.adapter import Undo
+from trimkit.sites import Site
+
+__all__ = ["ATTN_IMPLEMENTATION", "Binding", "original_implementation", "route_attention",
+           "trimkit_attention", "trimkit_mask"]
+
+#: the name trimkit's attention function is registered under
+ATTN_IMPLEMENTATION = "trimkit"
+
+
+@dataclass
+class Binding:
+    """What one attention module of a trimmed model runs.
+
+    ``site``: the layer's site. ``plain``: no op of the stream acts before this attention
+    (in this or an earlier layer) and the site records nothing from it, so while the stream
+    is still laid out as it entered (``untouched()``), the model's own implementation and
+    mask give the same result. ``untouched``: whether the stream's tokens still sit where
+    they entered in this forward (no padding was compacted away).
+    """
+
+    site: Site
+    plain: bool
+    untouched: Callable[[], bool]
+
+
+_BINDINGS: weakref.WeakKeyDictionary[nn.Module, Binding] = weakref.WeakKeyDictionary()
+#: id(config) -> [config, its implementation before trimkit, number of trimmed models]
+_CONFIGS: dict[int, list[Any]] = {}
+
+
+def original_implementation(config: Any) -> str:
+    """The attention implementation ``config`` had before trimkit routed it (its current one
+    when trimkit never did)."""
+    entry = _CONFIGS.get(id(config))
+    name = entry[1] if entry is not None and entry[0] is config else config._attn_implementation
+    if name == ATTN_IMPLEMENTATION:
+        raise RuntimeError(f"a {type(config).__name__} names trimkit's attention implementation "
+                           f"but no trimmed model owns it")
+    return name or "eager"
+
+
+def _function(module: nn.Module, name: str) -> Callable:
+    """The attention function ``name`` as ``module``'s own forward would look it up."""
+    if name == "eager":
+        fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if fn is None:
+            raise RuntimeError(f"cannot find the eager attention function of "
+                               f"{type(module).__module__}")
+        return fn
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ALL_ATTENTION_FUNCTIONS.get_interface(name, None)
+
+
+def trimkit_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+                      value: torch.Tensor, attention_mask: Any, dropout: float = 0.0,
+                      scaling: float | None = None, **kwargs: Any
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """An `AttentionInterface` function: the site's core where trimming acts, else the
+    model's own implementation. q, k, v are B×H×N×d; returns B×N×H×d and no weights.
+
+    The mask the model built once for the whole encoder (over its entry tokens) is not used
+    by the core: the trimming state carries padding and dead tokens per layer, and a causal
+    mask is rebuilt from the tokens' entry positions (`trimkit.sites`)."""
+    binding = _BINDINGS.get(module)
+    if binding is None or not binding.site.ctx.enabled or (binding.plain
+                                                           and binding.untouched()):
+        fn = _function(module, original_implementation(module.config))
+        return fn(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                  **kwargs)
+    causal = kwargs.get("is_causal")
+    if causal is None:
+        causal = getattr(module, "is_causal", False)
+    out = binding.site.core(query, key, value, attn_mask=None, dropout_p=dropout,
+                            is_causal=bool(causal), scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def trimkit_mask(*args: Any, config: Any = None, **kwargs: Any) -> Any:
+    """An `AttentionMaskInterface` function: the mask the config's original implementation
+    would get (``None`` where that one builds none, like transformers does)."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    name = original_implementation(config)
+    if name not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+        return None
+    return ALL_MASK_ATTENTION_FUNCTIONS[name](*args, config=config, **kwargs)
+
+
+def _configs(model: nn.Module) -> list[Any]:
+    """Every transformers config the model's modules hold, with their sub-configs."""
+    from transformers import PretrainedConfig
+
+    stack = [m.config for m in model.modules()
+             if isinstance(getattr(m, "config", None), PretrainedConfig)]
+    seen: dict[int, Any] = {}
+    while stack:
+        config = stack.pop()
+        if id(config) in seen:
+            continue
+        seen[id(config)] = config
+        for key in getattr(config, "sub_configs", {}) or {}:
+            sub = getattr(config, key, None)
+            if isinstance(sub, PretrainedConfig):
+                stack.append(sub)
+    return list(seen.values())
+
+
+def _claim(config: Any) -> None:
+    entry = _CONFIGS.get(id(config))
+    if entry is not None and entry[0] is config:
+        entry[2] += 1
+    else:
+        _CONFIGS[id(config)] = [config, config.__dict__.get("_attn_implementation_internal"), 1]
+
+
+def _release(config: Any) -> None:
+    entry = _CONFIGS.get(id(config))
+    if entry is None or entry[0] is not config:
+        return
+    entry[2] -= 1
+    if entry[2] == 0:
+        config.__dict__["_attn_implementation_internal"] = entry[1]
+        del _CONFIGS[id(config)]
+
+
+def route_attention(model: nn.Module, bindings: dict[nn.Module, Binding]) -> Undo:
+    """Register trimkit's attention function, set it on ``model`` and bind each attention
+    module to its site; return what undoes all of it (the implementations come back as they
+    were, bit for bit, once no trimmed model shares their config)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    if ATTN_IMPLEMENTATION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(ATTN_IMPLEMENTATION, trimkit_attention)
+    if ATTN_IMPLEMENTATION not in AttentionMaskInterface._global_mapping:
+        AttentionMaskInterface.register(ATTN_IMPLEMENTATION, trimkit_mask)
+    configs = _configs(model)
+    for config in configs:
+        _claim(config)
+
+    def undo() -> None:
+        for module in bindings:
+            _BINDINGS.pop(module, None)
+        for config in configs:
+            _release(config)
+
+    try:
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        stuck = sorted({type(m).__name__ for m in bindings
+                        if m.config._attn_implementation != ATTN_IMPLEMENTATION})
+        if stuck:
+            raise TypeError(f"transformers did not let trimkit set its attention "
+                            f"implementation on {', '.join(stuck)}; such models are not "
+                            f"supported")
+        for module in bindings:
+            original_implementation(module.config)  # fails here, not in the first forward
+    except Exception:
+        undo()
+        raise
+    _BINDINGS.update(bindings)
+    return undo

@@ -1,0 +1,366 @@
+"""open_clip's CLIP family: `CLIP`, `CustomTextCLIP`, and their `VisionTransformer` and
+`TextTransformer` towers on their own.
+
+Streams: ``"image"`` (the ViT tower's blocks; CLS first and protected) and ``"text"`` (open_clip's
+own text transformer, causal or not; absent where the text tower is a Hugging Face model).
+Blocks go in through the engine's fx pass, their ``nn.MultiheadAttention`` (or open_clip's
+own `Attention`, image tower only) through the site's core.
+
+The text pooler reads one token at a position computed from the token ids (the EOT token:
+``argmax`` of the ids, or the first ``eos`` id; or the first / last token), which no block
+sees. So the adapter wraps the call that receives the ids (``CLIP.encode_text``,
+``TextTransformer.forward``) on the instance: it protects that token at the stream's entry
+(`TrimContext.entry`) and, under a causal mask, marks the tokens after it as padding (they
+cannot reach it, so they are dropped at once). The stream is ``positional``: the causal mask
+is read at each token's entry position, a merged token at its latest member's. A forward
+hook on the text transformer puts its output back at the entry positions
+(`trimkit.ops.restore_positions`), so the model's own pooling reads the protected token where
+the ids say it is, and token outputs keep their length. Average pooling of the image tower
+becomes size-weighted over live tokens; ``forward_intermediates`` runs untrimmed.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import sys
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from trimkit import (
+    Adapter,
+    HeadLayout,
+    LayerDesc,
+    ModelDescription,
+    StreamDesc,
+    register_adapter,
+)
+from trimkit.adapter import Undo
+from trimkit.api import UnsupportedModelError
+from trimkit.bench import register_builder
+from trimkit.ops import restore_positions
+from trimkit.sites import Site, TrimContext
+
+IMAGE, TEXT = "image", "text"
+
+
+class UnsupportedConfigError(UnsupportedModelError):
+    """An open_clip model whose configuration trimkit cannot trim (raised before any change)."""
+
+
+def _types() -> dict[str, type] | None:
+    """open_clip's classes, or ``None`` while open_clip was never imported (then no model
+    can be one of them, and importing it here would only slow every trimkit import)."""
+    if "open_clip" not in sys.modules:
+        return None
+    from open_clip.model import CLIP, CustomTextCLIP
+    from open_clip.transformer import (
+        CustomResidualAttentionBlock,
+        ResidualAttentionBlock,
+        TextTransformer,
+        VisionTransformer,
+    )
+    return dict(CLIP=CLIP, CustomTextCLIP=CustomTextCLIP, VisionTransformer=VisionTransformer,
+                TextTransformer=TextTransformer, ResidualAttentionBlock=ResidualAttentionBlock,
+                CustomResidualAttentionBlock=CustomResidualAttentionBlock)
+
+
+@dataclass
+class _Tower:
+    """One trimmable tower: its stream, the module that owns its `Transformer` (``owner``,
+    at ``path`` in the model), and for text the module and method that receive the ids."""
+
+    stream: str
+    path: str
+    owner: nn.Module
+    ids_module: nn.Module | None = None
+    ids_method: str = ""
+
+
+def _towers(model: nn.Module, t: dict[str, type]) -> list[_Tower]:
+    """The model's open_clip ViT and text towers (others are not this adapter's)."""
+    towers = []
+    visual = model if isinstance(model, t["VisionTransformer"]) else getattr(model, "visual", None)
+    if isinstance(visual, t["VisionTransformer"]):
+        towers.append(_Tower(IMAGE, "" if visual is model else "visual", visual))
+    if isinstance(model, t["CLIP"]):  # its text tower's parts live on the model itself
+        towers.append(_Tower(TEXT, "", model, model, "encode_text"))
+    else:
+        text = model if isinstance(model, t["TextTransformer"]) else getattr(model, "text", None)
+        if isinstance(text, t["TextTransformer"]):
+            towers.append(_Tower(TEXT, "" if text is model else "text", text, text, "forward"))
+    return towers
+
+
+def _unsupported(tower: _Tower, what: str) -> UnsupportedConfigError:
+    return UnsupportedConfigError(
+        f"trimkit's open_clip adapter cannot trim the {tower.stream} tower "
+        f"({type(tower.owner).__name__}{' at ' + tower.path if tower.path else ''}): {what}. "
+        f"Nothing was changed.")
+
+
+def _check(tower: _Tower, t: dict[str, type]) -> None:
+    """Raise `UnsupportedConfigError` for configurations the adapter does not handle."""
+    owner, tr = tower.owner, tower.owner.transformer
+    if not getattr(tr, "batch_first", True):
+        raise _unsupported(tower, "its transformer is not batch_first")
+    if getattr(tr, "grad_checkpointing", False):
+        raise _unsupported(tower, "gradient checkpointing re-runs blocks in the backward pass, "
+                                  "which would trim twice; turn it off before apply")
+    for i, blk in enumerate(tr.resblocks):
+        if isinstance(blk, t["CustomResidualAttentionBlock"]):
+            if tower.stream == TEXT:
+                raise _unsupported(tower, "custom attention blocks (block_type='custom', qk_norm, "
+                                          "scaled cosine attention…) branch on the attention "
+                                          "mask's shape, which torch.fx cannot trace")
+            if getattr(blk.attn, "logit_scale", None) is not None:
+                raise _unsupported(tower, "scaled cosine attention is not one attention product "
+                                          "that the engine can route")
+        elif not isinstance(blk, t["ResidualAttentionBlock"]):
+            raise _unsupported(tower, f"block {i} is a {type(blk).__name__}")
+        elif hasattr(blk, "ln_1_kv"):
+            raise _unsupported(tower, f"block {i} is a cross-attention block")
+    if tower.stream == IMAGE:
+        if owner.attn_pool is not None:
+            raise _unsupported(tower, "attentional pooling (attentional_pool) is not supported")
+        if owner.pool_type not in ("tok", "avg"):
+            raise _unsupported(tower, f"pool_type={owner.pool_type!r} returns every token, "
+                                      f"whose count trimming changes; use 'tok' or 'avg'")
+    else:
+        if getattr(owner, "cls_emb", None) is not None:
+            raise _unsupported(tower, "an appended CLS token (embed_cls, CoCa-style) is not "
+                                      "supported")
+        if _text_settings(owner)["pool"] not in ("argmax", "eos", "first", "last"):
+            raise _unsupported(tower, "text pool_type='none' returns every token; use "
+                                      "'argmax', 'eos', 'first' or 'last'")
+
+
+def _head_layout(block: nn.Module, t: dict[str, type]) -> HeadLayout:
+    """Where a block's attention keeps its heads, for static head pruning."""
+    if isinstance(block, t["CustomResidualAttentionBlock"]):
+        return HeadLayout(unsupported="open_clip's Attention module keeps q, k and v in one "
+                                      "fused parameter, not a projection module")
+    return HeadLayout(multihead="attn")
+
+
+def _text_settings(owner: nn.Module) -> dict:
+    """How ``owner`` (a CLIP or a TextTransformer) pools and masks its text, read per call."""
+    if hasattr(owner, "text_pool_type"):  # CLIP
+        return dict(pool=owner.text_pool_type, eos=getattr(owner, "text_eos_id", None),
+                    causal=owner.attn_mask is not None, pad=None)
+    pad = owner.pad_id if getattr(owner, "use_pad_mask", False) else None
+    return dict(pool=owner.pool_type, eos=getattr(owner, "eos_id", None),
+                causal=owner.attn_mask is not None, pad=pad)
+
+
+def pooled_index(text: torch.Tensor, pool: str, eos_id: int | None = None) -> torch.Tensor:
+    """B long: the position open_clip's text pooling reads (``text_global_pool``'s rule)."""
+    b, n = text.shape
+    if pool == "first":
+        return torch.zeros(b, dtype=torch.long, device=text.device)
+    if pool == "last":
+        return torch.full((b,), n - 1, dtype=torch.long, device=text.device)
+    if pool == "argmax":
+        return text.argmax(dim=-1)
+    if pool == "eos":
+        return (text == eos_id).int().argmax(dim=-1)
+    raise ValueError(f"no single pooled token for text pool_type={pool!r}")
+
+
+def entry_masks(text: torch.Tensor, settings: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(real, protected)`` B×N masks of a text batch: the pooled token is protected; under a
+    causal mask only tokens up to it can reach it, so the rest count as padding; with a
+    padding mask, padding tokens (the pooled one excepted) do."""
+    idx = pooled_index(text, settings["pool"], settings["eos"])[:, None]
+    pos = torch.arange(text.shape[1], device=text.device)[None]
+    protected = pos == idx
+    if settings["causal"]:
+        real = pos <= idx
+    elif settings["pad"] is not None:
+        real = (text != settings["pad"]) | protected
+    else:
+        real = torch.ones_like(protected)
+    return real, protected
+
+
+def _set(obj: object, name: str, value: object, undo: list[Undo]) -> None:
+    """Set an instance attribute that shadows a class method; `remove` deletes it again."""
+    if name in obj.__dict__:
+        raise RuntimeError(f"{type(obj).__name__}.{name} is already patched on this instance")
+    obj.__dict__[name] = value
+    undo.append(lambda: obj.__dict__.pop(name, None))
+
+
+def _untrimmed(fn: Callable, ctx: TrimContext) -> Callable:
+    """``fn`` run with trimming off (its per-layer outputs need every token in place)."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        was, ctx.enabled = ctx.enabled, False
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            ctx.enabled = was
+    return run
+
+
+def _with_entry(fn: Callable, owner: nn.Module, ctx: TrimContext) -> Callable:
+    """``fn`` (it receives the token ids as ``text``) with the text stream's entry masks set."""
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if ctx.enabled:
+            text = signature.bind(*args, **kwargs).arguments["text"]
+            ctx.entry[TEXT] = entry_masks(text, _text_settings(owner))
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            ctx.entry.pop(TEXT, None)
+    return run
+
+
+@register_adapter
+class OpenClipAdapter(Adapter):
+    """open_clip ViT and text towers, alone or in `CLIP` / `CustomTextCLIP` (see the module
+    docstring for how the text pooler's token is kept and found)."""
+
+    name = "open_clip"
+
+    def detect(self, model: nn.Module) -> bool:
+        t = _types()
+        return t is not None and isinstance(model, (t["CLIP"], t["CustomTextCLIP"],
+                                                    t["VisionTransformer"], t["TextTransformer"]))
+
+    def describe(self, model: nn.Module) -> ModelDescription:
+        t = _types()
+        towers = _towers(model, t)
+        if not towers:
+            raise UnsupportedConfigError(
+                f"trimkit's open_clip adapter found no open_clip VisionTransformer or "
+                f"TextTransformer tower in this {type(model).__name__} (timm, ResNet and "
+                f"Hugging Face towers are not trimmed by it). Nothing was changed.")
+        streams = {}
+        for tower in towers:
+            _check(tower, t)
+            owner = tower.owner
+            prefix = f"{tower.path}." if tower.path else ""
+            # head counts are read from the modules: static head pruning changes them
+            layers = tuple(
+                LayerDesc(block=f"{prefix}transformer.resblocks.{i}", attention="attn",
+                          num_heads=blk.attn.num_heads, dim=owner.transformer.width,
+                          mlp_dim=blk.mlp.c_fc.out_features, head_dim=blk.attn.head_dim,
+                          heads=_head_layout(blk, t))
+                for i, blk in enumerate(owner.transformer.resblocks))
+            if tower.stream == IMAGE:
+                n = owner.grid_size[0] * owner.grid_size[1] + 1
+                streams[IMAGE] = StreamDesc(IMAGE, layers, num_tokens=n, num_protected=1)
+            else:
+                s = _text_settings(owner)
+                streams[TEXT] = StreamDesc(TEXT, layers, num_tokens=None, num_protected=0,
+                                           padded=s["causal"] or s["pad"] is not None,
+                                           positional=True)
+        return ModelDescription("open_clip", streams)
+
+    def install(self, model: nn.Module, desc: ModelDescription, sites: dict[tuple[str, int], Site],
+                ctx: TrimContext) -> list[Undo]:
+        """The fx sites, then the per-instance patches: text entry masks and restored
+        positions, size-weighted average pooling, untrimmed ``forward_intermediates``."""
+        undo = super().install(model, desc, sites, ctx)
+        try:
+            towers = _towers(model, _types())
+            # per-layer outputs need every token in place: these run untrimmed
+            owners = [model] + [t.owner for t in towers if t.owner is not model]
+            for module in owners:
+                if hasattr(module, "forward_intermediates"):
+                    _set(module, "forward_intermediates",
+                         _untrimmed(module.forward_intermediates, ctx), undo)
+            for tower in towers:
+                if tower.stream == IMAGE:
+                    _set(tower.owner, "_global_pool", _size_weighted_pool(tower.owner, ctx), undo)
+                else:
+                    _install_text(tower, ctx, undo)
+        except Exception:
+            for u in reversed(undo):
+                u()
+            raise
+        return undo
+
+
+def _install_text(tower: _Tower, ctx: TrimContext, undo: list[Undo]) -> None:
+    """Entry masks from the ids where they come in; entry positions back as the text
+    transformer returns."""
+    method = getattr(tower.ids_module, tower.ids_method)
+    _set(tower.ids_module, tower.ids_method, _with_entry(method, tower.owner, ctx), undo)
+
+    def restore(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+        state = ctx.states.get(TEXT)
+        if (not ctx.enabled or state is None or state.source is None
+                or state.keep.shape != out.shape[:2]):
+            return None
+        return restore_positions(state, out)
+
+    handle = tower.owner.transformer.register_forward_hook(restore)
+    undo.append(handle.remove)
+
+
+def _size_weighted_pool(vit: nn.Module, ctx: TrimContext) -> Callable:
+    """``vit._global_pool`` whose average is weighted by size over live patch tokens."""
+    original = vit._global_pool
+
+    def pool(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        state = ctx.states.get(IMAGE)
+        if (self.pool_type != "avg" or not ctx.enabled or state is None
+                or state.keep.shape != x.shape[:2] or not (state.sized or state.has_dead)):
+            return original(x)
+        tokens = x[:, 1:]
+        w = (state.size * state.live)[:, 1:].to(x.dtype)[..., None]
+        return (tokens * w).sum(1) / w.sum(1).clamp_min(1e-6), tokens
+
+    return types.MethodType(pool, vit)
+
+
+def bench_model(name: str, tower: str = "both", text_len: int = 16,
+                **kwargs) -> tuple[nn.Module, Callable[[int], tuple]]:
+    """``trimkit bench --model open_clip:<name>[?kwargs]``: ``open_clip.create_model(name)``
+    with random weights (nothing is downloaded) in eval mode; other keywords go to
+    ``create_model``. ``tower`` picks what the forward runs: ``both`` (random images and
+    token ids), ``vision`` or ``text``. Token ids are shaped like the CLIP tokenizer's: a
+    start token, ``text_len`` random tokens, the end token, zero padding to the context
+    length."""
+    import open_clip
+
+    if tower not in ("both", "vision", "text"):
+        raise ValueError(f"tower must be 'both', 'vision' or 'text', got {tower!r}")
+    torch.manual_seed(0)
+    model = open_clip.create_model(name, pretrained=None, **kwargs).eval()
+    size = getattr(model.visual, "image_size", 224)
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    n, vocab = model.context_length, model.vocab_size
+    if not 1 <= text_len <= n - 2:
+        raise ValueError(f"text_len must be in [1, {n - 2}] for context length {n}")
+    text = getattr(model, "text", model)
+    pool = getattr(text, "pool_type", getattr(text, "text_pool_type", "argmax"))
+    eot = getattr(text, "eos_id", getattr(text, "text_eos_id", None))
+    eot = eot if pool == "eos" and eot is not None else vocab - 1
+
+    def make_inputs(batch_size: int) -> tuple:
+        g = torch.Generator().manual_seed(0)
+        images = torch.randn(batch_size, 3, h, w, generator=g)
+        ids = torch.zeros(batch_size, n, dtype=torch.long)
+        ids[:, 0] = vocab - 2
+        ids[:, 1:text_len + 1] = torch.randint(1, vocab - 2, (batch_size, text_len), generator=g)
+        ids[:, text_len + 1] = eot
+        return {"both": (images, ids), "vision": (images,), "text": (None, ids)}[tower]
+
+    return model, make_inputs
+
+
+register_builder("open_clip", bench_model, examples=[
+    "--model open_clip:ViT-B-16 --recipe tome --r 8 --batch-size 1 16",
+    '--model "open_clip:ViT-B-16?tower=text" --recipe attn_prune --stream text '
+    "--keep-ratio 0.5 --layers 2,6",
+])
