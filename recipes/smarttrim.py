@@ -145,7 +145,9 @@ class SmartTrim(Recipe):
                     ops.append(TokenTrimmer(layer.dim, other_dim=other, rank=options["rank"],
                                             budget=tok_budget, **common))
                 if name in heads:
-                    cross = layer.num_heads if layer.cross_attention else 0
+                    cross = 0
+                    if layer.cross_attention:
+                        cross = layer.cross_num_heads or layer.num_heads
                     ops.append(HeadTrimmer(layer.dim, layer.num_heads, cross_heads=cross,
                                            budget=head_budget, **common))
                 if ops:
