@@ -21,6 +21,11 @@ instance and reversibly:
   zero. Hidden states of intermediate layers (``output_hidden_states``) have the length the
   layer had.
 
+Static head pruning (``prune_heads``): each layer's `HeadLayout` names its q, k, v and
+output projections and the attention module's head count (and inner width, for BERT); head
+counts and widths are read from the modules, so a pruned model describes itself, while the
+config keeps the sizes the model was built with.
+
 CLIP's text stream attends causally: it is ``positional`` (the causal mask is rebuilt from
 each token's entry position, a merged token at its latest member's) and the token scores of
 attention pruning come from the EOS query. Streams: ``"image"`` (ViT, CLIP vision; CLS
@@ -36,7 +41,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from trimkit import Adapter, LayerDesc, ModelDescription, StreamDesc, register_adapter
+from trimkit import (
+    Adapter,
+    HeadLayout,
+    LayerDesc,
+    ModelDescription,
+    StreamDesc,
+    register_adapter,
+)
 from trimkit.adapter import Undo
 from trimkit.api import UnsupportedModelError
 from trimkit.ops import restore_positions
@@ -55,6 +67,22 @@ class UnsupportedConfigError(UnsupportedModelError):
 
 
 @dataclass(frozen=True)
+class _Heads:
+    """Where a layer's attention keeps its heads, relative to the layer: the q, k, v and
+    output projections, and the attention module's attributes holding its head count, its
+    head width and (if any) its inner width ``H·d``. Each forward reshapes with ``-1`` heads
+    of the head width, so only these need updating when heads go."""
+
+    q: str
+    k: str
+    v: str
+    out: str
+    count: str
+    head_dim: str
+    width: str | None = None
+
+
+@dataclass(frozen=True)
 class _Kind:
     """How one tower class is laid out."""
 
@@ -64,14 +92,27 @@ class _Kind:
     leave_after: str  # the child of the layer whose output is trimmed, or where it ends
     residual: bool  # True: the leave point is the residual sum that ends the layer
     num_protected: int
+    heads: _Heads
     positional: bool = False
 
 
+_BERT_HEADS = _Heads("attention.self.query", "attention.self.key", "attention.self.value",
+                     "attention.output.dense", "num_attention_heads", "attention_head_size",
+                     "all_head_size")
+# CLIP's ``embed_dim`` is the model width (the output projection's output), not the heads'
+_CLIP_HEADS = _Heads("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                     "self_attn.out_proj", "num_heads", "head_dim")
+_VIT_HEADS = _Heads("attention.q_proj", "attention.k_proj", "attention.v_proj",
+                    "attention.o_proj", "num_attention_heads", "head_dim")
+
 _KINDS = {
-    "BertModel": _Kind(TEXT, "encoder.layer", "attention.self", "attention", False, 1),
-    "CLIPTextModel": _Kind(TEXT, "encoder.layers", "self_attn", "mlp", True, 0, True),
-    "CLIPVisionModel": _Kind(IMAGE, "encoder.layers", "self_attn", "mlp", True, 1),
-    "ViTModel": _Kind(IMAGE, "layers", "attention", "mlp", True, 1),
+    "BertModel": _Kind(TEXT, "encoder.layer", "attention.self", "attention", False, 1,
+                       _BERT_HEADS),
+    "CLIPTextModel": _Kind(TEXT, "encoder.layers", "self_attn", "mlp", True, 0, _CLIP_HEADS,
+                           True),
+    "CLIPVisionModel": _Kind(IMAGE, "encoder.layers", "self_attn", "mlp", True, 1,
+                             _CLIP_HEADS),
+    "ViTModel": _Kind(IMAGE, "layers", "attention", "mlp", True, 1, _VIT_HEADS),
 }
 
 
@@ -131,6 +172,23 @@ def _check(tower: _Tower) -> None:
         if getattr(layer, "gradient_checkpointing", False):
             raise _unsupported(tower, f"layer {i} uses gradient checkpointing, which re-runs "
                                       f"attention in the backward pass; turn it off first")
+
+
+def _layer_desc(tower: _Tower, i: int, layer: nn.Module) -> LayerDesc:
+    """Layer ``i`` of ``tower``, its head count and width read from its attention module (a
+    pruned model describes itself; the config keeps the sizes it was built with)."""
+    kind, config = tower.kind, tower.module.config
+    spec = kind.heads
+    attn = layer.get_submodule(kind.attention)
+    num_heads, head_dim = getattr(attn, spec.count), getattr(attn, spec.head_dim)
+    prefix = f"{kind.attention}."
+    layout = HeadLayout(q=spec.q, k=spec.k, v=spec.v, out=spec.out,
+                        counts=(prefix + spec.count,),
+                        widths=(prefix + spec.width,) if spec.width else ())
+    return LayerDesc(block=f"{tower.prefix}{kind.layers}.{i}", attention=kind.attention,
+                     num_heads=num_heads, dim=config.hidden_size, leave_after=kind.leave_after,
+                     residual=kind.residual, masks_are_padding=True,
+                     mlp_dim=config.intermediate_size, head_dim=head_dim, heads=layout)
 
 
 def pooled_positions(input_ids: torch.Tensor, eos_token_id: int | None) -> torch.Tensor:
@@ -303,15 +361,11 @@ class HFAdapter(Adapter):
         streams: dict[str, StreamDesc] = {}
         for tower in towers:
             _check(tower)
-            kind, config = tower.kind, tower.module.config
+            kind = tower.kind
             if kind.stream in streams:
                 raise _unsupported(tower, f"the model has more than one {kind.stream} tower")
-            layers = tuple(
-                LayerDesc(block=f"{tower.prefix}{kind.layers}.{i}", attention=kind.attention,
-                          num_heads=config.num_attention_heads, dim=config.hidden_size,
-                          leave_after=kind.leave_after, residual=kind.residual,
-                          masks_are_padding=True, mlp_dim=config.intermediate_size)
-                for i in range(len(tower.layers())))
+            layers = tuple(_layer_desc(tower, i, layer)
+                           for i, layer in enumerate(tower.layers()))
             n = None
             if kind.stream == IMAGE:
                 emb = tower.module.embeddings
