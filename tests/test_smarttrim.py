@@ -153,25 +153,112 @@ def test_budget_per_layer_dict_and_option_errors():
         assert not trimkit.is_applied(m)
 
 
+def gate_half_of_the_heads_off(model: torch.nn.Module) -> None:
+    """Every head trimmer of ``model`` (stable init: its logits are its biases) keeps the first
+    half of each attention's heads and gates the second half off, in every instance."""
+    from trimkit.learned import HeadTrimmer
+
+    for site in model.trimkit.values():
+        for op in site.pre:
+            if isinstance(op, HeadTrimmer):
+                bias = [4.0] * (op.heads - op.heads // 2) + [-4.0] * (op.heads // 2)
+                if op.cross_heads:
+                    bias += [4.0] * (op.cross_heads - op.cross_heads // 2)
+                    bias += [-4.0] * (op.cross_heads // 2)
+                with torch.no_grad():
+                    op.bias.copy_(torch.tensor(bias))
+
+
 def test_a_head_off_in_every_instance_is_not_computed():
-    """At inference the attention runs only over the heads some instance keeps: gating two
-    heads off in the whole batch removes their attention FLOPs, and the output equals the
-    masked execution that computes every head and zeroes the gated ones."""
+    """At inference a head gated off in the whole batch costs nothing: not its attention
+    product, not its rows of the fused qkv projection, not its columns of the output
+    projection (timm reshapes the qkv output to (B, N, 3, H, d): it still gets that shape).
+    The output equals the masked execution that computes every head and zeroes the gated
+    ones; the cost model counts what the FLOPs counter sees; `remove` restores it all."""
     model = trimkit.apply(vit(heads=4), "smarttrim", tokens=False, layers=[1, 2, 3])
     x = images(2)
     full = trimkit.count_flops(model, x)
-    for site in model.trimkit.values():
-        for op in site.pre:
-            with torch.no_grad():
-                op.bias.copy_(torch.tensor([4.0, 4.0, -4.0, -4.0]))
+    gate_half_of_the_heads_off(model)
     gated = trimkit.count_flops(model, x)
     with torch.no_grad():
         out = model(x)
         trimkit.set_mode(model, "masked")
         masked = model(x)
-    n, d = 65, 16
-    assert full - gated == 3 * 2 * 2 * (2 * 2 * n * n * d)  # 3 layers, 2 heads, batch 2
+        trimkit.set_mode(model, "auto")
+    n, dim, d = 65, 64, 16
+    products, projections = 2 * 2 * n * n * d, 4 * 2 * n * dim * d  # one head, one instance
+    assert full - gated == 3 * 2 * 2 * (products + projections)  # 3 layers, 2 heads, batch 2
+    layer = _applied(model).description.stream().layers[1]
+    saved = layer_flops(layer, n, n) - layer_flops(layer, n, n, heads=2)
+    assert full - gated == 3 * 2 * saved
     torch.testing.assert_close(out, masked, atol=1e-5, rtol=0)
+
+    # a site that records keys for its ops (they average over every head) computes every
+    # head's q, k and v; the output projection still skips
+    model.trimkit["image_1"].needs = frozenset({"keys"})
+    assert trimkit.count_flops(model, x) - gated == 2 * 2 * 3 * 2 * n * dim * d
+    model.trimkit["image_1"].needs = frozenset()
+
+    # disabled trimming computes everything, whatever gates the last forward left
+    with trimkit.trimming_disabled(model):
+        assert trimkit.count_flops(model, x) == trimkit.count_flops(vit(heads=4), x)
+    trimkit.remove(model)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), vit(heads=4)(x), atol=0, rtol=0)
+
+
+def test_meter_skips_gated_off_heads_in_self_and_cross_attention():
+    """METER, with head trimmers in a CLIP tower layer (nn.MultiheadAttention, routed through
+    the core) and in the fusion layers (self-attention, and cross-attention whose k and v
+    project the other stream): half of every attention's heads off in the whole batch saves
+    their attention products and all their projections, as the cost model counts; outputs
+    equal the masked execution; the cost ratio's savings are the measured ones."""
+    torch.manual_seed(0)
+    model = trimkit.apply(METER(meter_tiny(num_heads=4, vision_heads=4)).eval(), "smarttrim",
+                          tokens=False, layers={"image": [1, 2, 3], "text": [0, 1]})
+    pixels, ids, _ = meter_inputs(2)
+    inputs = (pixels, ids, torch.ones_like(ids))  # no padding: 7 text tokens, 17 image tokens
+    full = trimkit.count_flops(model, *inputs)
+    gate_half_of_the_heads_off(model)
+    gated = trimkit.count_flops(model, *inputs)
+
+    desc = _applied(model).description
+    tokens = {"image": 17, "text": 7}
+    saved, by_formula = 0, 0
+    for name, layers in (("image", [1, 2, 3]), ("text", [0, 1])):
+        for i in layers:
+            layer = desc.streams[name].layers[i]
+            n, dim, d = tokens[name], layer.dim, layer.head_dim
+            m = tokens[layer.cross_stream] if layer.cross_stream else None
+            saved += (layer_flops(layer, n, n, None, m, None)
+                      - layer_flops(layer, n, n, 2, m, 2))
+            by_formula += 2 * (4 * n * n * d + 8 * n * dim * d)  # self: products, q/k/v/out
+            if m is not None:  # cross: products, q and out on n tokens, k and v on m keys
+                by_formula += 2 * (4 * n * m * d + 4 * n * dim * d + 4 * m * dim * d)
+    assert full - gated == 2 * saved == 2 * by_formula  # batch 2
+
+    with torch.no_grad():
+        out = model.infer(*inputs)
+        trimkit.set_mode(model, "masked")
+        masked = model.infer(*inputs)
+        trimkit.set_mode(model, "auto")
+    for key in ("text_feats", "image_feats", "cls_feats"):
+        torch.testing.assert_close(out[key], masked[key], atol=1e-5, rtol=0)
+
+    ctx = _applied(model).ctx
+    ctx.record_costs = True
+    with torch.no_grad():
+        model(*inputs)
+    for c in ctx.costs:
+        c.trimmers = 0.0
+    ratio = expected_ratio(desc, ctx)
+    untrimmed = sum(layer_flops(desc.streams[c.stream].layers[c.layer], tokens[c.stream],
+                                tokens[c.stream], None, tokens.get(desc.streams[c.stream]
+                                                                   .layers[c.layer].cross_stream))
+                    for c in ctx.costs)
+    torch.testing.assert_close((1 - ratio) * untrimmed, torch.full((2,), float(saved)),
+                               rtol=1e-5, atol=0)
 
 
 def test_layer_flops_matches_the_flop_counter_for_a_block():

@@ -13,6 +13,7 @@ from .adapter import Adapter, Undo
 from .describe import ModelDescription
 from .heads import head_importance as _head_importance
 from .heads import head_key_name, locate_heads, prunable_heads
+from .headskip import install_head_skipping
 from .registry import ADAPTERS, RECIPES, _load_builtins
 from .sites import MODES, LayerStats, Site, TrimContext
 from .state import TokenState
@@ -155,6 +156,12 @@ def apply(model: nn.Module, recipe: str = "tome", *, mode: str = "auto",
             site.ctx = ctx
             sites[(stream.name, i)] = site
     undo = adapter.install(model, desc, sites, ctx)
+    try:  # projections skip the heads a whole batch gated off (inference only)
+        undo += install_head_skipping(model, desc, sites)
+    except Exception:
+        for u in reversed(undo):
+            u()
+        raise
     container = nn.ModuleDict({f"{s}_{i}": site for (s, i), site in sites.items()})
     container.train(model.training)
     model.add_module(SITES_ATTR, container)

@@ -3,44 +3,67 @@
 The FLOPs of one described layer (multiply-adds counted twice, as
 `torch.utils.flop_counter` does), with D its width, d its head width (D/H unless
 ``LayerDesc.head_dim`` says otherwise), F its FFN width, n tokens entering its attention,
-n' leaving towards its FFN, h live heads, m keys of its cross-attention:
+n' leaving towards its FFN, h live heads of H, m keys of its cross-attention (with hc live
+heads of Hc):
 
-- self-attention: q, k, v and output projections ``8·n·D·I`` + scores and weighted sum
-  ``4·n²·d·h``, with ``I = H·d`` the attention's width (``D`` unless heads were pruned);
-- cross-attention: q and output ``4·n·D·I``, k and v on the other stream ``4·m·D·I``,
-  scores and weighted sum ``4·n·m·d·h``;
+- self-attention: q, k, v and output projections ``8·n·D·d·h'`` + scores and weighted sum
+  ``4·n²·d·h``;
+- cross-attention: q and output ``4·n·D·d·hc'``, k and v on the other stream
+  ``4·m·D·d·hc'``, scores and weighted sum ``4·n·m·d·hc``;
 - FFN: ``4·n'·D·F``.
 
-Head gates save the attention products only: a gated-off head's projections are still
-computed (they are one matmul per batch), so the model counts what execution skips. The
-trimmers' own FLOPs (`TokenOp.flops`) count on the trimmed side; embeddings and task heads,
-which no trimmer changes, are left out of both sides.
+``h'`` (``hc'``) is the heads whose projections run: the live heads where the layer's
+`HeadLayout` (``heads`` / ``cross_heads``) lets the engine skip a gated-off head's
+projections (`trimkit.headskip`), else all of them (``H·d`` is the attention's width,
+smaller than D once heads were pruned). Execution computes them anyway, and the model then
+counts less than is spent, for an ``nn.MultiheadAttention`` called with ``need_weights=True``,
+a projection shared between attentions, and the q, k, v of a layer whose ops record keys or
+query scores.
+
+The counts are per instance: the cost of one instance run alone (batch 1), which is what
+execution spends on it there, tokens and heads alike. A batch spends more where its
+instances differ: it is packed to its longest survivor, and a head is skipped (product and
+projections) only when every instance of the batch gated it off. In training nothing is
+skipped (masked execution, soft gates): the counts are the straight-through masks' values,
+so the ratio is the one this forward's decisions would achieve at inference, and its
+gradient reaches the trimmers. The trimmers' own FLOPs (`TokenOp.flops`) count on the
+trimmed side; embeddings and task heads, which no trimmer changes, are left out of both
+sides.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .describe import LayerDesc, ModelDescription
+from .describe import HeadLayout, LayerDesc, ModelDescription
 from .sites import TrimContext
 
 __all__ = ["expected_ratio", "layer_flops"]
 
 
+def _skips_projections(layout: HeadLayout | None) -> bool:
+    """Whether the engine skips a gated-off head's projections in an attention laid out so."""
+    return layout is not None and not layout.unsupported
+
+
 def layer_flops(layer: LayerDesc, n, n_out, heads=None, cross_keys=None, cross_heads=None):
     """FLOPs of ``layer`` for n tokens in, ``n_out`` out, ``heads`` live heads (``None``: all),
-    and ``cross_keys`` keys in its cross-attention (ignored without one). Works on floats and
-    on tensors alike (per-sample counts, with gradient)."""
+    and ``cross_keys`` keys in its cross-attention (ignored without one) with ``cross_heads``
+    live heads. Gated-off heads save their attention products, and their projections where
+    the layer's `HeadLayout` lets execution skip them. Works on floats and on tensors alike
+    (per-sample counts, with gradient)."""
     d_model, h_all = layer.dim, layer.num_heads
     d_head = layer.head_dim or d_model / h_all
-    inner = h_all * d_head  # the attention's width: smaller than D once heads are pruned
     mlp = layer.mlp_dim or 4 * d_model
     h = h_all if heads is None else heads
+    # the projections' width: H·d (smaller than D once heads are pruned), or the live heads'
+    inner = (h if _skips_projections(layer.heads) else h_all) * d_head
     flops = 8 * n * d_model * inner + 4 * n * n * d_head * h + 4 * n_out * d_model * mlp
     if layer.cross_attention is not None and cross_keys is not None:
         hc_all = layer.cross_num_heads or h_all
         hc = hc_all if cross_heads is None else cross_heads
-        m, inner_c = cross_keys, hc_all * d_head
+        m = cross_keys
+        inner_c = (hc if _skips_projections(layer.cross_heads) else hc_all) * d_head
         flops = (flops + 4 * n * d_model * inner_c + 4 * m * d_model * inner_c
                  + 4 * n * m * d_head * hc)
     return flops
@@ -49,8 +72,9 @@ def layer_flops(layer: LayerDesc, n, n_out, heads=None, cross_keys=None, cross_h
 def expected_ratio(desc: ModelDescription, ctx: TrimContext) -> torch.Tensor:
     """Per-sample ratio (B) of the last forward's cost of the described layers to their cost
     with nothing trimmed, from the soft counts recorded while ``ctx.record_costs`` was on.
-    In training the counts are the straight-through masks' values, so the ratio is the one
-    achieved by this forward and its gradient reaches the trimmers."""
+    Each sample is costed as if run alone (see the module docstring). In training the counts
+    are the straight-through masks' values, so the ratio is the one this forward's decisions
+    achieve at inference and its gradient reaches the trimmers."""
     if not ctx.costs:
         raise RuntimeError("no layer costs were recorded: set the context's record_costs and "
                            "run a forward of the trimmed model first")

@@ -198,8 +198,12 @@ class HeadTrimmer(TokenOp):
     one logit per head of the self-attention and, with ``cross_heads``, of the
     cross-attention. A gate multiplies
     its head's output before the output projection; at inference a head gated off in every
-    instance of the batch is not computed. ``budget`` keeps the top ``ceil(budget · H)``
-    heads per instance instead of thresholding."""
+    instance of the batch is not computed: neither its attention product nor, where the
+    layer's `HeadLayout` allows, its q/k/v and output projections (`trimkit.headskip`).
+    ``budget`` keeps the top ``ceil(budget · H)`` heads per instance instead of
+    thresholding."""
+
+    gates_heads = True
 
     def __init__(self, dim: int, heads: int, *, cross_heads: int = 0, hidden: int | None = None,
                  init_logit: float | None = 4.0, tau: float = 1.0, budget: float | None = None,

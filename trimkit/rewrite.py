@@ -19,6 +19,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from .headskip import linear_rows
 from .ops import additive_mask
 
 __all__ = [
@@ -317,7 +318,9 @@ def multihead_attention_forward(
     ``core(q, k, v, attn_mask, dropout_p, is_causal)`` (B×H×N×d) for the attention product
     and ``mha.out_proj`` called as a module. ``mha`` is an `nn.MultiheadAttention` or a
     module with the same attributes whose inner width ``num_heads · head_dim`` may differ
-    from its ``embed_dim`` (a head-pruned one)."""
+    from its ``embed_dim`` (a head-pruned one). A core with ``live_rows`` (a site's) may
+    name the heads it will read: the in-projection then computes only their rows, the
+    others zero (not with ``need_weights``)."""
     if not mha.batch_first:
         query, key, value = (t.transpose(0, 1) for t in (query, key, value))
     b, n = query.shape[:2]
@@ -328,10 +331,23 @@ def multihead_attention_forward(
         wq, wk, wv = mha.in_proj_weight.chunk(3)
     else:
         wq, wk, wv = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
+    # a core that skips heads gated off in the whole batch names the rows to compute
+    # (the returned weights would read every head's q and k)
+    live = None if need_weights else getattr(core, "live_rows", None)
     if mha._qkv_same_embed_dim and query is key and key is value:
-        q, k, v = F.linear(query, mha.in_proj_weight, bias).chunk(3, dim=-1)
+        rows = None if live is None else live(d, h, 3, qkv=True)
+        if rows is None:
+            qkv = F.linear(query, mha.in_proj_weight, bias)
+        else:
+            qkv = linear_rows(query, mha.in_proj_weight, bias, rows, 3 * h * d)
+        q, k, v = qkv.chunk(3, dim=-1)
     else:
-        q, k, v = F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
+        rows = None if live is None else live(d, h, 1, qkv=True)
+        projections = ((query, wq, bq), (key, wk, bk), (value, wv, bv))
+        if rows is None:
+            q, k, v = (F.linear(x, w, b_) for x, w, b_ in projections)
+        else:
+            q, k, v = (linear_rows(x, w, b_, rows, h * d) for x, w, b_ in projections)
     q, k, v = (t.unflatten(-1, (h, d)).transpose(1, 2) for t in (q, k, v))
     mask = _mha_mask(mha, b, n, m, q.dtype, attn_mask, key_padding_mask)
     if is_causal and mask is not None:

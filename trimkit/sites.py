@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .headskip import live_head_rows
 from .ops import (
     additive_mask,
     attention_bias,
@@ -44,6 +45,9 @@ class TokenOp(nn.Module):
     """
 
     needs: frozenset[str] = frozenset()
+    #: whether the op sets the site's head gates (``site.head_gates`` / ``cross_head_gates``);
+    #: the engine then lets the layer's projections skip the heads a whole batch gated off
+    gates_heads: bool = False
 
     def forward(self, state: TokenState, site: Site) -> TokenState:  # pragma: no cover
         raise NotImplementedError
@@ -172,13 +176,21 @@ class _Leave(_Point):
 
 
 class _Core(_Point):
+    cross = False
+
     def forward(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None):
-        return self.site.attend_(q, k, v, attn_mask, dropout_p, is_causal, scale)
+        return self.site.attend_(q, k, v, attn_mask, dropout_p, is_causal, scale,
+                                 cross=self.cross)
+
+    def live_rows(self, head_dim: int, num_heads: int, sections: int = 1, *,
+                  qkv: bool = False) -> torch.Tensor | None:
+        """The rows of this attention's projections that the next call computes
+        (`Site.live_rows`), for a forward that projects q, k, v itself."""
+        return self.site.live_rows(head_dim, num_heads, sections, cross=self.cross, qkv=qkv)
 
 
-class _CrossCore(_Point):
-    def forward(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None):
-        return self.site.attend_(q, k, v, attn_mask, dropout_p, is_causal, scale, cross=True)
+class _CrossCore(_Core):
+    cross = True
 
 
 def _soft_count(keep: torch.Tensor) -> torch.Tensor:
@@ -225,6 +237,9 @@ class Site(nn.Module):
         #: output before the output projection
         self.head_gates: torch.Tensor | None = None
         self.cross_head_gates: torch.Tensor | None = None
+        #: per attention (False: self, True: cross), the gates the live heads were read from,
+        #: the live heads, and their projection rows by (head width, heads, sections)
+        self._live: dict[bool, tuple[torch.Tensor, torch.Tensor | None, dict]] = {}
         object.__setattr__(self, "enter", _Enter(self))
         object.__setattr__(self, "core", _Core(self))
         object.__setattr__(self, "leave", _Leave(self))
@@ -254,6 +269,7 @@ class Site(nn.Module):
             return x
         state = self._state(x, real, entering=True)
         self.head_gates = self.cross_head_gates = None
+        self._live.clear()
         if self.cross_stream is not None:  # only cross-attending layers pair up
             self.ctx.entered[(self.stream, self.pair)] = state
         entering = _soft_count(state.keep) if self.ctx.record_costs else None
@@ -285,6 +301,40 @@ class Site(nn.Module):
                                             tokens_out=_soft_count(state.keep), **self._cost))
         self._tokens_in, self._cost = None, {}
         return state.x
+
+    def live_heads(self, cross: bool = False, *, qkv: bool = False) -> torch.Tensor | None:
+        """The heads (sorted long indices) that some instance of this forward's batch keeps,
+        where execution skips the others: at inference (compacted, gates without gradient),
+        trimming enabled, some head gated off in every instance. ``None``: every head runs.
+
+        ``qkv`` asks for the q, k, v projections, which compute every head while the site
+        records keys or query scores from its self-attention (they average over all heads).
+        The answer is read once per forward (one device sync) and kept with the gates."""
+        if qkv and not cross and self.needs:
+            return None
+        gates = self.cross_head_gates if cross else self.head_gates
+        if (gates is None or gates.requires_grad or not self.ctx.enabled
+                or not self.ctx.compacting(self.training)):
+            return None
+        live = self._live.get(cross)
+        if live is None or live[0] is not gates:
+            alive = (gates > 0).any(0)
+            idx = None if bool(alive.all()) else alive.nonzero()[:, 0]
+            live = self._live[cross] = (gates, idx, {})
+        return live[1]
+
+    def live_rows(self, head_dim: int, num_heads: int, sections: int = 1, *,
+                  cross: bool = False, qkv: bool = False) -> torch.Tensor | None:
+        """Indices along a projection's head-side dimension (``sections`` blocks of
+        ``num_heads · head_dim``) of the `live_heads`, or ``None`` while every head runs."""
+        idx = self.live_heads(cross, qkv=qkv)
+        if idx is None:
+            return None
+        rows = self._live[cross][2]
+        key = (head_dim, num_heads, sections)
+        if key not in rows:
+            rows[key] = live_head_rows(idx, head_dim, num_heads, sections)
+        return rows[key]
 
     def _query_row(self, q: torch.Tensor, state: TokenState) -> torch.Tensor:
         """The query whose attention scores tokens: the first token when it is protected
@@ -348,8 +398,10 @@ class Site(nn.Module):
                     rows, row_mask = _scoring_rows(q, attn_mask, state)
                 self.captured["query_scores"] = query_attention(rows, k, row_mask, s)
         gates = self.cross_head_gates if cross else self.head_gates
-        if gates is not None and not gates.requires_grad and self.ctx.compacting(self.training):
-            return _attend_live_heads(q, k, v, attn_mask, dropout_p, is_causal, scale, gates)
+        live = self.live_heads(cross)
+        if live is not None:
+            return _attend_live_heads(q, k, v, attn_mask, dropout_p, is_causal, scale, gates,
+                                      live)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                              is_causal=is_causal, scale=scale)
         if gates is not None:
@@ -377,23 +429,16 @@ def _scoring_rows(q: torch.Tensor, mask: torch.Tensor | None, state: TokenState
                                                                   mask.shape[-1]))
 
 
-def _attend_live_heads(q, k, v, attn_mask, dropout_p, is_causal, scale, gates: torch.Tensor):
-    """SDPA over the heads that some instance of the batch keeps (the union); a head gated off
-    in every instance is not computed, and gated-off heads give zeros."""
-    alive = (gates > 0).any(0)
+def _attend_live_heads(q, k, v, attn_mask, dropout_p, is_causal, scale, gates: torch.Tensor,
+                       live: torch.Tensor):
+    """SDPA over the heads ``live`` (those some instance of the batch keeps), gated; the other
+    heads are not computed (their q, k, v are never read) and give zeros."""
     heads = q.shape[1]
-    if bool(alive.all()):
-        idx = None
-    else:
-        idx = alive.nonzero()[:, 0]
-        q, k, v = q[:, idx], k[:, idx], v[:, idx]
-        if attn_mask is not None and attn_mask.dim() == 4 and attn_mask.shape[1] == heads > 1:
-            attn_mask = attn_mask[:, idx]
+    q, k, v = q[:, live], k[:, live], v[:, live]
+    if attn_mask is not None and attn_mask.dim() == 4 and attn_mask.shape[1] == heads > 1:
+        attn_mask = attn_mask[:, live]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                          is_causal=is_causal, scale=scale)
-    g = gates.to(out.dtype)
-    if idx is None:
-        return out * g[:, :, None, None]
-    out = out * g[:, idx, None, None]
+    out = out * gates.to(out.dtype)[:, live, None, None]
     full = out.new_zeros(out.shape[0], heads, *out.shape[2:])
-    return full.index_copy(1, idx, out)
+    return full.index_copy(1, live, out)

@@ -1,0 +1,161 @@
+"""Projections that skip the heads a whole batch gated off, at inference.
+
+A head trimmer gates a layer's heads per instance at the layer's entry (`Site.head_gates`,
+`Site.cross_head_gates`); the site's core then runs the attention product over the heads
+that some instance of the batch keeps (`Site.live_heads`). The functions here make the
+layer's projections follow, from the description's `HeadLayout`s:
+
+- a q, k, v (or fused qkv) projection, and a further per-head one, computes only the live
+  heads' rows and places them in a zero tensor of its full width, so the model's own code
+  still sees the shapes it expects (``(B, N, 3, H, d)`` reshapes and the like). A skipped
+  head's q, k and v are zeros that no attention product reads: the core runs over the
+  live heads only, and a head live in no instance has none;
+- the output projection reads only the live heads' columns. The others hold the skipped
+  heads' attention outputs, which the core set to zero, so leaving them out is exact.
+
+An ``nn.MultiheadAttention`` routed through a site's core (`trimkit.rewrite`) slices its
+in-projection inside the routed forward, asking the core for the rows (`linear_rows`); its
+``out_proj`` is handled here like any output projection.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .describe import ModelDescription
+
+if TYPE_CHECKING:
+    from .sites import Site
+
+__all__ = ["install_head_skipping", "linear_columns", "linear_rows", "live_head_rows"]
+
+Undo = Callable[[], None]
+
+
+def live_head_rows(heads: torch.Tensor, head_dim: int, num_heads: int,
+                   sections: int = 1) -> torch.Tensor:
+    """Indices, along a projection's head-side dimension, of the heads ``heads`` (a long
+    tensor, kept on its device): head ``h`` owns ``h·d:(h+1)·d`` of each of ``sections``
+    blocks of ``num_heads · d`` (3 for a fused q/k/v projection)."""
+    one = (heads[:, None] * head_dim
+           + torch.arange(head_dim, device=heads.device)).flatten()
+    if sections == 1:
+        return one
+    starts = torch.arange(sections, device=heads.device) * (num_heads * head_dim)
+    return (starts[:, None] + one[None]).flatten()
+
+
+def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                rows: torch.Tensor, width: int) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` computed at the output ``rows`` only, the other outputs
+    of the ``width`` zero."""
+    y = F.linear(x, weight.index_select(0, rows),
+                 None if bias is None else bias.index_select(0, rows))
+    out = y.new_zeros(*y.shape[:-1], width)
+    return out.index_copy_(out.dim() - 1, rows, y)
+
+
+def linear_columns(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   cols: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` reading the input ``cols`` only: exact where the other
+    inputs are zero."""
+    return F.linear(x.index_select(x.dim() - 1, cols), weight.index_select(1, cols), bias)
+
+
+class _LiveProjection:
+    """The forward installed on one projection (``nn.Linear``) of a gated attention: every
+    output as usual, or the live heads' rows (``side="out"``, q/k/v-like) or columns
+    (``side="in"``, the output projection) while the site skips heads."""
+
+    def __init__(self, linear: nn.Linear, site: Site, cross: bool, side: str, sections: int,
+                 head_dim: int, num_heads: int):
+        self.linear, self.site, self.cross, self.side = linear, site, cross, side
+        self.sections, self.head_dim, self.num_heads = sections, head_dim, num_heads
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lin = self.linear
+        rows = self.site.live_rows(self.head_dim, self.num_heads, self.sections,
+                                   cross=self.cross, qkv=self.side == "out")
+        if rows is None:
+            return F.linear(x, lin.weight, lin.bias)
+        if self.side == "out":
+            return linear_rows(x, lin.weight, lin.bias, rows, lin.out_features)
+        return linear_columns(x, lin.weight, lin.bias, rows)
+
+
+def _gates_heads(site: Site) -> bool:
+    return any(getattr(op, "gates_heads", False) for op in (*site.pre, *site.post))
+
+
+def install_head_skipping(model: nn.Module, desc: ModelDescription,
+                          sites: dict[tuple[str, int], Site]) -> list[Undo]:
+    """Give the projections of every attention whose site has an op that gates heads
+    (`TokenOp.gates_heads`) a forward that skips the heads gated off in the whole batch
+    (this instance's modules only); return what undoes it.
+
+    Attentions keep computing every head where their `HeadLayout` is missing, marked
+    ``unsupported`` or does not match the modules, for projections that another attention
+    uses too (weights shared across layers), and for ``nn.Linear`` subclasses with a forward
+    of their own or modules that already carry a per-instance forward.
+    """
+    from .heads import KINDS, locate_heads  # heads imports rewrite, which imports this module
+
+    found = {}
+    for stream in desc.streams.values():
+        for i, layer in enumerate(stream.layers):
+            for kind in KINDS:
+                layout = layer.heads if kind == "self" else layer.cross_heads
+                if kind == "cross" and layer.cross_attention is None:
+                    continue
+                if layout is None or layout.unsupported:
+                    continue
+                key = (stream.name, i, kind)
+                try:
+                    found[key] = locate_heads(model, desc, [key])[key]
+                except ValueError:
+                    continue
+    projections = {}
+    for key, heads in found.items():
+        if heads.multihead is not None:
+            # its in-projection is sliced by the routed forward; the module itself counts
+            # as a use so that sharing it is seen
+            projections[key] = [(heads.multihead, None, 1), (heads.out, "in", 1)]
+        else:
+            projections[key] = [(lin, side, sections)
+                                for lin, side, sections in heads.linears.values()]
+    uses = Counter(id(m) for projs in projections.values() for m, _, _ in projs)
+    undo: list[Undo] = []
+    try:
+        for key, projs in projections.items():
+            stream, i, kind = key
+            site = sites[(stream, i)]
+            if not _gates_heads(site):
+                continue
+            heads = found[key]
+            for module, side, sections in projs:
+                if (side is None or uses[id(module)] > 1 or "forward" in module.__dict__
+                        or not isinstance(module, nn.Linear)
+                        or type(module).forward is not nn.Linear.forward):
+                    continue
+                forward = _LiveProjection(module, site, kind == "cross", side, sections,
+                                          heads.head_dim, heads.num_heads)
+                module.__dict__["forward"] = forward
+                undo.append(_undo(module, forward))
+    except Exception:
+        for u in reversed(undo):
+            u()
+        raise
+    return undo
+
+
+def _undo(module: nn.Module, forward: _LiveProjection) -> Undo:
+    def undo() -> None:
+        if module.__dict__.get("forward") is forward:
+            del module.__dict__["forward"]
+    return undo
