@@ -83,7 +83,8 @@ class SmartTrim(Recipe):
                               "linearly from 1 to ratio (0: no scheduler)"),
         "lambda_sd": Option(1.0, "weight of the self-distillation KL"),
         "temperature": Option(1.0, "temperature of the self-distillation KL"),
-        "lambda_cost": Option(10.0, "weight of the cost loss (ratio - target)^2"),
+        "lambda_cost": Option(1000.0, "weight of the cost loss (ratio - target)^2; large, so "
+                                      "the achieved ratio lands on the target"),
         "lambda_hidden": Option(0.0, "weight of the hidden-state distillation MSE"),
         "teacher_loss": Option(True, "the untrimmed pass also gets its task loss and "
                                      "gradients (shared weights)"),

@@ -37,6 +37,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .learned import param_groups
+
 __all__ = [
     "LR_SCHEDULES",
     "Objective",
@@ -160,6 +162,7 @@ def train(model: nn.Module, train_loader: DataLoader, loss_fn: LossFn | None = N
           objective: Objective | None = None, forward: Forward | None = None,
           eval_loader: Iterable | None = None, eval_fn: EvalFn | None = None,
           steps: int | None = None, epochs: int = 1, lr: float = 1e-4,
+          trimmer_lr: float = 3e-3, threshold_lr: float | None = None,
           weight_decay: float = 0.0,
           optimizer: torch.optim.Optimizer | Callable[[list], torch.optim.Optimizer] | None = None,
           lr_schedule: str = "constant", warmup_steps: int = 0, grad_accum: int = 1,
@@ -174,7 +177,10 @@ def train(model: nn.Module, train_loader: DataLoader, loss_fn: LossFn | None = N
     `objective_for`'s: the applied recipe's own, else `TaskObjective`) and ``objective``.
     ``forward(model, batch)`` says how to call the model (default `default_forward`). The
     run lasts ``steps`` optimizer steps if given, else ``epochs`` passes over the loader;
-    one step is ``grad_accum`` micro-batches, the gradient being their mean. See
+    one step is ``grad_accum`` micro-batches, the gradient being their mean. With the
+    default optimizer (AdamW), learned trimmers, which start from scratch while the model
+    is only fine-tuned, train at ``trimmer_lr`` and their thresholds at ``threshold_lr``
+    (default 10 × ``trimmer_lr``; see `trimkit.learned.param_groups`). See
     docs/training.md for every argument, checkpoints and multi-process launches.
     """
     _check_args(train_loader, loss_fn, objective, steps, epochs, grad_accum, lr_schedule,
@@ -210,7 +216,10 @@ def train(model: nn.Module, train_loader: DataLoader, loss_fn: LossFn | None = N
     if not params:
         raise ValueError("the model has no parameter that requires grad")
     if optimizer is None:
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        groups = param_groups(model, lr, trimmer_lr=trimmer_lr,
+                              threshold_lr=10 * trimmer_lr if threshold_lr is None
+                              else threshold_lr)
+        optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     elif not isinstance(optimizer, torch.optim.Optimizer):
         optimizer = optimizer(params)
     bar = None
