@@ -40,16 +40,12 @@ from trimkit import (
     register_adapter,
 )
 from trimkit.adapter import Undo
-from trimkit.api import UnsupportedModelError
+from trimkit.api import UnsupportedConfigError
 from trimkit.bench import register_builder
 from trimkit.ops import restore_positions
 from trimkit.sites import Site, TrimContext
 
 IMAGE, TEXT = "image", "text"
-
-
-class UnsupportedConfigError(UnsupportedModelError):
-    """An open_clip model whose configuration trimkit cannot trim (raised before any change)."""
 
 
 def _types() -> dict[str, type] | None:

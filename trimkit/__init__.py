@@ -4,6 +4,7 @@ you already use, in one call: ``trimkit.apply(model, recipe="tome")``."""
 from .adapter import Adapter, install_fx_sites
 from .api import (
     ForwardStats,
+    UnsupportedConfigError,
     UnsupportedModelError,
     apply,
     count_flops,
@@ -48,6 +49,7 @@ __all__ = [
     "TokenState",
     "TrainResult",
     "TrimContext",
+    "UnsupportedConfigError",
     "UnsupportedModelError",
     "apply",
     "count_flops",

@@ -47,6 +47,11 @@ class UnsupportedModelError(TypeError):
     """No registered adapter recognises the model."""
 
 
+class UnsupportedConfigError(UnsupportedModelError):
+    """An adapter recognises the model's family but not this configuration of it (raised
+    before any change, so the model is left as it was)."""
+
+
 @dataclass
 class Applied:
     """What `apply` did to one model, kept on the instance so `remove` can undo it."""

@@ -50,7 +50,7 @@ from trimkit import (
     register_adapter,
 )
 from trimkit.adapter import Undo
-from trimkit.api import UnsupportedModelError
+from trimkit.api import UnsupportedConfigError
 from trimkit.ops import restore_positions
 from trimkit.sites import Site, TrimContext
 
@@ -59,11 +59,6 @@ from .attention import Binding, route_attention
 __all__ = ["HFAdapter", "UnsupportedConfigError", "pooled_positions"]
 
 IMAGE, TEXT = "image", "text"
-
-
-class UnsupportedConfigError(UnsupportedModelError):
-    """A transformers model whose configuration trimkit cannot trim (raised before any
-    change)."""
 
 
 @dataclass(frozen=True)
