@@ -34,16 +34,21 @@ class AttentionPrune(Recipe):
         except KeyError:
             raise ValueError(f"stream must be one of {sorted(desc.streams)}, "
                              f"got {options['stream']!r}") from None
-        depth = len(stream.layers)
+        # scores come from a layer's own attention: layers that only serve as another
+        # stream's keys (`LayerDesc.keys_only`) cannot prune
+        own = stream.attention_layers()
+        depth = len(own)
         layers = options["layers"]
         if layers is None:
-            layers = sorted({depth // 4, depth // 2, (3 * depth) // 4})
+            layers = sorted({own[depth // 4], own[depth // 2], own[(3 * depth) // 4]})
         if isinstance(layers, int):
             layers = [layers]
         bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, int)
-               or not 0 <= i < depth]
+               or i not in own]
         if bad:
-            raise ValueError(f"layers must be indices in [0, {depth}), got {bad!r}")
+            where = (f"in [0, {depth})" if own == list(range(depth))
+                     else f"among the layers that attend, {own}")
+            raise ValueError(f"layers must be indices {where}, got {bad!r}")
         return {(stream.name, i): SitePlan(post=[PruneByQueryScore(keep, bool(options["fuse"]))],
                                            proportional=bool(options["fuse"]))
                 for i in sorted(set(layers))}

@@ -145,7 +145,7 @@ class SmartTrim(Recipe):
                         other = _paired_dim(desc, layer)
                     ops.append(TokenTrimmer(layer.dim, other_dim=other, rank=options["rank"],
                                             budget=tok_budget, **common))
-                if name in heads:
+                if name in heads and not layer.keys_only:  # its heads are the reader's
                     cross = 0
                     if layer.cross_attention:
                         cross = layer.cross_num_heads or layer.num_heads

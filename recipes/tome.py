@@ -35,7 +35,8 @@ class ToMe(Recipe):
     name = "tome"
     summary = "Token merging by bipartite soft matching in every block (training-free)."
     options = {
-        "r": Option(8, "tokens merged per layer: an int, or a list with one int per layer"),
+        "r": Option(8, "tokens merged per layer: an int, or a list with one int per layer "
+                          "that attends (`StreamDesc.attention_layers`)"),
         "schedule": Option("constant", "'constant' or 'decreasing' (ToMe's inflection -0.5)"),
         "proportional": Option(True, "add log(size) to attention logits (proportional attention)"),
         "stream": Option(None, "which stream to merge (default: the only one, or 'image')"),
@@ -48,10 +49,12 @@ class ToMe(Recipe):
         except KeyError:
             raise ValueError(f"stream must be one of {sorted(desc.streams)}, "
                              f"got {options['stream']!r}") from None
-        rs = schedule(options["r"], len(stream.layers), options["schedule"])
+        # layers where the stream attends itself (matching uses that attention's keys)
+        layers = stream.attention_layers()
+        rs = schedule(options["r"], len(layers), options["schedule"])
         if stream.num_tokens is not None:
             n = stream.num_tokens - stream.num_protected
-            for i, r in enumerate(rs):
+            for i, r in zip(layers, rs, strict=True):
                 most = (n + 1) // 2 if n >= 2 else 0
                 if r > most:
                     raise ValueError(f"r={r} at layer {i} is larger than possible: {n} mergeable "
@@ -59,4 +62,4 @@ class ToMe(Recipe):
                 n -= r
         return {(stream.name, i): SitePlan(post=[MergeTokens(r)] if r else [],
                                            proportional=bool(options["proportional"]))
-                for i, r in enumerate(rs)}
+                for i, r in zip(layers, rs, strict=True)}

@@ -12,6 +12,9 @@ heads of Hc):
   ``4·m·D·d·hc'``, scores and weighted sum ``4·n·m·d·hc``;
 - FFN: ``4·n'·D·F``.
 
+A `LayerDesc.keys_only` layer costs nothing itself: its tokens are the keys ``m`` of the
+cross-attention that reads them, counted there.
+
 ``h'`` (``hc'``) is the heads whose projections run: the live heads where the layer's
 `HeadLayout` (``heads`` / ``cross_heads``) lets the engine skip a gated-off head's
 projections (`trimkit.headskip`), else all of them (``H·d`` is the attention's width,
@@ -52,6 +55,8 @@ def layer_flops(layer: LayerDesc, n, n_out, heads=None, cross_keys=None, cross_h
     live heads. Gated-off heads save their attention products, and their projections where
     the layer's `HeadLayout` lets execution skip them. Works on floats and on tensors alike
     (per-sample counts, with gradient)."""
+    if layer.keys_only:
+        return 0.0
     d_model, h_all = layer.dim, layer.num_heads
     d_head = layer.head_dim or d_model / h_all
     mlp = layer.mlp_dim or 4 * d_model

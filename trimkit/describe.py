@@ -72,6 +72,13 @@ class LayerDesc:
     - ``pair``: in a ``parallel`` model, the index that pairs this cross-attending layer
       with the other stream's cross-attending layer running beside it (default: its
       position in the stream; layers without cross-attention never pair).
+    - ``keys_only``: the stream computes nothing here; the layer of ``cross_stream`` paired
+      with it (by ``pair``) reads its tokens as the keys of a cross-attention (BLIP's text
+      encoder reading the image tokens). Ops at its site run at its entry and trim those
+      keys before that read, guided by ``cross_stream``; ``block`` is the reading layer,
+      ``attention`` names the cross-attention there, and its cost is counted where it is
+      read (`trimkit.cost`). Such a layer has no attention of its own: recipes that score
+      or match tokens with a layer's self-attention skip it.
     """
 
     block: str
@@ -91,6 +98,7 @@ class LayerDesc:
     cross_num_heads: int | None = None
     heads: HeadLayout | None = None
     cross_heads: HeadLayout | None = None
+    keys_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -116,6 +124,11 @@ class StreamDesc:
     num_protected: int = 1
     padded: bool = False
     positional: bool = False
+
+    def attention_layers(self) -> list[int]:
+        """Indices of the layers where the stream runs an attention of its own (every layer
+        but the `LayerDesc.keys_only` ones)."""
+        return [i for i, layer in enumerate(self.layers) if not layer.keys_only]
 
 
 @dataclass(frozen=True)

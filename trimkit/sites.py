@@ -122,6 +122,10 @@ class TrimContext:
     #: (self-distillation on hidden states compares a disabled pass with a trimmed one)
     observe: bool = False
     observed: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: streams that the forward under way does not read (an adapter sets this while, e.g.,
+    #: a text encoder runs without the image): `keys_state` gives ``None`` for them, so
+    #: no trimmer is guided by a stream the outputs must not depend on
+    absent: set[str] = field(default_factory=set)
 
     def compacting(self, training: bool) -> bool:
         return self.mode == "compacted" or (self.mode == "auto" and not training)
@@ -151,7 +155,10 @@ class TrimContext:
 
     def keys_state(self, stream: str, pair: int) -> TokenState | None:
         """The state of ``stream`` that describes the keys a cross-attention reads: as it
-        entered its layer paired with ``pair`` (side-by-side streams), else its latest."""
+        entered its layer paired with ``pair`` (side-by-side streams), else its latest;
+        ``None`` while the stream is `absent`."""
+        if stream in self.absent:
+            return None
         if self.parallel and (stream, pair) in self.entered:
             return self.entered[(stream, pair)]
         return self.states.get(stream)
