@@ -9,6 +9,10 @@ packs a batch to its longest survivor, so the batch decides), their ratio, the t
 the speedup, the speedup over the FLOPs ratio ("efficiency": 1.0 means no overhead of ours),
 and the activation peak memory of one forward.
 
+A builder may offer several timed calls of its model (`Tasks`: e.g. an encoder pass and a
+``generate``), each measured as its own row, and rows derived from two of them (`Derived`:
+the cost per generated token is generation minus encoding, over the tokens generated).
+
 A model spec is ``<prefix>:<name>[?key=value&...]``; the prefix picks a builder in
 `BUILDERS` and the query string becomes keyword arguments of that builder, each value parsed
 by `parse_value` (``kind:name?depth=2&img_size=64``). Adapters register
@@ -35,6 +39,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -47,7 +52,9 @@ from trimkit.registry import _load_builtins
 __all__ = [
     "ALIASES",
     "BUILDERS",
+    "Derived",
     "EXAMPLES",
+    "Tasks",
     "register_builder",
     "BenchSetupError",
     "Row",
@@ -67,7 +74,24 @@ class BenchSetupError(ValueError):
     """The model spec or the recipe and its options do not work (before anything is timed)."""
 
 
-Builder = Callable[..., tuple[nn.Module, MakeInputs]]
+Run = Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class Derived:
+    """A row computed from two tasks' medians: ``(of − minus) / per``, in time and FLOPs (e.g.
+    ``Derived("generate", "encode", 20)``: the cost of one of 20 generated tokens)."""
+
+    of: str
+    minus: str
+    per: float = 1.0
+
+
+#: task name → ``run(model, *inputs)``, or a `Derived` row; a builder returning none is timed
+#: as ``model(*inputs)``
+Tasks = dict[str, "Run | Derived"]
+
+Builder = Callable[..., "tuple[nn.Module, MakeInputs] | tuple[nn.Module, MakeInputs, Tasks]"]
 
 
 # ------------------------------------------------------------------------------ values, specs
@@ -139,12 +163,26 @@ def register_builder(prefix: str, builder: Builder, aliases: dict[str, str] | No
 def build_model(spec: str, device: str | torch.device = "cpu") -> tuple[nn.Module, MakeInputs]:
     """The model named by ``spec`` (eval mode, on ``device``) and ``make_inputs(batch_size)``,
     which returns the positional arguments of one forward (the same ones on every call)."""
+    model, make_inputs, _ = build_with_tasks(spec, device)
+    return model, make_inputs
+
+
+def _forward(model: nn.Module, *inputs: Any) -> Any:
+    return model(*inputs)
+
+
+def build_with_tasks(spec: str, device: str | torch.device = "cpu"
+                     ) -> tuple[nn.Module, MakeInputs, Tasks]:
+    """`build_model`, with the builder's `Tasks` (``{"": model(*inputs)}`` when it has
+    none)."""
     _load_builtins()
     prefix, name, kwargs = parse_spec(spec)
     if prefix not in BUILDERS:
         raise ValueError(f"unknown model kind {prefix!r} in {spec!r}; kinds: "
                          f"{', '.join(sorted(BUILDERS))}")
-    model, make = BUILDERS[prefix](name, **kwargs)
+    built = BUILDERS[prefix](name, **kwargs)
+    model, make = built[0], built[1]
+    tasks: Tasks = built[2] if len(built) > 2 else {"": _forward}
     device = torch.device(device)
     model = model.to(device)
 
@@ -152,7 +190,7 @@ def build_model(spec: str, device: str | torch.device = "cpu") -> tuple[nn.Modul
         return tuple(a.to(device) if isinstance(a, torch.Tensor) else a
                      for a in make(batch_size))
 
-    return model, make_inputs
+    return model, make_inputs, tasks
 
 
 # ------------------------------------------------------------------------------------- rows
@@ -179,6 +217,17 @@ class Row:
     repeats: int = 0
     times_base: list[float] = field(default_factory=list)  # seconds per forward
     times_trim: list[float] = field(default_factory=list)
+    #: which of the builder's timed calls (`Tasks`); empty for a plain forward
+    task: str = ""
+
+    @property
+    def ms_base(self) -> float:
+        """Median milliseconds per call, untrimmed."""
+        return self.batch_size / self.ips_base * 1e3
+
+    @property
+    def ms_trim(self) -> float:
+        return self.batch_size / self.ips_trim * 1e3
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -218,16 +267,17 @@ def memory_probe(spec: str, recipe: str | None, options: dict[str, Any], batch_s
     fresh one (see `probe_in_subprocess`) so nothing earlier inflates the peak."""
     if threads:
         torch.set_num_threads(threads)
-    model, make_inputs = build_model(spec)
+    model, make_inputs, tasks = build_with_tasks(spec)
+    run = next(t for t in tasks.values() if not isinstance(t, Derived))
     if recipe is not None:
         trimkit.apply(model, recipe, **options)
     inputs = make_inputs(batch_size)
     with torch.inference_mode():  # trace the trimmed forward once, at batch 1, first
-        model(*make_inputs(1))
+        run(model, *make_inputs(1))
     reset = _reset_peak_rss()
     before = _rss_bytes()
     with torch.inference_mode():
-        model(*inputs)
+        run(model, *inputs)
     return max(_peak_rss_bytes(reset) - before, 0)
 
 
@@ -247,7 +297,7 @@ def probe_in_subprocess(spec: str, recipe: str | None, options: dict[str, Any],
     return int(json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"])
 
 
-def _cuda_peak(model: nn.Module, inputs: tuple) -> int:
+def _cuda_peak(model: Callable[..., Any], inputs: tuple) -> int:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
@@ -259,7 +309,7 @@ def _cuda_peak(model: nn.Module, inputs: tuple) -> int:
 
 # ----------------------------------------------------------------------------------- timing
 
-def _timed(model: nn.Module, batches: list[tuple], cuda: bool) -> float:
+def _timed(model: Callable[..., Any], batches: list[tuple], cuda: bool) -> float:
     if cuda:
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -271,8 +321,8 @@ def _timed(model: nn.Module, batches: list[tuple], cuda: bool) -> float:
 
 
 def time_pair(
-    base: nn.Module,
-    trim: nn.Module,
+    base: Callable[..., Any],
+    trim: Callable[..., Any],
     inputs: tuple | list[tuple],
     *,
     warmup: int = 2,
@@ -325,7 +375,7 @@ def benchmark(
         torch.set_num_threads(threads)
     try:
         try:  # unknown kind, unknown model name, bad constructor keywords
-            base, make_inputs = build_model(spec, device)
+            base, make_inputs, tasks = build_with_tasks(spec, device)
         except (ValueError, RuntimeError, TypeError) as e:
             raise BenchSetupError(f"cannot build {spec!r}: {e}") from e
         trim = copy.deepcopy(base)
@@ -334,8 +384,9 @@ def benchmark(
         except (ValueError, trimkit.UnsupportedModelError) as e:
             raise BenchSetupError(str(e)) from e
         try:
-            return _measure(spec, recipe, options, base, trim, make_inputs, list(batch_sizes),
-                            warmup, repeats, threads, memory, torch.device(device), say)
+            return _measure(spec, recipe, options, base, trim, make_inputs, tasks,
+                            list(batch_sizes), warmup, repeats, threads, memory,
+                            torch.device(device), say)
         finally:
             if trimkit.is_applied(trim):  # one-shot recipes (prune_heads) install nothing
                 trimkit.remove(trim)
@@ -343,46 +394,70 @@ def benchmark(
         torch.set_num_threads(old_threads)
 
 
-def _measure(spec, recipe, options, base, trim, make_inputs, batch_sizes, warmup, repeats,
-             threads, memory, device, say) -> list[Row]:
+def _measure(spec, recipe, options, base, trim, make_inputs, tasks, batch_sizes, warmup,
+             repeats, threads, memory, device, say) -> list[Row]:
     cuda = device.type == "cuda"
     rows = []
     for bs in batch_sizes:
         inputs = make_inputs(bs)
-        # FLOPs of this very batch, per example: per-instance trimming packs a batch to its
-        # longest survivor (and computes a head some instance keeps), so batches differ
-        flops_base = trimkit.count_flops(base, *inputs) / bs
-        flops_trim = trimkit.count_flops(trim, *inputs) / bs
-        ratio = flops_base / flops_trim if flops_trim else float("nan")
-        tb, tt = time_pair(base, trim, inputs, warmup=warmup, repeats=repeats, device=device,
-                           progress=lambda i, b, t, bs=bs: say(
-                               f"batch {bs}: repeat {i + 1}/{repeats}: base {b * 1e3:.1f} ms, "
-                               f"trimmed {t * 1e3:.1f} ms"))
-        mb = mt = None
-        if memory:
-            if cuda:
-                mb, mt = _cuda_peak(base, inputs), _cuda_peak(trim, inputs)
+        done: dict[str, tuple[float, float, list[float], list[float]]] = {}
+        for n, (task, run) in enumerate(tasks.items()):
+            label = f"batch {bs}" + (f", {task}" if task else "")
+            if isinstance(run, Derived):
+                fb, ft, tb, tt = _derive(done, run, task)
             else:
-                say(f"batch {bs}: memory probes (fresh processes)")
-                mb = probe_in_subprocess(spec, None, {}, bs, threads)
-                mt = probe_in_subprocess(spec, recipe, options, bs, threads)
-            mb, mt = mb / 2**20, mt / 2**20
-        med_b, med_t = statistics.median(tb), statistics.median(tt)
-        speedup = med_b / med_t
-        rows.append(Row(
-            model=spec, recipe=recipe, options=options, device=str(device),
-            threads=torch.get_num_threads(), batch_size=bs,
-            gflops_base=flops_base / 1e9, gflops_trim=flops_trim / 1e9, flops_ratio=ratio,
-            ips_base=bs / med_b, ips_trim=bs / med_t, speedup=speedup,
-            efficiency=speedup / ratio, mem_base_mb=mb, mem_trim_mb=mt, repeats=repeats,
-            times_base=tb, times_trim=tt))
+                # FLOPs of this very batch, per example: per-instance trimming packs a batch
+                # to its longest survivor (and computes a head some instance keeps)
+                fb = trimkit.count_flops(partial(run, base), *inputs) / bs
+                ft = trimkit.count_flops(partial(run, trim), *inputs) / bs
+                tb, tt = time_pair(partial(run, base), partial(run, trim), inputs,
+                                   warmup=warmup, repeats=repeats, device=device,
+                                   progress=lambda i, b, t, label=label: say(
+                                       f"{label}: repeat {i + 1}/{repeats}: base "
+                                       f"{b * 1e3:.1f} ms, trimmed {t * 1e3:.1f} ms"))
+                done[task] = (fb, ft, tb, tt)
+            mb = mt = None
+            if memory and n == 0:  # the first task's forward
+                if cuda:
+                    mb, mt = _cuda_peak(partial(run, base), inputs), _cuda_peak(
+                        partial(run, trim), inputs)
+                else:
+                    say(f"{label}: memory probes (fresh processes)")
+                    mb = probe_in_subprocess(spec, None, {}, bs, threads)
+                    mt = probe_in_subprocess(spec, recipe, options, bs, threads)
+                mb, mt = mb / 2**20, mt / 2**20
+            ratio = fb / ft if ft else float("nan")
+            med_b, med_t = statistics.median(tb), statistics.median(tt)
+            speedup = med_b / med_t
+            rows.append(Row(
+                model=spec, recipe=recipe, options=options, device=str(device),
+                threads=torch.get_num_threads(), batch_size=bs,
+                gflops_base=fb / 1e9, gflops_trim=ft / 1e9, flops_ratio=ratio,
+                ips_base=bs / med_b, ips_trim=bs / med_t, speedup=speedup,
+                efficiency=speedup / ratio, mem_base_mb=mb, mem_trim_mb=mt, repeats=repeats,
+                times_base=tb, times_trim=tt, task=task))
     return rows
+
+
+def _derive(done: dict, d: Derived, task: str
+            ) -> tuple[float, float, list[float], list[float]]:
+    if d.of not in done or d.minus not in done:
+        raise BenchSetupError(f"task {task!r} derives from {d.of!r} and {d.minus!r}, which must "
+                              f"be measured before it")
+    (fb1, ft1, tb1, tt1), (fb0, ft0, tb0, tt0) = done[d.of], done[d.minus]
+
+    def per(a: list[float], b: list[float]) -> list[float]:
+        return [(x - y) / d.per for x, y in zip(a, b, strict=True)]
+
+    return (fb1 - fb0) / d.per, (ft1 - ft0) / d.per, per(tb1, tb0), per(tt1, tt0)
 
 
 # ------------------------------------------------------------------------------------ table
 
 _COLUMNS = [
     ("batch", "batch_size", "{}"),
+    ("ms base", "ms_base", "{:.1f}"),
+    ("ms trim", "ms_trim", "{:.1f}"),
     ("GFLOPs base", "gflops_base", "{:.2f}"),
     ("GFLOPs trim", "gflops_trim", "{:.2f}"),
     ("FLOPs ratio", "flops_ratio", "{:.3f}x"),
@@ -405,9 +480,10 @@ def format_table(rows: list[Row]) -> str:
         model, recipe, opts, dev, threads, repeats = key
         lines.append(f"model {model}  recipe {recipe}  options {opts}  device {dev}  "
                      f"threads {threads}  repeats {repeats} (median)")
-    header = [c[0] for c in _COLUMNS]
+    columns = ([("task", "task", "{}")] if any(r.task for r in rows) else []) + _COLUMNS
+    header = [c[0] for c in columns]
     body = [["-" if getattr(r, attr) is None else fmt.format(getattr(r, attr))
-             for _, attr, fmt in _COLUMNS] for r in rows]
+             for _, attr, fmt in columns] for r in rows]
     widths = [max(len(x) for x in col) for col in zip(header, *body, strict=True)]
     for cells in [header, *body]:
         lines.append("  ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True)))

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from trimkit.bench import register_builder
+from trimkit.bench import Derived, Tasks, register_builder
 
 __all__ = ["PRESETS", "bench_model"]
 
@@ -17,6 +17,12 @@ _CLIP_B16_TEXT = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers
                       num_attention_heads=8, max_position_embeddings=77)
 _CLIP_L14_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                       num_attention_heads=12, max_position_embeddings=77)
+
+# Salesforce's BLIP base checkpoints: a ViT-B/16 at 384 px and a BERT-base text encoder/decoder
+_BLIP_VISION = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                    num_attention_heads=12, image_size=384, patch_size=16)
+_BLIP_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                  num_attention_heads=12, vocab_size=30524, encoder_hidden_size=768)
 
 #: preset -> (family, vision or encoder config fields, text config fields for CLIP)
 PRESETS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
@@ -36,11 +42,15 @@ PRESETS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "vit-base-patch16-224": ("vit", dict(hidden_size=768, intermediate_size=3072,
                                          num_hidden_layers=12, num_attention_heads=12,
                                          image_size=224, patch_size=16), {}),
+    "blip-vqa-base": ("blip", _BLIP_VISION, _BLIP_TEXT),
+    "blip-image-captioning-base": ("blip", _BLIP_VISION, _BLIP_TEXT),
+    "blip-itm-base-coco": ("blip", _BLIP_VISION, _BLIP_TEXT),
 }
 
 
 def bench_model(name: str, tower: str = "vision", text_len: int = 16, seq_len: int = 128,
-                attn: str = "sdpa", **fields: Any) -> tuple[nn.Module, Callable[[int], tuple]]:
+                attn: str = "sdpa", new_tokens: int = 20, **fields: Any
+                ) -> tuple[nn.Module, Callable[[int], tuple]] | tuple[nn.Module, Callable, Tasks]:
     """A model of preset ``name`` (eval mode, random weights, attention implementation
     ``attn``) and ``make_inputs(batch_size)``; ``fields`` override config fields (of the
     vision config for CLIP's vision tower and full model, of the text config for its text
@@ -52,6 +62,7 @@ def bench_model(name: str, tower: str = "vision", text_len: int = 16, seq_len: i
       (masked out by ``attention_mask``).
     - BERT: ``BertModel`` on ``seq_len`` ids ([CLS], random ids, [SEP]), no padding.
     - ViT: ``ViTModel`` on random images.
+    - BLIP (`blip_model`): VQA, captioning or retrieval, timed per task.
     """
     from transformers import (
         BertConfig,
@@ -70,6 +81,8 @@ def bench_model(name: str, tower: str = "vision", text_len: int = 16, seq_len: i
         raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
     family, main, text = PRESETS[name]
     torch.manual_seed(0)
+    if family == "blip":
+        return blip_model(name, text_len=text_len, new_tokens=new_tokens, **fields)
     if family == "clip":
         if tower not in ("vision", "text", "both"):
             raise ValueError(f"tower must be 'vision', 'text' or 'both', got {tower!r}")
@@ -122,9 +135,79 @@ def bench_model(name: str, tower: str = "vision", text_len: int = 16, seq_len: i
     return model, make_inputs
 
 
+def blip_model(name: str, text_len: int = 16, new_tokens: int = 20, **fields: Any
+               ) -> tuple[nn.Module, Callable[[int], tuple], Tasks]:
+    """A BLIP of preset ``name`` (random weights; ``fields`` override vision config fields),
+    its inputs (random 384 px images; questions or captions of ``text_len`` random ids between
+    [CLS] and [SEP]) and its timed tasks:
+
+    - VQA: ``encode`` (the vision encoder, then the text encoder over the question, which
+      cross-attends to the image: what ``generate`` runs before decoding), ``generate`` of
+      ``new_tokens`` answer tokens, and ``per token`` (generation minus encoding, per token:
+      each step cross-attends to the encoded question);
+    - captioning: ``encode`` (the vision encoder), ``generate`` of ``new_tokens`` caption
+      tokens, ``per token`` (each step cross-attends to the image tokens that survived);
+    - retrieval: ``itm`` (image-text matching head) and ``itc`` (contrastive features).
+    """
+    from transformers import (
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipForImageTextRetrieval,
+        BlipForQuestionAnswering,
+    )
+
+    torch.manual_seed(0)
+    cls = {"blip-vqa-base": BlipForQuestionAnswering,
+           "blip-image-captioning-base": BlipForConditionalGeneration,
+           "blip-itm-base-coco": BlipForImageTextRetrieval}[name]
+    config = BlipConfig(vision_config=dict(_BLIP_VISION, **fields), text_config=_BLIP_TEXT)
+    model = cls(config).eval()
+    with torch.no_grad():  # BLIP starts its vision weights near zero: give them a real scale
+        for p in model.vision_model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.02)
+    size, text_cfg = config.vision_config.image_size, config.text_config
+    if not 1 <= text_len <= 64:
+        raise ValueError("text_len must be in [1, 64]")
+    fixed = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+
+    def make_inputs(batch_size: int) -> tuple:
+        g = torch.Generator().manual_seed(0)
+        pixels = torch.randn(batch_size, 3, size, size, generator=g)
+        if cls is BlipForConditionalGeneration:
+            return (pixels,)
+        ids = torch.randint(1000, text_cfg.vocab_size - 2, (batch_size, text_len + 2),
+                            generator=g)
+        ids[:, 0], ids[:, -1] = 101, text_cfg.sep_token_id
+        return ids, pixels, torch.ones_like(ids)
+
+    def encode_question(m: nn.Module, ids, pixels, mask) -> Any:
+        image = m.vision_model(pixel_values=pixels)[0]
+        return m.text_encoder(input_ids=ids, attention_mask=mask, encoder_hidden_states=image,
+                              return_dict=False)
+
+    gen = f"generate {new_tokens}"
+    tasks: Tasks
+    if cls is BlipForQuestionAnswering:
+        tasks = {"encode": encode_question,
+                 gen: lambda m, ids, px, mask: m.generate(input_ids=ids, pixel_values=px,
+                                                          attention_mask=mask, **fixed),
+                 "per token": Derived(gen, "encode", new_tokens)}
+    elif cls is BlipForConditionalGeneration:
+        tasks = {"encode": lambda m, px: m.vision_model(pixel_values=px),
+                 gen: lambda m, px: m.generate(pixel_values=px, **fixed),
+                 "per token": Derived(gen, "encode", new_tokens)}
+    else:
+        tasks = {"itm": lambda m, ids, px, mask: m(ids, px, True, mask),
+                 "itc": lambda m, ids, px, mask: m(ids, px, False, mask)}
+    return model, make_inputs, tasks
+
+
 register_builder("hf", bench_model, examples=[
     "--model hf:clip-vit-base-patch16 --recipe tome --r 8 --batch-size 1 16",
     '--model "hf:clip-vit-base-patch16?tower=text" --recipe attn_prune --stream text '
     "--keep-ratio 0.5 --layers 2,6",
     "--model hf:bert-base-uncased --recipe tome --stream text --r 8 --batch-size 8",
+    "--model hf:blip-vqa-base --recipe attn_prune --keep-ratio 0.5 --batch-size 1 4",
+    '--model "hf:blip-image-captioning-base?new_tokens=10" --recipe tome --r 16',
 ])
