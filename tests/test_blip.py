@@ -181,3 +181,53 @@ def test_causal_text_encoder_is_refused():
     ids, _, mask = inputs("vqa", 1, 6, False)
     with pytest.raises(RuntimeError, match="is_decoder"):
         model.text_encoder(input_ids=ids, attention_mask=mask, is_decoder=True)
+
+
+def test_bench_times_encoding_generation_and_each_generated_token():
+    from trimkit.bench import benchmark, format_table
+
+    spec = ("hf:blip-image-captioning-base?image_size=32&num_hidden_layers=2&text_layers=1"
+            "&new_tokens=2")
+    rows = benchmark(spec, "attn_prune", {"keep_ratio": 0.5, "layers": [0]}, [2], warmup=0,
+                     repeats=1, memory=False)
+    assert [r.task for r in rows] == ["encode", "generate 2", "per token"]
+    enc, gen, tok = rows
+    assert enc.gflops_trim < enc.gflops_base and gen.gflops_trim < gen.gflops_base
+    assert tok.gflops_base == pytest.approx((gen.gflops_base - enc.gflops_base) / 2)
+    # each decoding step cross-attends to 1 + 2 surviving image tokens instead of 1 + 4
+    assert tok.gflops_trim < tok.gflops_base
+    assert tok.times_base == pytest.approx([(g - e) / 2 for g, e in
+                                            zip(gen.times_base, enc.times_base, strict=True)])
+    table = format_table(rows)
+    assert "per token" in table and "ms base" in table
+
+
+def vqa_forward(model: torch.nn.Module, batch: tuple) -> object:
+    """VQA with teacher-forced answers, returning the decoder's output (``.loss`` and
+    ``.logits``): BLIP's own VQA forward returns no logits to distil."""
+    ids, pixels, mask, answers = batch
+    image = model.vision_model(pixel_values=pixels)[0]
+    question = model.text_encoder(input_ids=ids, attention_mask=mask,
+                                  encoder_hidden_states=image)[0]
+    return model.text_decoder(input_ids=answers, encoder_hidden_states=question, labels=answers)
+
+
+def test_trimkit_train_fine_tunes_smarttrim_on_vqa():
+    model = make("vqa_model")
+    trimkit.apply(model, "smarttrim", ratio=0.5, warmup=0.0)
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(3):
+        ids, pixels, mask = inputs("vqa", 2, 6, True, seed=int(torch.randint(9, (1,), generator=g)))
+        answers = torch.randint(3, 40, (2, 3), generator=g)
+        answers[:, 0] = model.config.text_config.bos_token_id
+        batches.append((ids, pixels, mask, answers))
+    before = [t.bias.detach().clone() for t in model.modules()
+              if isinstance(t, trimkit.learned.TokenTrimmer)]
+    loader = torch.utils.data.DataLoader(batches, batch_size=None)
+    result = trimkit.train(model, loader, lambda out, batch: out.loss, forward=vqa_forward,
+                           steps=3, progress=False, cpu=True)
+    after = [t.bias.detach() for t in model.modules()
+             if isinstance(t, trimkit.learned.TokenTrimmer)]
+    assert all(float(b - a) < 0 for a, b in zip(before, after, strict=True))  # toward 0.5
+    assert "ratio" in result.history[-1] and "sd" in result.history[-1]

@@ -135,10 +135,11 @@ def bench_model(name: str, tower: str = "vision", text_len: int = 16, seq_len: i
     return model, make_inputs
 
 
-def blip_model(name: str, text_len: int = 16, new_tokens: int = 20, **fields: Any
+def blip_model(name: str, text_len: int = 16, new_tokens: int = 20,
+               text_layers: int | None = None, **fields: Any
                ) -> tuple[nn.Module, Callable[[int], tuple], Tasks]:
     """A BLIP of preset ``name`` (random weights; ``fields`` override vision config fields),
-    its inputs (random 384 px images; questions or captions of ``text_len`` random ids between
+    ``text_layers`` overrides the text towers' depth; its inputs (random 384 px images; questions or captions of ``text_len`` random ids between
     [CLS] and [SEP]) and its timed tasks:
 
     - VQA: ``encode`` (the vision encoder, then the text encoder over the question, which
@@ -160,7 +161,9 @@ def blip_model(name: str, text_len: int = 16, new_tokens: int = 20, **fields: An
     cls = {"blip-vqa-base": BlipForQuestionAnswering,
            "blip-image-captioning-base": BlipForConditionalGeneration,
            "blip-itm-base-coco": BlipForImageTextRetrieval}[name]
-    config = BlipConfig(vision_config=dict(_BLIP_VISION, **fields), text_config=_BLIP_TEXT)
+    text = dict(_BLIP_TEXT) if text_layers is None else dict(_BLIP_TEXT,
+                                                              num_hidden_layers=text_layers)
+    config = BlipConfig(vision_config=dict(_BLIP_VISION, **fields), text_config=text)
     model = cls(config).eval()
     with torch.no_grad():  # BLIP starts its vision weights near zero: give them a real scale
         for p in model.vision_model.parameters():
