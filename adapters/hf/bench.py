@@ -138,9 +138,9 @@ def bench_model(name: str, tower: str = "vision", text_len: int = 16, seq_len: i
 def blip_model(name: str, text_len: int = 16, new_tokens: int = 20,
                text_layers: int | None = None, **fields: Any
                ) -> tuple[nn.Module, Callable[[int], tuple], Tasks]:
-    """A BLIP of preset ``name`` (random weights; ``fields`` override vision config fields),
-    ``text_layers`` overrides the text towers' depth; its inputs (random 384 px images; questions or captions of ``text_len`` random ids between
-    [CLS] and [SEP]) and its timed tasks:
+    """A BLIP of preset ``name`` (random weights; ``fields`` override vision config fields,
+    ``text_layers`` the text towers' depth), its inputs (random 384 px images; questions of
+    ``text_len`` random ids between [CLS] and [SEP]) and its timed tasks:
 
     - VQA: ``encode`` (the vision encoder, then the text encoder over the question, which
       cross-attends to the image: what ``generate`` runs before decoding), ``generate`` of
