@@ -231,3 +231,16 @@ def test_trimkit_train_fine_tunes_smarttrim_on_vqa():
              if isinstance(t, trimkit.learned.TokenTrimmer)]
     assert all(float(b - a) < 0 for a, b in zip(before, after, strict=True))  # toward 0.5
     assert "ratio" in result.history[-1] and "sd" in result.history[-1]
+
+
+def test_vision_heads_gated_off_skip_their_projections():
+    model = make("caption_model", heads=4)
+    pixels = inputs("caption", 2, 0, False)[0]
+    full = trimkit.count_flops(model, pixels, input_ids=torch.tensor([[50, 7]] * 2))
+    trimkit.apply(model, "smarttrim", tokens=False, budget=0.5, layers={"image": [0, 1]})
+    attn = model.vision_model.encoder.layers[0].self_attn
+    assert "forward" in attn.qkv.__dict__ and "forward" in attn.projection.__dict__
+    gated = trimkit.count_flops(model, pixels, input_ids=torch.tensor([[50, 7]] * 2))
+    # half the heads: their qkv rows and projection columns are not computed
+    qkv_and_out = 2 * 2 * 17 * 32 * (3 * 32 + 32) // 2
+    assert full - gated >= qkv_and_out

@@ -30,6 +30,10 @@ class HeadLayout:
     - ``widths``: attributes holding the inner width ``H·d``; set to ``kept·d``.
     - ``unsupported``: why this attention's heads cannot be pruned (e.g. a LayerNorm over
       all heads' outputs mixes them); selecting it is then a `ValueError` with this reason.
+    - ``unprunable``: why heads cannot be removed from the weights here, although execution
+      may skip a gated-off head's projections (`trimkit.headskip`): e.g. the family's own
+      forward derives the head width from the model width, so a pruned module would not
+      run without trimkit. Selecting it for pruning is a `ValueError` with this reason.
     """
 
     multihead: str | None = None
@@ -42,6 +46,7 @@ class HeadLayout:
     counts: tuple[str, ...] = ()
     widths: tuple[str, ...] = ()
     unsupported: str | None = None
+    unprunable: str | None = None
 
 
 @dataclass(frozen=True)

@@ -276,7 +276,7 @@ def prunable_heads(desc: ModelDescription, streams: Iterable[str] | None = None,
                 continue
             for kind in KINDS if cross else ("self",):
                 layout, _ = _layout_of(layer, kind)
-                if layout is not None and not layout.unsupported:
+                if layout is not None and not (layout.unsupported or layout.unprunable):
                     keys.append((name, i, kind))
     return keys
 
@@ -534,6 +534,11 @@ def prune_heads(model: nn.Module, desc: ModelDescription,
     and an ``nn.MultiheadAttention`` becomes a `PrunedMultiheadAttention`. Everything is
     checked and every new module built before the first is installed, so an error changes
     nothing. New modules hold new parameters: build an optimizer afterwards."""
+    for key in keep:
+        layout, _ = _layout_of(desc.streams[key[0]].layers[key[1]], key[2])
+        if layout is not None and layout.unprunable:
+            raise ValueError(f"{head_key_name(key)}: heads cannot be pruned here: "
+                             f"{layout.unprunable}")
     heads = locate_heads(model, desc, keep)
     swaps: list[tuple[nn.Module, str, nn.Module]] = []
     sets: list[tuple[Any, str, int]] = []

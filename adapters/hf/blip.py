@@ -32,7 +32,8 @@ and its answers match each question run alone.
 
 Static head pruning: the text encoder's self- and cross-attention heads. The vision
 attention's own forward derives its head width from the model width, so a vision layer with
-fewer heads would not run: those heads are gated per instance (SmartTrim) but not pruned.
+fewer heads would not run: those heads are gated per instance (SmartTrim), and a head gated
+off in a whole batch skips its projections too, but they are not pruned.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ IMAGE, TEXT = "image", "text"
 
 _VISION_HEADS = HeadLayout(
     qkv="self_attn.qkv", out="self_attn.projection", counts=("self_attn.num_heads",),
-    unsupported="BLIP's vision attention derives its head width from the model width in its "
+    unprunable="BLIP's vision attention derives its head width from the model width in its "
                 "own forward, so a layer with fewer heads would not run")
 
 
