@@ -78,9 +78,10 @@ class LayerDesc:
       with the other stream's cross-attending layer running beside it (default: its
       position in the stream; layers without cross-attention never pair).
     - ``keys_only``: the stream computes nothing here; the layer of ``cross_stream`` paired
-      with it (by ``pair``) reads its tokens as the keys of a cross-attention (BLIP's text
-      encoder reading the image tokens). Ops at its site run at its entry and trim those
-      keys before that read, guided by ``cross_stream``; ``block`` is the reading layer,
+      with it (by ``pair``) reads its tokens as the keys of a cross-attention (a text
+      encoder reading image tokens that have no layers of their own there). Ops at its
+      site run at its entry and trim those keys before that read, guided by
+      ``cross_stream``; ``block`` is the reading layer,
       ``attention`` names the cross-attention there, and its cost is counted where it is
       read (`trimkit.cost`). Such a layer has no attention of its own: recipes that score
       or match tokens with a layer's self-attention skip it.

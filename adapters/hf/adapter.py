@@ -195,6 +195,17 @@ def pooled_positions(input_ids: torch.Tensor, eos_token_id: int | None) -> torch
     return (ids == eos_token_id).int().argmax(dim=-1)
 
 
+def padding_mask(mask: torch.Tensor | None, owner: str) -> torch.Tensor | None:
+    """B×N bool, True on real tokens, from a tower's 2D ``attention_mask`` (``None`` stays
+    ``None``); any other shape is a `ValueError` naming ``owner``."""
+    if mask is None:
+        return None
+    if mask.dim() != 2:
+        raise ValueError(f"trimkit reads padding from a 2D attention_mask (B×N, 1 on real "
+                         f"tokens); the {owner} got one of shape {tuple(mask.shape)}")
+    return mask.to(torch.bool)
+
+
 def _in_place(src: torch.Tensor, real: torch.Tensor | None) -> bool:
     """Whether every real entry token still sits in its own slot, alone (``src``: B×N0 source
     of a state of N0 slots)."""
@@ -239,14 +250,9 @@ def _tower_hooks(tower: _Tower, ctx: TrimContext, entry: _Entry) -> list[Undo]:
         if not ctx.enabled:
             return
         bound = signature.bind_partial(*args, **kwargs).arguments
-        mask = bound.get("attention_mask")
-        real = protected = None
-        if mask is not None:
-            if mask.dim() != 2:
-                raise ValueError(f"trimkit reads padding from a 2D attention_mask (B×N, 1 on "
-                                 f"real tokens); the {tower.name} got one of shape "
-                                 f"{tuple(mask.shape)}")
-            real = mask.to(torch.bool)
+        real = padding_mask(bound.get("attention_mask"), tower.name)
+        protected = None
+        if real is not None:
             entry.real = real
             if ctx.compacting(module.training) and not bool(real.all()):
                 entry.in_place = None  # known once the padding was compacted
@@ -279,13 +285,15 @@ def _restore(x: torch.Tensor, stream: str, ctx: TrimContext, entry: _Entry) -> t
     return restore_positions(state, x)
 
 
-def _replace_first(output: object, x: torch.Tensor) -> object:
+def replace_first_output(output: object, x: torch.Tensor) -> object:
+    """A module's output with its hidden states (the first element of a tuple) replaced."""
     if isinstance(output, tuple):
         return (x, *output[1:])
     return x
 
 
-def _first(output: object) -> torch.Tensor:
+def first_output(output: object) -> torch.Tensor:
+    """A module's hidden states: the output itself, or the first element of a tuple."""
     return output[0] if isinstance(output, tuple) else output
 
 
@@ -315,19 +323,19 @@ def _layer_hooks(tower: _Tower, layer_index: int, layer: nn.Module, site: Site, 
 
     if not kind.residual:
         def leave_child(module: nn.Module, args: tuple, output: object) -> object:
-            return _replace_first(output, site.leave(_first(output)))
+            return replace_first_output(output, site.leave(first_output(output)))
 
         child = layer.get_submodule(kind.leave_after)
         handles.append(child.register_forward_hook(leave_child, prepend=True))
 
     if kind.residual or last:
         def leave(module: nn.Module, args: tuple, output: object) -> object:
-            x = _first(output)
+            x = first_output(output)
             if kind.residual:
                 x = site.leave(x)
             if last and ctx.enabled:
                 x = _restore(x, kind.stream, ctx, entry)
-            return _replace_first(output, x)
+            return replace_first_output(output, x)
 
         handles.append(layer.register_forward_hook(leave, prepend=True))
     return [h.remove for h in handles]

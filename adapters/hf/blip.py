@@ -58,7 +58,11 @@ from trimkit import (
 )
 from trimkit.adapter import Undo
 from trimkit.api import UnsupportedConfigError
+from trimkit.ops import additive_mask
+from trimkit.rewrite import Patch
 from trimkit.sites import Site, TrimContext
+
+from .adapter import first_output, padding_mask, replace_first_output
 
 __all__ = ["BlipAdapter"]
 
@@ -175,48 +179,52 @@ def _set_forward(module: nn.Module, forward: Callable) -> Undo:
         raise UnsupportedConfigError(f"a {type(module).__name__} of this BLIP model already has "
                                      f"a per-instance forward; nothing was changed")
     module.__dict__["forward"] = forward
-
-    def undo() -> None:
-        if module.__dict__.get("forward") is forward:
-            del module.__dict__["forward"]
-    return undo
-
-
-def _first(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
-
-
-def _replace_first(output: Any, x: torch.Tensor) -> Any:
-    return (x, *output[1:]) if isinstance(output, tuple) else x
+    return Patch(module, forward).undo
 
 
 # --------------------------------------------------------------------- outputs and key masks
 
 class _Outputs:
-    """The towers' latest outputs and their live tokens (B×N bool), by tensor identity, so a
-    decoder that cross-attends to one masks its dead slots."""
+    """The towers' latest outputs, by tensor identity, with their dead slots, so a decoder that
+    cross-attends to one masks them. Whether an output has dead slots is read once, when it
+    is recorded; the key bias a decoder adds is built once per tensor it reads (``generate``
+    passes the same one at every step)."""
 
     def __init__(self) -> None:
-        self._by_id: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+        #: id -> (output, its live tokens B×N bool, or None when all are live)
+        self._by_id: dict[int, tuple[weakref.ref, torch.Tensor | None]] = {}
         self.pending: torch.Tensor | None = None  # set while a decoder's generate runs
+        self._bias: tuple[weakref.ref, torch.Tensor | None] | None = None
 
     def record(self, x: torch.Tensor, live: torch.Tensor) -> None:
         self._by_id = {k: v for k, v in self._by_id.items() if v[0]() is not None}
-        self._by_id[id(x)] = (weakref.ref(x), live)
+        self._by_id[id(x)] = (weakref.ref(x), None if bool(live.all()) else live)
 
-    def live(self, x: torch.Tensor | None) -> torch.Tensor | None:
-        """The live mask of ``x`` if it is a recorded output, or of the one ``generate``
-        expanded into ``x`` (repeated per beam or sample, as generate does)."""
+    def find(self, x: torch.Tensor | None) -> tuple[bool, torch.Tensor | None]:
+        """Whether ``x`` is a recorded output, and its live mask (``None``: all live)."""
+        got = self._by_id.get(id(x)) if x is not None else None
+        if got is not None and got[0]() is x:
+            return True, got[1]
+        return False, None
+
+    def key_bias(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        """B×1×1×N additive bias on the dead slots of ``x``: a recorded output, or one that
+        ``generate`` expanded from it (repeated per beam or sample); ``None`` if there are
+        none."""
         if x is None:
             return None
-        got = self._by_id.get(id(x))
-        if got is not None and got[0]() is x:
-            return got[1]
+        if self._bias is not None and self._bias[0]() is x:
+            return self._bias[1]
+        found, live = self.find(x)
         p = self.pending
-        if (p is not None and x.dim() == 3 and x.shape[1] == p.shape[1]
+        if (not found and p is not None and x.dim() == 3 and x.shape[1] == p.shape[1]
                 and x.shape[0] % p.shape[0] == 0):
-            return p.repeat_interleave(x.shape[0] // p.shape[0], dim=0)
-        return None
+            live = p.repeat_interleave(x.shape[0] // p.shape[0], dim=0)
+        bias = None
+        if live is not None:
+            bias = additive_mask(live.to(x.device), x.dtype)[:, None, None, :]
+        self._bias = (weakref.ref(x), bias)
+        return bias
 
 
 def _record_output(outputs: _Outputs, stream: str, ctx: TrimContext, output: Any) -> None:
@@ -239,14 +247,7 @@ def _decoder_hooks(decoder: nn.Module, outputs: _Outputs) -> list[Undo]:
 
     def before(module: nn.Module, args: tuple, kwargs: dict) -> None:
         bound = signature.bind_partial(*args, **kwargs).arguments
-        live = outputs.live(bound.get("encoder_hidden_states"))
-        mask = None
-        if live is not None and not bool(live.all()):
-            ehs = bound["encoder_hidden_states"]
-            mask = torch.zeros(live.shape, dtype=ehs.dtype, device=ehs.device)
-            mask = mask.masked_fill(~live.to(ehs.device), torch.finfo(ehs.dtype).min)
-            mask = mask[:, None, None, :]
-        current["mask"] = mask
+        current["mask"] = outputs.key_bias(bound.get("encoder_hidden_states"))
 
     def after(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
         current["mask"] = None
@@ -268,7 +269,7 @@ def _decoder_hooks(decoder: nn.Module, outputs: _Outputs) -> list[Undo]:
     generate = decoder.generate
 
     def generate_masked(*args: Any, **kwargs: Any) -> Any:
-        outputs.pending = outputs.live(kwargs.get("encoder_hidden_states"))
+        outputs.pending = outputs.find(kwargs.get("encoder_hidden_states"))[1]
         try:
             return generate(*args, **kwargs)
         finally:
@@ -397,7 +398,7 @@ def _install_vision(vision: nn.Module, sites: dict[tuple[str, int], Site], ctx: 
             return args, dict(kwargs, hidden_states=site.enter(kwargs["hidden_states"]))
 
         def leave(module: nn.Module, args: tuple, output: Any, site: Site = site) -> Any:
-            return _replace_first(output, site.leave(_first(output)))
+            return replace_first_output(output, site.leave(first_output(output)))
 
         handles.append(layer.register_forward_pre_hook(enter, with_kwargs=True, prepend=True))
         handles.append(layer.register_forward_hook(leave, prepend=True))
@@ -433,21 +434,16 @@ def _install_text(text: nn.Module, sites: dict[tuple[str, int], Site], keys: dic
         if bound.get("is_decoder"):
             raise RuntimeError("trimkit trims BLIP's text encoder bidirectionally; it cannot "
                                "run as a causal decoder (is_decoder=True) while trimmed")
-        mask = bound.get("attention_mask")
-        if mask is not None:
-            if mask.dim() != 2:
-                raise ValueError(f"trimkit reads padding from a 2D attention_mask (B×N, 1 on "
-                                 f"real tokens); BLIP's text encoder got one of shape "
-                                 f"{tuple(mask.shape)}")
-            ctx.entry[TEXT] = (mask.to(torch.bool), None)
+        real = padding_mask(bound.get("attention_mask"), "BLIP's text encoder")
+        if real is not None:
+            ctx.entry[TEXT] = (real, None)
         ehs = bound.get("encoder_hidden_states")
         call.cross = ehs is not None and has_image
         if not call.cross:
             ctx.absent.add(IMAGE)  # encoded alone: no trimmer may read the image
             return
         state = ctx.states.get(IMAGE)
-        known = outputs.live(ehs) is not None
-        if known and state is not None and state.keep.shape == ehs.shape[:2]:
+        if outputs.find(ehs)[0] and state is not None and state.keep.shape == ehs.shape[:2]:
             ctx.states[IMAGE] = state.with_x(ehs)  # the vision tower's output, trimmed
         else:  # image tokens from elsewhere: they enter here
             real = bound.get("encoder_attention_mask")
@@ -495,10 +491,10 @@ def _install_text(text: nn.Module, sites: dict[tuple[str, int], Site], keys: dic
                        described_cross: bool = described_cross) -> Any:
             if call.cross and described_cross:
                 return None  # this call trims after the cross-attention
-            return _replace_first(output, site.leave(_first(output)))
+            return replace_first_output(output, site.leave(first_output(output)))
 
         def leave_cross(module: nn.Module, args: tuple, output: Any, site: Site = site) -> Any:
-            return _replace_first(output, site.leave(_first(output)))
+            return replace_first_output(output, site.leave(first_output(output)))
 
         handles.append(layer.register_forward_pre_hook(enter, with_kwargs=True, prepend=True))
         if described_cross:
