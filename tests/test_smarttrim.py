@@ -208,6 +208,29 @@ def test_a_head_off_in_every_instance_is_not_computed():
         torch.testing.assert_close(model(x), vit(heads=4)(x), atol=0, rtol=0)
 
 
+
+def test_sliced_projection_weights_are_reused_and_follow_weight_changes():
+    """Batches that keep the same heads reuse the sliced weights (no copy per forward); an
+    in-place change of the weights is seen at the next forward."""
+    model = trimkit.apply(vit(heads=4), "smarttrim", tokens=False, layers=[1])
+    gate_half_of_the_heads_off(model)
+    x = images(2)
+    qkv = model.blocks[1].attn.qkv
+    with torch.no_grad():
+        first = model(x)
+        (w, _), = qkv.forward._cache.values()
+        second = model(x)
+        (w2, _), = qkv.forward._cache.values()
+        assert w2 is w and torch.equal(first, second)
+        qkv.weight.mul_(0.5)
+        changed = model(x)
+        (w3, _), = qkv.forward._cache.values()
+        assert w3 is not w
+        trimkit.set_mode(model, "masked")  # computes every head from the weights as they are
+        torch.testing.assert_close(changed, model(x), atol=1e-5, rtol=0)
+    assert not torch.allclose(changed, first)
+
+
 def test_meter_skips_gated_off_heads_in_self_and_cross_attention():
     """METER, with head trimmers in a CLIP tower layer (nn.MultiheadAttention, routed through
     the core) and in the fusion layers (self-attention, and cross-attention whose k and v

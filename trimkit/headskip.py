@@ -33,9 +33,13 @@ from .describe import ModelDescription
 if TYPE_CHECKING:
     from .sites import Site
 
-__all__ = ["install_head_skipping", "linear_columns", "linear_rows", "live_head_rows"]
+__all__ = ["CACHED_HEAD_SETS", "install_head_skipping", "linear_columns", "linear_rows",
+           "live_head_rows", "place_rows"]
 
 Undo = Callable[[], None]
+
+#: how many sets of live heads a gated projection keeps sliced weights for
+CACHED_HEAD_SETS = 4
 
 
 def live_head_rows(heads: torch.Tensor, head_dim: int, num_heads: int,
@@ -57,6 +61,11 @@ def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     of the ``width`` zero."""
     y = F.linear(x, weight.index_select(0, rows),
                  None if bias is None else bias.index_select(0, rows))
+    return place_rows(y, rows, width)
+
+
+def place_rows(y: torch.Tensor, rows: torch.Tensor, width: int) -> torch.Tensor:
+    """``y`` (outputs at ``rows`` only) placed in zeros of the full ``width``."""
     out = y.new_zeros(*y.shape[:-1], width)
     return out.index_copy_(out.dim() - 1, rows, y)
 
@@ -71,22 +80,52 @@ def linear_columns(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 class _LiveProjection:
     """The forward installed on one projection (``nn.Linear``) of a gated attention: every
     output as usual, or the live heads' rows (``side="out"``, q/k/v-like) or columns
-    (``side="in"``, the output projection) while the site skips heads."""
+    (``side="in"``, the output projection) while the site skips heads.
+
+    Outside autograd the sliced weights are kept per set of live heads (the last
+    `CACHED_HEAD_SETS`), so batches that keep the same heads copy no weights; a change of
+    the weights (an optimizer step, ``load_state_dict``) empties the cache."""
 
     def __init__(self, linear: nn.Linear, site: Site, cross: bool, side: str, sections: int,
                  head_dim: int, num_heads: int):
         self.linear, self.site, self.cross, self.side = linear, site, cross, side
         self.sections, self.head_dim, self.num_heads = sections, head_dim, num_heads
+        self._cache: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._version: tuple | None = None
+
+    def _sliced(self, rows: torch.Tensor, heads: tuple[int, ...] | None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        lin = self.linear
+        out = self.side == "out"
+        cacheable = heads is not None and not (torch.is_grad_enabled() and (
+            lin.weight.requires_grad or (lin.bias is not None and lin.bias.requires_grad)))
+        if cacheable:
+            version = tuple((t.data_ptr(), t._version) for t in (lin.weight, lin.bias)
+                            if t is not None)
+            if version != self._version:
+                self._cache, self._version = {}, version
+            got = self._cache.get(heads)
+            if got is not None:
+                return got
+        w = lin.weight.index_select(0 if out else 1, rows)
+        b = lin.bias if lin.bias is None or not out else lin.bias.index_select(0, rows)
+        if cacheable:
+            if len(self._cache) >= CACHED_HEAD_SETS:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[heads] = (w, b)
+        return w, b
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lin = self.linear
+        qkv = self.side == "out"
         rows = self.site.live_rows(self.head_dim, self.num_heads, self.sections,
-                                   cross=self.cross, qkv=self.side == "out")
+                                   cross=self.cross, qkv=qkv)
         if rows is None:
             return F.linear(x, lin.weight, lin.bias)
-        if self.side == "out":
-            return linear_rows(x, lin.weight, lin.bias, rows, lin.out_features)
-        return linear_columns(x, lin.weight, lin.bias, rows)
+        w, b = self._sliced(rows, self.site.live_head_set(self.cross, qkv=qkv))
+        if qkv:
+            return place_rows(F.linear(x, w, b), rows, lin.out_features)
+        return F.linear(x.index_select(x.dim() - 1, rows), w, b)
 
 
 def _gates_heads(site: Site) -> bool:

@@ -246,7 +246,8 @@ class Site(nn.Module):
         self.cross_head_gates: torch.Tensor | None = None
         #: per attention (False: self, True: cross), the gates the live heads were read from,
         #: the live heads, and their projection rows by (head width, heads, sections)
-        self._live: dict[bool, tuple[torch.Tensor, torch.Tensor | None, dict]] = {}
+        self._live: dict[bool, tuple[torch.Tensor, torch.Tensor | None, dict,
+                                     tuple[int, ...] | None]] = {}
         object.__setattr__(self, "enter", _Enter(self))
         object.__setattr__(self, "core", _Core(self))
         object.__setattr__(self, "leave", _Leave(self))
@@ -325,10 +326,19 @@ class Site(nn.Module):
             return None
         live = self._live.get(cross)
         if live is None or live[0] is not gates:
-            alive = (gates > 0).any(0)
-            idx = None if bool(alive.all()) else alive.nonzero()[:, 0]
-            live = self._live[cross] = (gates, idx, {})
+            flags = (gates > 0).any(0).tolist()  # the one sync
+            heads = None if all(flags) else tuple(i for i, f in enumerate(flags) if f)
+            idx = None if heads is None else torch.tensor(heads, device=gates.device)
+            live = self._live[cross] = (gates, idx, {}, heads)
         return live[1]
+
+    def live_head_set(self, cross: bool = False, *, qkv: bool = False
+                      ) -> tuple[int, ...] | None:
+        """The `live_heads` as a tuple (a cache key: batches that keep the same heads slice
+        the projections' weights the same way), or ``None`` while every head runs."""
+        if self.live_heads(cross, qkv=qkv) is None:
+            return None
+        return self._live[cross][3]
 
     def live_rows(self, head_dim: int, num_heads: int, sections: int = 1, *,
                   cross: bool = False, qkv: bool = False) -> torch.Tensor | None:
