@@ -81,3 +81,21 @@ def test_smarttrim_invariants(draw, budget, tokens, heads):
     opts = dict(tokens=tokens, heads=heads)  # the default placement: every kind of layer
     check_invariants(make_model, args, "smarttrim", dict(stable_init=False, budget=budget, **opts),
                      opts, output=out, perturb_padding=perturb)
+
+
+@SETTINGS
+@given(blips(), st.floats(0.0, 0.9), st.floats(0.0, 0.5), st.floats(0.0, 0.5), st.booleans(),
+       st.data())
+def test_pumer_invariants(draw, prune, image_merge, text_merge, proportional, data):
+    """Reducers at random text layers (image tokens reduced before the next text layer reads
+    them); captioning has no text to guide pruning, so it merges only, in the vision tower."""
+    make_model, args, out, perturb, kind = setup(draw)
+    layers = data.draw(st.lists(st.integers(0, draw[1]["layers"] - 1), min_size=1,
+                                max_size=2))
+    opts = dict(image_merge_ratio=image_merge, text_merge_ratio=text_merge,
+                proportional=proportional, layers=layers)
+    if not kind.startswith("caption"):
+        opts["prune_ratio"] = prune
+    check_invariants(make_model, args, "pumer", opts,
+                     dict(prune_ratio=0.0, image_merge_ratio=0.0, text_merge_ratio=0.0),
+                     output=out, perturb_padding=perturb)

@@ -180,3 +180,17 @@ def test_smarttrim_invariants(model_draw, budget, tokens, heads, data):
                           layers=layers),
                      dict(tokens=tokens, heads=heads, layers=layers), output=output,
                      perturb_padding=perturb)
+
+
+@SETTINGS
+@given(models(), st.floats(0.0, 0.5), st.floats(0.0, 0.5), st.booleans(), st.data())
+def test_pumer_invariants(model_draw, image_merge, text_merge, proportional, data):
+    """PuMer's merging half in every stream (these models have no text reading an image)."""
+    make, inputs, output, perturb = setup(model_draw)
+    depth = model_draw[1]["num_hidden_layers"]
+    layers = data.draw(st.lists(st.integers(0, depth - 1), min_size=1, max_size=3))
+    check_invariants(make, inputs, "pumer",
+                     dict(image_merge_ratio=image_merge, text_merge_ratio=text_merge,
+                          proportional=proportional, layers=layers),
+                     dict(image_merge_ratio=0.0, text_merge_ratio=0.0), output=output,
+                     merges_only=True, perturb_padding=perturb)

@@ -86,3 +86,19 @@ def test_smarttrim_invariants(case, budget, tokens, heads, streams):
                           streams=streams),
                      dict(tokens=tokens, heads=heads, streams=streams),
                      perturb_padding=perturb_padding)
+
+
+@SETTINGS
+@given(meters(), st.floats(0.0, 0.9), st.floats(0.0, 0.5), st.floats(0.0, 0.5), st.booleans(),
+       st.data())
+def test_pumer_invariants(case, prune, image_merge, text_merge, proportional, data):
+    """Text-informed image pruning and merging in both streams at random fusion layers."""
+    cfg, inputs = case
+    layers = data.draw(st.lists(st.integers(0, cfg.num_fusion_layers - 1), min_size=1,
+                                max_size=3))
+    check_invariants(factory(cfg), inputs, "pumer",
+                     dict(prune_ratio=prune, image_merge_ratio=image_merge,
+                          text_merge_ratio=text_merge, proportional=proportional,
+                          layers=layers),
+                     dict(prune_ratio=0.0, image_merge_ratio=0.0, text_merge_ratio=0.0),
+                     perturb_padding=perturb_padding)

@@ -103,3 +103,14 @@ def test_smarttrim_invariants(vit, budget, tokens, heads, data):
                      dict(stable_init=False, budget=budget, tokens=tokens, heads=heads,
                           layers=layers),
                      dict(tokens=tokens, heads=heads, layers=layers))
+
+
+@SETTINGS
+@given(vits(), st.floats(0.0, 0.5), st.booleans(), st.data())
+def test_pumer_invariants(vit, merge, proportional, data):
+    """A single stream gets PuMer's merging half at the chosen layers."""
+    cfg, fused, batch = vit
+    layers = data.draw(st.lists(st.integers(0, cfg["depth"] - 1), min_size=1, max_size=3))
+    check_invariants(factory(cfg, fused), images(cfg, batch), "pumer",
+                     dict(image_merge_ratio=merge, proportional=proportional, layers=layers),
+                     dict(image_merge_ratio=0.0), merges_only=True)

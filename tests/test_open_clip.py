@@ -136,6 +136,21 @@ def test_smarttrim_invariants(case, budget, tokens, heads, streams):
                      output=both, perturb_padding=padding_perturbation(case))
 
 
+@SETTINGS
+@given(clips(), st.floats(0.0, 0.5), st.floats(0.0, 0.5), st.booleans(), st.data())
+def test_pumer_invariants(case, image_merge, text_merge, proportional, data):
+    """The towers do not read each other: PuMer's merging half in both, at layers drawn per
+    tower."""
+    case, inputs = case
+    layers = {s: data.draw(st.lists(st.integers(0, n_layers(case, s) - 1), min_size=1,
+                                    max_size=2)) for s in ("image", "text")}
+    check_invariants(factory(case), inputs, "pumer",
+                     dict(image_merge_ratio=image_merge, text_merge_ratio=text_merge,
+                          proportional=proportional, layers=layers),
+                     dict(image_merge_ratio=0.0, text_merge_ratio=0.0), output=both,
+                     merges_only=True, perturb_padding=padding_perturbation(case))
+
+
 @settings(max_examples=8, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from(["last", "argmax"]), st.integers(1, 3),

@@ -160,6 +160,8 @@ def apply(model: nn.Module, recipe: str = "tome", *, mode: str = "auto",
                         masks_are_padding=layer.masks_are_padding, pair=layer.pair)
             site.ctx = ctx
             sites[(stream.name, i)] = site
+    ctx.scored = frozenset(site.stream for site in sites.values()
+                           if "cross_scores" in site.needs)
     undo = adapter.install(model, desc, sites, ctx)
     try:  # projections skip the heads a whole batch gated off (inference only)
         undo += install_head_skipping(model, desc, sites)

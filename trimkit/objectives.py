@@ -97,20 +97,40 @@ class RatioSchedule:
         return self.start + (self.final - self.start) * step / self.warmup_steps
 
 
+class _Call(nn.Module):
+    """``forward(model, batch)`` as a module holding ``model``, so `functional_call` can run
+    any forward function on other weights."""
+
+    def __init__(self, model: nn.Module, forward: Callable[[nn.Module, Any], Any]):
+        super().__init__()
+        self.model, self.fn = model, forward
+
+    def forward(self, batch: Any) -> Any:
+        return self.fn(self.model, batch)
+
+
 class SelfDistillationObjective(Objective):
     """Task loss of the trimmed pass + ``lambda_sd`` · distillation from the same model run
     with trimming disabled + ``lambda_cost`` · cost loss toward the scheduled target
     (+ ``lambda_hidden`` · hidden-state distillation), the trimmers' Gumbel noise
     following ``noise_schedule`` if given. With ``teacher_loss`` the full pass
     also gets its task loss (shared weights, both trained); without it the teacher runs
-    under ``no_grad``."""
+    under ``no_grad``. With ``frozen_teacher`` the teacher is the model as it was when the
+    objective was built (a copy of its weights, kept in checkpoints), run untrimmed under
+    ``no_grad``; ``lambda_cost = 0`` drops the cost loss (fixed-count trimmers)."""
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor], *,
-                 schedule: RatioSchedule, forward: Callable[[nn.Module, Any], Any] | None = None,
+                 schedule: RatioSchedule | None = None,
+                 forward: Callable[[nn.Module, Any], Any] | None = None,
                  logits: Callable[[Any], torch.Tensor] = logits_of, lambda_sd: float = 1.0,
                  temperature: float = 1.0, lambda_cost: float = 10.0,
                  lambda_hidden: float = 0.0, teacher_loss: bool = True,
-                 noise_schedule: NoiseSchedule | None = None):
+                 noise_schedule: NoiseSchedule | None = None, frozen_teacher: bool = False):
+        if lambda_cost > 0 and schedule is None:
+            raise ValueError("a cost loss (lambda_cost > 0) needs a target schedule")
+        if frozen_teacher and (teacher_loss or lambda_hidden > 0):
+            raise ValueError("a frozen teacher is not trained and observes no hidden states: "
+                             "use teacher_loss=False and lambda_hidden=0")
         self.model, self.loss_fn, self.schedule = model, loss_fn, schedule
         self.noise = noise_schedule
         self.forward = forward or default_forward
@@ -118,6 +138,29 @@ class SelfDistillationObjective(Objective):
         self.lambda_sd, self.temperature = float(lambda_sd), float(temperature)
         self.lambda_cost, self.lambda_hidden = float(lambda_cost), float(lambda_hidden)
         self.teacher_loss = bool(teacher_loss)
+        self.frozen: dict[str, torch.Tensor] | None = None
+        if frozen_teacher:
+            base = unwrap(model)
+            self.frozen = {f"model.{k}": v.detach().clone()
+                           for k, v in [*base.named_parameters(), *base.named_buffers()]}
+
+    def state_dict(self) -> dict:
+        return {} if self.frozen is None else {"frozen_teacher": self.frozen}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.frozen is not None and "frozen_teacher" in state:
+            self.frozen = {k: v.to(self.frozen[k].device) if k in self.frozen else v
+                           for k, v in state["frozen_teacher"].items()}
+
+    def _teacher(self, model: nn.Module, base: nn.Module, batch: Any) -> Any:
+        """The untrimmed pass: on the frozen weights, or on the model's own."""
+        if self.frozen is not None:
+            with trimming_disabled(base), torch.no_grad():
+                return torch.func.functional_call(_Call(base, self.forward), self.frozen,
+                                                  (batch,), strict=False)
+        with trimming_disabled(base), torch.set_grad_enabled(
+                self.teacher_loss and torch.is_grad_enabled()):
+            return self.forward(model, batch)
 
     def __call__(self, model: nn.Module, batch: Any, step: int
                  ) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
@@ -133,9 +176,7 @@ class SelfDistillationObjective(Objective):
         if need_teacher:
             ctx.observe, ctx.observed = self.lambda_hidden > 0, {}
             try:
-                with trimming_disabled(base), torch.set_grad_enabled(
-                        self.teacher_loss and torch.is_grad_enabled()):
-                    teacher_out = self.forward(model, batch)
+                teacher_out = self._teacher(model, base, batch)
             finally:
                 ctx.observe = False
             teacher_hidden = ctx.observed
@@ -146,7 +187,10 @@ class SelfDistillationObjective(Objective):
                 logs["full"] = full.detach()
         ctx.observe = self.lambda_hidden > 0
         try:
-            with recording_costs(base) as costs:
+            if self.lambda_cost > 0:
+                with recording_costs(base) as costs:
+                    student_out = self.forward(model, batch)
+            else:
                 student_out = self.forward(model, batch)
         finally:
             ctx.observe = False
@@ -167,10 +211,11 @@ class SelfDistillationObjective(Objective):
                 total = total + self.lambda_hidden * hid
                 logs["hidden"] = hid.detach()
             ctx.observed = {}
-        target = self.schedule(step)
-        ratio = costs.ratio()
-        cost = cost_loss(ratio, target)
-        total = total + self.lambda_cost * cost
-        logs.update(ratio=ratio.detach().mean(), target=target)
-        ctx.costs = []
+        if self.lambda_cost > 0:
+            target = self.schedule(step)
+            ratio = costs.ratio()
+            cost = cost_loss(ratio, target)
+            total = total + self.lambda_cost * cost
+            logs.update(ratio=ratio.detach().mean(), target=target)
+            ctx.costs = []
         return total, logs

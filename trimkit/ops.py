@@ -26,8 +26,12 @@ __all__ = [
     "fuse_tokens",
     "gather_entry_mask",
     "gumbel_sigmoid_st",
+    "keep_top",
+    "key_attention",
     "masked_softmax",
     "merge_tokens",
+    "merge_count",
+    "prune_keep_count",
     "query_attention",
     "restore_positions",
     "topk_by_score",
@@ -123,6 +127,17 @@ def attention_bias(
     return bias[:, None, None, :]
 
 
+def key_attention(probs: torch.Tensor, row_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The attention each key receives, B×N, from attention probabilities B×H×R×N: averaged
+    over heads, then over the R query rows weighted by ``row_weights`` (B×R, e.g. zero for
+    padding queries; by default rows count equally)."""
+    probs = probs.float().mean(1)  # B×R×N
+    if row_weights is None:
+        return probs.mean(1)
+    w = row_weights.float()
+    return (probs * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1e-6)
+
+
 def query_attention(
     q_rows: torch.Tensor,
     k: torch.Tensor,
@@ -133,17 +148,12 @@ def query_attention(
     """Attention that a few query rows pay every key, averaged over heads and rows: B×N.
 
     Computes only ``q_rows · kᵀ`` (B×H×R×N), never the full attention map, so the main
-    attention can stay on a fused kernel. ``row_weights`` (B×R) weighs the rows (e.g. zero
-    for padding queries); by default rows count equally.
+    attention can stay on a fused kernel. ``row_weights`` as in `key_attention`.
     """
     logits = torch.matmul(q_rows, k.transpose(-2, -1)) * scale
     if bias is not None:
         logits = logits + bias
-    probs = torch.softmax(logits.float(), dim=-1).mean(1)  # B×R×N
-    if row_weights is None:
-        return probs.mean(1)
-    w = row_weights.float()
-    return (probs * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1e-6)
+    return key_attention(torch.softmax(logits.float(), dim=-1), row_weights)
 
 
 def _slot_map(state: TokenState) -> torch.Tensor:
@@ -173,21 +183,45 @@ def drop_tokens(state: TokenState, drop: torch.Tensor) -> TokenState:
 
 
 def bipartite_soft_matching(
-    metric: torch.Tensor, r: int, eligible: torch.Tensor
+    metric: torch.Tensor, r: int | torch.Tensor, eligible: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ToMe's matching among ``eligible`` tokens (B×N bool): returns ``(src, dst, valid)``, B×r'.
 
     Eligible tokens are split alternately by their rank among eligible ones into sets A and
     B; each A token is linked to its most similar B token (cosine of ``metric``); the ``r``
-    strongest links are merged, A into B. A sample with E eligible tokens merges at most
-    ``ceil(E / 2)`` (none if E < 2); ``valid`` marks which of the r' returned pairs are real.
+    strongest links are merged, A into B. ``r`` is one count for the batch or a B long
+    tensor, one per sample. A sample with E eligible tokens merges at most ``ceil(E / 2)``
+    (none if E < 2); ``valid`` marks which of the r' returned pairs are real.
     """
+    per_sample = isinstance(r, torch.Tensor)
+    r_max = (int(r.max()) if r.numel() else 0) if per_sample else r
     bsz, n, _ = metric.shape
     counts = eligible.sum(1)
     e = int(counts[0]) if bsz else 0
     if bsz and bool((counts == e).all()) and bool(eligible[:, n - e:].all()):
-        return _suffix_matching(metric, r, n - e)
-    return _general_matching(metric, r, eligible)
+        src, dst, valid = _suffix_matching(metric, r_max, n - e)
+    else:
+        src, dst, valid = _general_matching(metric, r_max, eligible)
+    if per_sample and src.shape[1]:
+        valid = valid & (torch.arange(src.shape[1], device=src.device)[None, :]
+                         < r.to(src.device)[:, None])
+    return src, dst, valid
+
+
+def merge_count(eligible: torch.Tensor, ratio: float) -> torch.Tensor:
+    """B long: PuMer's merges per sample, ``round(ratio · E)`` of its E eligible tokens
+    (``round`` as Python's: half to even), capped at ``E // 2``."""
+    counts = eligible.sum(1)
+    r = torch.round(counts.to(torch.float64) * ratio).long()
+    return torch.minimum(r, counts // 2)
+
+
+def prune_keep_count(eligible: torch.Tensor, prune_ratio: float) -> torch.Tensor:
+    """B long: how many of the E eligible tokens of each sample PuMer keeps,
+    ``E − round(prune_ratio · E)``, at least 1 (0 when E is 0)."""
+    counts = eligible.sum(1)
+    drop = torch.round(counts.to(torch.float64) * prune_ratio).long()
+    return torch.minimum((counts - drop).clamp(min=1), counts)
 
 
 def _suffix_matching(
@@ -276,11 +310,16 @@ def topk_by_score(scores: torch.Tensor, keep_ratio: float, eligible: torch.Tenso
     E counts each sample's eligible tokens; at least one is kept where E > 0. Ties go to the
     earlier position, so the choice is deterministic.
     """
-    n = scores.shape[1]
     counts = eligible.sum(1)
     # The tolerance keeps float error from rounding an exact count up (0.07 · 100 → 8).
     k = torch.ceil(counts.to(torch.float64) * keep_ratio - 1e-9).long().clamp(min=1)
-    k = torch.minimum(k, counts)
+    return keep_top(scores, torch.minimum(k, counts), eligible)
+
+
+def keep_top(scores: torch.Tensor, k: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
+    """B×N bool: the ``k[b]`` eligible tokens of each sample with the highest scores (ties go
+    to the earlier position)."""
+    n = scores.shape[1]
     masked = scores.float().masked_fill(~eligible, -math.inf)
     order = torch.argsort(masked, dim=1, descending=True, stable=True)
     ranks = torch.empty_like(order).scatter_(

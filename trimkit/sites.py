@@ -28,20 +28,25 @@ from .ops import (
     compact,
     entry_positions,
     gather_entry_mask,
+    key_attention,
     query_attention,
 )
 from .state import TokenState
 
-__all__ = ["LayerCost", "LayerStats", "Site", "TokenOp", "TrimContext"]
+__all__ = ["CrossScores", "LayerCost", "LayerStats", "Site", "TokenOp", "TrimContext"]
 
 MODES = ("auto", "masked", "compacted")
+#: what a site's own attention core records for its ops (``TokenOp.needs``)
+SELF_RECORDS = frozenset({"keys", "query_scores"})
 
 
 class TokenOp(nn.Module):
     """A trimmer that turns one `TokenState` into the next, in masked form.
 
     ``needs`` names what the attention core must record for it: ``"keys"`` (B×N×d, keys
-    averaged over heads) and/or ``"query_scores"`` (B×N, attention the query rows pay).
+    averaged over heads) and/or ``"query_scores"`` (B×N, attention the query rows pay), or
+    ``"cross_scores"``: what a cross-attention of another stream that reads this stream's
+    tokens as keys saw of them (`CrossScores`, in ``site.ctx.cross_scores``).
     """
 
     needs: frozenset[str] = frozenset()
@@ -94,6 +99,17 @@ class LayerCost:
 
 
 @dataclass
+class CrossScores:
+    """What one cross-attention saw of the tokens it read as keys, for ops that trim those
+    tokens guided by the reading stream (PuMer): ``scores`` (B×N float) is the attention
+    the reader's live tokens paid each key, averaged over heads and over those tokens
+    (weighted by their size); ``keys`` (B×N×d) are the keys averaged over heads."""
+
+    scores: torch.Tensor
+    keys: torch.Tensor
+
+
+@dataclass
 class TrimContext:
     """What the sites of one model share during a forward."""
 
@@ -126,6 +142,11 @@ class TrimContext:
     #: a text encoder runs without the image): `keys_state` gives ``None`` for them, so
     #: no trimmer is guided by a stream the outputs must not depend on
     absent: set[str] = field(default_factory=set)
+    #: streams whose tokens are scored wherever a cross-attention reads them as keys (some
+    #: op needs ``"cross_scores"``); each read leaves its `CrossScores` under
+    #: ``(stream, pair of the reading layer)`` until the stream restarts
+    scored: frozenset[str] = frozenset()
+    cross_scores: dict[tuple[str, int], CrossScores] = field(default_factory=dict)
 
     def compacting(self, training: bool) -> bool:
         return self.mode == "compacted" or (self.mode == "auto" and not training)
@@ -137,6 +158,7 @@ class TrimContext:
         self.stats = [s for s in self.stats if s.stream != stream]
         self.costs = [c for c in self.costs if c.stream != stream]
         self.entered = {k: v for k, v in self.entered.items() if k[0] != stream}
+        self.cross_scores = {k: v for k, v in self.cross_scores.items() if k[0] != stream}
         extra_real, protected = self.entry.pop(stream, (None, None))
         for mask in (extra_real, protected):
             if mask is not None and mask.shape != x.shape[:2]:
@@ -318,7 +340,7 @@ class Site(nn.Module):
         ``qkv`` asks for the q, k, v projections, which compute every head while the site
         records keys or query scores from its self-attention (they average over all heads).
         The answer is read once per forward (one device sync) and kept with the gates."""
-        if qkv and not cross and self.needs:
+        if qkv and not cross and self.needs & SELF_RECORDS:
             return None
         gates = self.cross_head_gates if cross else self.head_gates
         if (gates is None or gates.requires_grad or not self.ctx.enabled
@@ -415,6 +437,12 @@ class Site(nn.Module):
                     rows, row_mask = _scoring_rows(q, attn_mask, state)
                 self.captured["query_scores"] = query_attention(rows, k, row_mask, s)
         gates = self.cross_head_gates if cross else self.head_gates
+        if cross and key_stream in self.ctx.scored:
+            out, scores = _scored_attention(q, k, v, attn_mask, dropout_p, is_causal, scale,
+                                             _row_weights(state, q.shape[-2]))
+            self.ctx.cross_scores[(key_stream, self.pair)] = CrossScores(
+                scores.detach(), k.detach().mean(1))
+            return out if gates is None else out * gates.to(out.dtype)[:, :, None, None]
         live = self.live_heads(cross)
         if live is not None:
             return _attend_live_heads(q, k, v, attn_mask, dropout_p, is_causal, scale, gates,
@@ -444,6 +472,36 @@ def _scoring_rows(q: torch.Tensor, mask: torch.Tensor | None, state: TokenState
     mask = mask.expand(b, *mask.shape[1:])
     return rows, mask.gather(2, row[:, None, None, None].expand(b, mask.shape[1], 1,
                                                                   mask.shape[-1]))
+
+
+def _row_weights(state: TokenState | None, rows: int) -> torch.Tensor | None:
+    """B×R weights of a stream's query rows when scoring keys: each live token by its size
+    (padding and dead tokens 0); ``None`` (rows equal) when the state does not match."""
+    if state is None or state.keep.shape[1] != rows:
+        return None
+    return state.keep.float() * state.size.float()
+
+
+def _scored_attention(q, k, v, attn_mask, dropout_p, is_causal, scale,
+                      row_weights: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention product written out (not fused), to also return the attention each key
+    receives (`trimkit.ops.key_attention` of the probabilities, before dropout)."""
+    s = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    logits = torch.matmul(q, k.transpose(-2, -1)) * s
+    if is_causal:
+        n, m = q.shape[-2], k.shape[-2]
+        causal = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(m - n)
+        attn_mask = causal if attn_mask is None else additive_mask(causal, q.dtype) + \
+            additive_mask(attn_mask, q.dtype)
+    if attn_mask is not None:
+        logits = logits + additive_mask(attn_mask, logits.dtype)
+    probs = torch.softmax(logits.float(), dim=-1)
+    scores = key_attention(probs, row_weights)
+    weights = probs.to(v.dtype)
+    if dropout_p > 0:
+        weights = F.dropout(weights, dropout_p)
+    return torch.matmul(weights, v), scores
 
 
 def _attend_live_heads(q, k, v, attn_mask, dropout_p, is_causal, scale, gates: torch.Tensor,

@@ -2,31 +2,105 @@
 
 from __future__ import annotations
 
-from .ops import bipartite_soft_matching, drop_tokens, fuse_tokens, merge_tokens, topk_by_score
-from .sites import Site, TokenOp
+import torch
+
+from .ops import (
+    bipartite_soft_matching,
+    drop_tokens,
+    fuse_tokens,
+    keep_top,
+    merge_count,
+    merge_tokens,
+    prune_keep_count,
+    topk_by_score,
+)
+from .sites import CrossScores, Site, TokenOp
 from .state import TokenState
 
-__all__ = ["MergeTokens", "PruneByQueryScore"]
+__all__ = ["MergeTokens", "PruneByQueryScore", "ReduceByCrossAttention", "cross_scores"]
+
+
+def cross_scores(site: Site, pair: int, state: TokenState) -> CrossScores:
+    """What the cross-attention of layer pair ``pair`` saw of ``site``'s stream in this
+    forward, checked against ``state``; a clear `RuntimeError` when that read has not
+    happened (the layers ran in an order the recipe's plan did not expect, or the other
+    stream is missing from this call)."""
+    got = site.ctx.cross_scores.get((site.stream, pair))
+    if got is None:
+        raise RuntimeError(
+            f"trimkit: {site.stream} layer {site.layer} trims its tokens by what the "
+            f"cross-attention of layer pair {pair} saw of them, but no cross-attention of that "
+            f"pair has read the {site.stream} tokens in this forward (the model ran without "
+            f"the other stream, or in an order the recipe's placement does not expect)")
+    if got.scores.shape != state.keep.shape:
+        raise RuntimeError(
+            f"trimkit: {site.stream} layer {site.layer} has {state.keep.shape[1]} tokens but "
+            f"the cross-attention of layer pair {pair} read {got.scores.shape[1]}; the "
+            f"tokens changed between that read and this layer")
+    return got
 
 
 class MergeTokens(TokenOp):
-    """ToMe: merge the ``r`` most similar A→B pairs by bipartite soft matching on the keys."""
+    """Bipartite soft matching on this layer's self-attention keys: merge the ``r`` most
+    similar A→B pairs (ToMe), or, with ``ratio``, ``round(ratio · E)`` of each sample's E
+    mergeable tokens, capped at ``E // 2`` (PuMer's text merging)."""
 
     needs = frozenset({"keys"})
 
-    def __init__(self, r: int):
+    def __init__(self, r: int | None = None, *, ratio: float | None = None):
         super().__init__()
-        self.r = int(r)
+        if (r is None) == (ratio is None):
+            raise ValueError("MergeTokens needs exactly one of r and ratio")
+        self.r = None if r is None else int(r)
+        self.ratio = None if ratio is None else float(ratio)
 
     def extra_repr(self) -> str:
-        return f"r={self.r}"
+        return f"r={self.r}" if self.r is not None else f"ratio={self.ratio}"
 
     def forward(self, state: TokenState, site: Site) -> TokenState:
-        if self.r <= 0:
+        if (self.r if self.r is not None else self.ratio) <= 0:
             return state
         eligible = state.live & ~state.protected
-        src, dst, valid = bipartite_soft_matching(site.captured["keys"], self.r, eligible)
+        r: int | torch.Tensor = self.r if self.r is not None else merge_count(eligible,
+                                                                             self.ratio)
+        src, dst, valid = bipartite_soft_matching(site.captured["keys"], r, eligible)
         return merge_tokens(state, src, dst, valid)
+
+
+class ReduceByCrossAttention(TokenOp):
+    """PuMer's image reducer, guided by the stream that reads these tokens through the
+    cross-attention of layer pair ``pair`` (its text).
+
+    Of each sample's N live unprotected tokens: drop the ``round(prune_ratio · N)`` (keeping
+    at least one) that the reader's live tokens attended least (averaged over heads and
+    those tokens), then merge ``round(merge_ratio · N)`` pairs of the survivors, capped at
+    half of them, by bipartite soft matching on the keys that cross-attention read. With
+    a dense batch every sample keeps the same count."""
+
+    needs = frozenset({"cross_scores"})
+
+    def __init__(self, prune_ratio: float, merge_ratio: float, pair: int):
+        super().__init__()
+        self.prune_ratio, self.merge_ratio = float(prune_ratio), float(merge_ratio)
+        self.pair = int(pair)
+
+    def extra_repr(self) -> str:
+        return (f"prune_ratio={self.prune_ratio}, merge_ratio={self.merge_ratio}, "
+                f"pair={self.pair}")
+
+    def forward(self, state: TokenState, site: Site) -> TokenState:
+        seen = cross_scores(site, self.pair, state)
+        eligible = state.live & ~state.protected
+        r = merge_count(eligible, self.merge_ratio) if self.merge_ratio > 0 else None
+        if self.prune_ratio > 0:
+            keep = keep_top(seen.scores, prune_keep_count(eligible, self.prune_ratio), eligible)
+            state = drop_tokens(state, eligible & ~keep)
+            eligible = keep
+        if r is not None:
+            r = torch.minimum(r, eligible.sum(1) // 2)
+            src, dst, valid = bipartite_soft_matching(seen.keys, r, eligible)
+            state = merge_tokens(state, src, dst, valid)
+        return state
 
 
 class PruneByQueryScore(TokenOp):
