@@ -1,4 +1,4 @@
-"""``trimkit bench-vqa``: SmartTrim end to end on real data (easy-VQA), and its speed.
+"""``trimkit bench-vqa``: SmartTrim and PuMer end to end on real data (easy-VQA), and speed.
 
 1. A small METER (pretrained MiniLM text encoder, frozen, its features cached per question;
    a small CLIP-style ViT; co-attention fusion layers) is trained on the easy-VQA train
@@ -11,7 +11,10 @@
    FLOPs ratio against the target, live tokens and heads per layer, the spread of live
    image tokens per example, and the measured speedup at batch 1 (a run of single
    examples) and at batch 32, trimmed against untrimmed in one process.
-4. ``meter-base`` at the published sizes (random weights) with the trimmers in fixed-budget
+4. PuMer (text-informed pruning and modality-aware merging, fixed counts per layer) on the
+   same baseline: as is (no training) and fine-tuned with the reducers on and KL from the
+   untrimmed model, same steps and learning rate; the same columns.
+5. ``meter-base`` at the published sizes (random weights) with the trimmers in fixed-budget
    mode, keeping per layer the fractions of tokens and heads the trained small model kept:
    FLOPs ratio and measured speedup at batches 32 and 1.
 """
@@ -42,6 +45,8 @@ from trimkit.registry import Command, register_command
 #: (the image stream holds most of it) and costs accuracy; heads are gated in both streams
 SMARTTRIM = dict(lambda_cost=1000.0, warmup=0.5, init_logit=3.0, tokens=["image"])
 FINE_TUNE = dict(steps=400, batch_size=64, lr=2e-4, trimmer_lr=3e-3, threshold_lr=3e-2)
+#: PuMer's published VQA ratios, at its default placement (both fusion layers here)
+PUMER: dict = dict(prune_ratio=0.2, image_merge_ratio=0.2, text_merge_ratio=0.2)
 #: bump when the trimmers' architecture changes, so cached fine-tunes are not reused
 _VERSION = 3
 
@@ -81,17 +86,23 @@ def _loss(out: torch.Tensor, batch) -> torch.Tensor:
 # ------------------------------------------------------------------------------ stages
 
 
-def _fine_tune(base: nn.Module, target: float, train_set, cache: Path, cfg: dict,
-               smart: dict) -> tuple[nn.Module, dict]:
-    """SmartTrim at ``target`` fine-tuned from ``base`` (cached by its settings)."""
-    key = hashlib.sha1(json.dumps([_VERSION, target, cfg, smart, base.config.__repr__()],
-                                  sort_keys=True, default=str).encode()).hexdigest()[:12]
-    path = cache / f"smarttrim_{target:g}_{key}.pt"
-    model = trimkit.apply(copy.deepcopy(base), "smarttrim", ratio=target, **smart)
+def _fine_tune(base: nn.Module, target: float | None, train_set, cache: Path, cfg: dict,
+               options: dict, recipe: str = "smarttrim") -> tuple[nn.Module, dict]:
+    """``recipe`` (SmartTrim at ``target``, or PuMer) fine-tuned from ``base`` with
+    `trimkit.train` and the recipe's own objective, cached by its settings."""
+    if recipe == "smarttrim":
+        key_of: list = [_VERSION, target, cfg, options, base.config.__repr__()]
+        name, extra = f"smarttrim {target:g}", dict(ratio=target)
+    else:
+        key_of = [_VERSION, recipe, cfg, options, base.config.__repr__()]
+        name, extra = recipe, {}
+    key = hashlib.sha1(json.dumps(key_of, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    path = cache / f"{name.replace(' ', '_')}_{key}.pt"
+    model = trimkit.apply(copy.deepcopy(base), recipe, **extra, **options)
     if path.exists():
         saved = torch.load(path, weights_only=False)
         model.load_state_dict(saved["state_dict"])
-        _say(f"smarttrim {target:g}: loaded the fine-tuned model from {path}")
+        _say(f"{name}: loaded the fine-tuned model from {path}")
         return model.eval(), saved["info"]
     opt = torch.optim.AdamW(param_groups(model, cfg["lr"], trimmer_lr=cfg["trimmer_lr"],
                                          threshold_lr=cfg["threshold_lr"]))
@@ -249,17 +260,16 @@ def run(args: argparse.Namespace) -> int:
     rows = [dict(model="untrimmed", target=1.0, accuracy=base_pass["accuracy"],
                  gflops=statistics.mean(base_flops) / 1e9, ratio=1.0)]
     trimmed = {}
-    for target in args.targets:
-        model, tinfo = _fine_tune(base, target, train_set, cache, cfg, smart)
+
+    def measure(label: str, target: float | None, model: nn.Module, tinfo: dict) -> dict:
         res = _test_pass(model, test_set)
         flops = _flops_per_example(model, test_set, args.flops_examples)
         ratio = statistics.mean(flops) / statistics.mean(base_flops)
-        _say(f"smarttrim {target:g}: test accuracy {res['accuracy']:.2%}, FLOPs ratio "
-             f"{ratio:.3f}; timing")
+        _say(f"{label}: test accuracy {res['accuracy']:.2%}, FLOPs ratio {ratio:.3f}; timing")
         speed = _speed(base, model, test_set, args.repeats)
         last = res["tokens"][max(k for k in res["tokens"] if k[0] == "image")]
         rows.append(dict(
-            model="smarttrim", target=target, accuracy=res["accuracy"],
+            model=label, target=target, accuracy=res["accuracy"],
             gflops=statistics.mean(flops) / 1e9, ratio=ratio, speedup_1=speed[1],
             speedup_32=speed[32], image_tokens=_fmt_layers(res["tokens"], "image"),
             text_tokens=_fmt_layers(res["tokens"], "text"),
@@ -267,7 +277,16 @@ def run(args: argparse.Namespace) -> int:
             text_heads=_fmt_layers(res["heads"], "text"),
             spread=f"{last.mean():.1f} ± {last.std():.1f} ({int(last.min())}–{int(last.max())})",
             train_seconds=tinfo.get("train_seconds")))
-        trimmed[target] = res
+        return res
+
+    for target in args.targets:
+        model, tinfo = _fine_tune(base, target, train_set, cache, cfg, smart)
+        trimmed[target] = measure("smarttrim", target, model, tinfo)
+    if not args.no_pumer:
+        measure("pumer, no training", None,
+                trimkit.apply(copy.deepcopy(base), "pumer", **PUMER).eval(), {})
+        model, tinfo = _fine_tune(base, None, train_set, cache, cfg, PUMER, recipe="pumer")
+        measure("pumer, fine-tuned", None, model, tinfo)
     print(_table(rows, info))
 
     if not args.no_meter_base and trimmed:
@@ -289,6 +308,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fmt_target(target: float | None) -> str:
+    return "–" if target is None else f"{target:g}"
+
+
 def _table(rows: list[dict], info: dict) -> str:
     lines = ["| model | target | test acc | GFLOPs/ex | FLOPs ratio | speedup b1 | speedup b32 "
              "| image tokens per layer | text tokens per layer | image heads | text heads "
@@ -296,7 +319,8 @@ def _table(rows: list[dict], info: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
-            f"| {r['model']} | {r['target']:g} | {r['accuracy']:.2%} | {r['gflops']:.4f} | "
+            f"| {r['model']} | {_fmt_target(r['target'])} | {r['accuracy']:.2%} | "
+            f"{r['gflops']:.4f} | "
             f"{r['ratio']:.3f} | {r.get('speedup_1', 1.0):.2f}× | {r.get('speedup_32', 1.0):.2f}× "
             f"| {r.get('image_tokens', '')} | {r.get('text_tokens', '')} | "
             f"{r.get('image_heads', '')} | {r.get('text_heads', '')} | {r.get('spread', '')} |")
@@ -318,10 +342,12 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default=None,
                    help="where the baseline, text features and fine-tuned models are cached "
                         "(default: $TRIMKIT_CACHE or ~/.cache/trimkit/easy_vqa)")
+    p.add_argument("--no-pumer", action="store_true",
+                   help="skip the PuMer rows (as is, and fine-tuned)")
     p.add_argument("--no-meter-base", action="store_true",
                    help="skip the fixed-budget measurement on meter-base")
 
 
 register_command(Command(
-    "bench-vqa", help="SmartTrim on easy-VQA: accuracy, FLOPs and speed, end to end",
+    "bench-vqa", help="SmartTrim and PuMer on easy-VQA: accuracy, FLOPs and speed, end to end",
     description=__doc__.split("\n\n", 1)[1], configure=configure, run=run))
