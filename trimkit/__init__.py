@@ -26,7 +26,7 @@ from .describe import HeadLayout, LayerDesc, ModelDescription, StreamDesc
 from .heads import pruned_heads
 from .recipe import Option, Recipe, SitePlan
 from .registry import register_adapter, register_recipe
-from .sites import Site, TokenOp, TrimContext
+from .sites import CrossScores, Site, TokenOp, TrimContext
 from .state import TokenState
 from .training import Objective, TaskObjective, TrainResult, train
 
@@ -34,6 +34,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Adapter",
+    "CrossScores",
     "ForwardStats",
     "HeadLayout",
     "LayerDesc",
