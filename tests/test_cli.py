@@ -100,7 +100,7 @@ def test_recipes_and_adapters(capsys):
     assert "timm-vit" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("command", [[], ["bench"], ["recipes"], ["adapters"]])
+@pytest.mark.parametrize("command", [[], ["bench"], ["stats"], ["recipes"], ["adapters"]])
 def test_help_has_examples(capsys, command):
     assert main([*command, "--help"]) == 0
     out = capsys.readouterr().out
@@ -126,3 +126,23 @@ def test_registered_commands_appear_in_the_cli(capsys):
     out = capsys.readouterr().out
     assert "--targets" in out and "--baseline-epochs" in out and "meter-base" in out
     assert main(["bench-vqa", "--bogus"]) == 2
+
+
+def test_stats_per_layer(capsys):
+    """`trimkit stats` runs one trimmed forward: per-layer live tokens follow the recipe (PuMer
+    on a tiny METER: 16 patches + CLS pruned and merged at fusion layers 0 and 1)."""
+    assert main(["stats", "--model", "meter-tiny", "--recipe", "pumer", "--batch-size", "2",
+                 "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["batch_size"] == 2 and stats["gflops_trim"] < stats["gflops_base"]
+    rows = {(r["stream"], r["layer"]): r for r in stats["layers"]}
+    n = 16
+    for layer in (2, 3):  # the image stream's fusion layers (after the 2-block tower)
+        kept = max(n - round(0.2 * n), 1)
+        n = kept - min(round(0.2 * n), kept // 2)
+        assert rows[("image", layer)]["tokens_in"] == n + 1
+    assert main(["stats", "--model", "meter-tiny", "--recipe", "pumer"]) == 0
+    out = capsys.readouterr().out
+    assert "tokens in" in out and "FLOPs ratio" in out
+    assert main(["stats", "--model", "meter-tiny", "--recipe", "pumer", "--layers", "9"]) == 2
+    assert "layers must be indices" in capsys.readouterr().err

@@ -60,7 +60,9 @@ __all__ = [
     "Row",
     "benchmark",
     "build_model",
+    "format_layer_stats",
     "format_table",
+    "layer_stats",
     "memory_probe",
     "parse_spec",
     "parse_value",
@@ -191,6 +193,50 @@ def build_with_tasks(spec: str, device: str | torch.device = "cpu"
                      for a in make(batch_size))
 
     return model, make_inputs, tasks
+
+
+def layer_stats(spec: str, recipe: str, options: dict[str, Any] | None = None,
+                batch_size: int = 1, device: str = "cpu") -> dict[str, Any]:
+    """One forward of ``recipe`` on the model of ``spec`` (the builder's first task, on its
+    inputs at ``batch_size``): per-layer live tokens and heads (`trimkit.last_stats`), and
+    the FLOPs per example of the untrimmed and the trimmed model. Setup errors are a
+    `BenchSetupError`, as in `benchmark`."""
+    try:
+        model, make_inputs, tasks = build_with_tasks(spec, device)
+    except (ValueError, RuntimeError, TypeError) as e:
+        raise BenchSetupError(f"cannot build {spec!r}: {e}") from e
+    task, run = next(iter(tasks.items()))
+    inputs = make_inputs(batch_size)
+    base = trimkit.count_flops(lambda *a: run(model, *a), *inputs)
+    try:
+        trimkit.apply(model, recipe, **dict(options or {}))
+    except (ValueError, trimkit.UnsupportedModelError) as e:
+        raise BenchSetupError(str(e)) from e
+    trim = trimkit.count_flops(lambda *a: run(model, *a), *inputs)
+    layers = trimkit.last_stats(model).table() if trimkit.is_applied(model) else []
+    return dict(model=spec, recipe=recipe, options=dict(options or {}), task=task,
+                batch_size=batch_size, gflops_base=base / batch_size / 1e9,
+                gflops_trim=trim / batch_size / 1e9, layers=layers)
+
+
+def format_layer_stats(stats: dict[str, Any]) -> str:
+    """`layer_stats` as a text table, one line per layer that ran."""
+    ratio = stats["gflops_base"] / stats["gflops_trim"] if stats["gflops_trim"] else 0.0
+    task = f"  task {stats['task']}" if stats["task"] else ""
+    lines = [f"model {stats['model']}  recipe {stats['recipe']}  options {stats['options']}  "
+             f"batch {stats['batch_size']}{task}",
+             f"GFLOPs per example: base {stats['gflops_base']:.3f}  trim "
+             f"{stats['gflops_trim']:.3f}  FLOPs ratio {ratio:.3f}x"]
+    if not stats["layers"]:
+        lines.append("(the recipe changed the model once and installs no sites: no per-layer "
+                     "statistics; trimkit.describe shows its heads)")
+        return "\n".join(lines)
+    lines.append(f"{'stream':<8} {'layer':>5} {'tokens in':>10} {'tokens out':>11} "
+                 f"{'heads':>6}")
+    for r in stats["layers"]:
+        lines.append(f"{r['stream']:<8} {r['layer']:>5} {r['tokens_in']:>10.1f} "
+                     f"{r['tokens_out']:>11.1f} {r['heads']:>6.1f}")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------- rows

@@ -1,5 +1,5 @@
-"""The ``trimkit`` command: ``bench``, ``recipes``, ``adapters``, and the commands shipped
-beside the engine (`trimkit.registry.register_command`)."""
+"""The ``trimkit`` command: ``bench``, ``stats``, ``recipes``, ``adapters``, and the commands
+shipped beside the engine (`trimkit.registry.register_command`)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,13 @@ def _bench_examples() -> list[str]:
     _load_builtins()
     return [f"trimkit bench {e}" for e in EXAMPLES]
 
+
+STATS_EPILOG = """\
+Any other --some-option VALUE is a recipe option, as for bench.
+
+examples:
+  trimkit stats --model meter-tiny --recipe pumer --batch-size 2
+  trimkit stats --model timm:vit_base_patch16_224 --recipe tome --r 13 --json"""
 
 RECIPES_EPILOG = """\
 example:
@@ -111,6 +118,20 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
     b.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
+    st = sub.add_parser(
+        "stats", formatter_class=fmt, allow_abbrev=False, epilog=STATS_EPILOG,
+        help="per-layer live tokens and heads of one trimmed forward",
+        description="Build the model, run one forward of the recipe on the builder's inputs "
+                    "and print each layer's live tokens in and out and live heads, with the "
+                    "GFLOPs per example untrimmed and trimmed.")
+    st.add_argument("--model", required=True, metavar="SPEC",
+                    help="model spec <kind>:<name>[?key=value&...] or an alias")
+    st.add_argument("--recipe", default="tome", help="recipe name (default: tome)")
+    st.add_argument("--batch-size", type=int, default=1, metavar="N",
+                    help="batch size of the forward (default: 1)")
+    st.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    st.add_argument("--json", action="store_true", help="print JSON instead of the table")
+
     sub.add_parser("recipes", formatter_class=fmt, allow_abbrev=False, epilog=RECIPES_EPILOG,
                    help="list recipes with their options and defaults",
                    description="List the registered recipes, their options and defaults.")
@@ -142,6 +163,17 @@ def _bench(args: argparse.Namespace, extra: list[str]) -> int:
         print(json.dumps([r.as_dict() for r in rows], indent=2))
     else:
         print(format_table(rows))
+    return 0
+
+
+def _stats(args: argparse.Namespace, extra: list[str]) -> int:
+    from .bench import format_layer_stats, layer_stats
+
+    if args.batch_size < 1:
+        raise _UsageError("--batch-size must be >= 1")
+    stats = layer_stats(args.model, args.recipe, parse_overrides(extra), args.batch_size,
+                        args.device)
+    print(json.dumps(stats, indent=2) if args.json else format_layer_stats(stats))
     return 0
 
 
@@ -181,10 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     from .bench import BenchSetupError
 
     try:
-        if extra and args.command != "bench":
+        if extra and args.command not in ("bench", "stats"):
             raise _UsageError(f"unrecognized arguments: {' '.join(extra)}")
         if args.command == "bench":
             return _bench(args, extra)
+        if args.command == "stats":
+            return _stats(args, extra)
         if args.command == "recipes":
             return _recipes()
         if args.command == "adapters":
