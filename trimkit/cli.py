@@ -104,9 +104,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Build the model once, apply the recipe to a copy, time both alternately "
                     "on the same inputs (median after warm-up) and print GFLOPs, throughput, "
                     "speedup, speedup / FLOPs ratio and activation peak memory.")
-    b.add_argument("--model", required=True, metavar="SPEC",
-                   help="model spec <kind>:<name>[?key=value&...] or an alias")
-    b.add_argument("--recipe", default="tome", help="recipe name (default: tome)")
+    _model_and_recipe(b)
     b.add_argument("--batch-size", type=int, nargs="+", default=[16], metavar="N",
                    help="one or more batch sizes (default: 16)")
     b.add_argument("--warmup", type=int, default=2, help="untimed runs of each (default: 2)")
@@ -124,9 +122,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Build the model, run one forward of the recipe on the builder's inputs "
                     "and print each layer's live tokens in and out and live heads, with the "
                     "GFLOPs per example untrimmed and trimmed.")
-    st.add_argument("--model", required=True, metavar="SPEC",
-                    help="model spec <kind>:<name>[?key=value&...] or an alias")
-    st.add_argument("--recipe", default="tome", help="recipe name (default: tome)")
+    _model_and_recipe(st)
     st.add_argument("--batch-size", type=int, default=1, metavar="N",
                     help="batch size of the forward (default: 1)")
     st.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
@@ -145,6 +141,13 @@ def _parser() -> argparse.ArgumentParser:
                            help=command.help, description=command.description)
         command.configure(c)
     return p
+
+
+def _model_and_recipe(p: argparse.ArgumentParser) -> None:
+    """The ``--model`` and ``--recipe`` arguments that ``bench`` and ``stats`` share."""
+    p.add_argument("--model", required=True, metavar="SPEC",
+                   help="model spec <kind>:<name>[?key=value&...] or an alias")
+    p.add_argument("--recipe", default="tome", help="recipe name (default: tome)")
 
 
 def _bench(args: argparse.Namespace, extra: list[str]) -> int:
