@@ -47,6 +47,7 @@ from torch import nn
 
 from trimkit import ModelDescription, Option, Recipe, SitePlan, register_recipe
 from trimkit.describe import StreamDesc
+from trimkit.recipe import check_ratio
 from trimkit.trimmers import MergeTokens, ReduceByCrossAttention
 
 #: the default reducing depths, as fractions of the stack
@@ -54,12 +55,6 @@ DEPTHS = (0, 1 / 6, 2 / 6, 3 / 6)
 #: prune_ratio where text guides the image and the option is left at None
 PRUNE_RATIO = 0.2
 IMAGE, TEXT = "image", "text"
-
-
-def _fraction(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
-    return float(value)
 
 
 def default_layers(depth: int) -> list[int]:
@@ -125,8 +120,8 @@ class PuMer(Recipe):
     }
 
     def plan(self, desc: ModelDescription, options: dict) -> dict:
-        m_img = _fraction("image_merge_ratio", options["image_merge_ratio"])
-        m_txt = _fraction("text_merge_ratio", options["text_merge_ratio"])
+        m_img = check_ratio("image_merge_ratio", options["image_merge_ratio"], zero=True)
+        m_txt = check_ratio("text_merge_ratio", options["text_merge_ratio"], zero=True)
         if options["teacher"] not in ("frozen", "self"):
             raise ValueError(f"teacher must be 'frozen' or 'self', got {options['teacher']!r}")
         prop = bool(options["proportional"])
@@ -139,7 +134,7 @@ class PuMer(Recipe):
                     f"{desc.family} model has not (streams {sorted(desc.streams)}); PuMer "
                     f"merges only here: leave prune_ratio at None or 0")
             return self._merge_only(desc, options["layers"], m_img, m_txt, prop)
-        p = PRUNE_RATIO if prune is None else _fraction("prune_ratio", prune)
+        p = PRUNE_RATIO if prune is None else check_ratio("prune_ratio", prune, zero=True)
         image = desc.streams[IMAGE]
         plans: dict[tuple[str, int], SitePlan] = {}
 

@@ -311,8 +311,9 @@ def test_fine_tune_with_kl_from_the_untrimmed_model(teacher, tmp_path):
     res = trimkit.train(model, loader, _loss, steps=6, lr=1e-3, cpu=True, seed=0,
                         checkpoint_dir=tmp_path, save_every=3)
     assert {"task", "sd"} <= set(res.history[-1]) and "ratio" not in res.history[-1]
-    assert any(not torch.equal(a, b) for a, b in zip(
-        model.state_dict().values(), start.state_dict().values(), strict=False))
+    now, before = model.state_dict(), start.state_dict()
+    assert set(before) <= set(now)
+    assert any(not torch.equal(now[k], v) for k, v in before.items())  # it trained
     objective = trimkit.training.objective_for(model, _loss, None, 6)
     if teacher == "self":
         assert objective.frozen is None
@@ -328,5 +329,8 @@ def test_fine_tune_with_kl_from_the_untrimmed_model(teacher, tmp_path):
         got = objective._teacher(model, model, batch)
         want = start(*batch[:-1])
     assert torch.allclose(got, want, atol=1e-5)
+    # the run's own teacher: the weights when training began, kept in its checkpoints
     saved = torch.load(tmp_path / "step_6" / "objective.pt", weights_only=False)
     assert set(saved["frozen_teacher"]) == set(objective.frozen)
+    for name, p in start.named_parameters():
+        assert torch.equal(saved["frozen_teacher"][f"model.{name}"], p), name

@@ -34,10 +34,13 @@ class SitePlan:
     proportional: bool = False
 
 
-def check_ratio(name: str, value: Any) -> float:
-    """``value`` as a float in (0, 1], else a `ValueError` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
+def check_ratio(name: str, value: Any, *, zero: bool = False) -> float:
+    """``value`` as a float in (0, 1] (``[0, 1]`` with ``zero``), else a `ValueError` naming
+    ``name``."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not (value >= 0 if zero else value > 0) or value > 1:
+        raise ValueError(f"{name} must be a number in {'[' if zero else '('}0, 1], "
+                         f"got {value!r}")
     return float(value)
 
 

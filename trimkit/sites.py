@@ -420,9 +420,7 @@ class Site(nn.Module):
         if bias is not None:
             mask = attn_mask
             if is_causal:
-                n, m = q.shape[-2], k.shape[-2]
-                mask = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(m - n)
-                is_causal = False
+                mask, is_causal = _causal_mask(q, k), False
             attn_mask = bias if mask is None else additive_mask(mask, q.dtype) + bias
         if cross and self.ctx.record_costs and self._cost:
             self._cost["cross_keys"] = _soft_count(keys.keep)
@@ -474,6 +472,12 @@ def _scoring_rows(q: torch.Tensor, mask: torch.Tensor | None, state: TokenState
                                                                   mask.shape[-1]))
 
 
+def _causal_mask(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """SDPA's ``is_causal`` as a bool mask (True = attend), aligned to the last key."""
+    n, m = q.shape[-2], k.shape[-2]
+    return torch.ones(n, m, dtype=torch.bool, device=q.device).tril(m - n)
+
+
 def _row_weights(state: TokenState | None, rows: int) -> torch.Tensor | None:
     """B×R weights of a stream's query rows when scoring keys: each live token by its size
     (padding and dead tokens 0); ``None`` (rows equal) when the state does not match."""
@@ -490,10 +494,7 @@ def _scored_attention(q, k, v, attn_mask, dropout_p, is_causal, scale,
     s = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     logits = torch.matmul(q, k.transpose(-2, -1)) * s
     if is_causal:
-        n, m = q.shape[-2], k.shape[-2]
-        causal = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(m - n)
-        attn_mask = causal if attn_mask is None else additive_mask(causal, q.dtype) + \
-            additive_mask(attn_mask, q.dtype)
+        logits = logits + additive_mask(_causal_mask(q, k), logits.dtype)
     if attn_mask is not None:
         logits = logits + additive_mask(attn_mask, logits.dtype)
     probs = torch.softmax(logits.float(), dim=-1)
