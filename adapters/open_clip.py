@@ -42,7 +42,7 @@ from trimkit import (
 from trimkit.adapter import Undo
 from trimkit.api import UnsupportedConfigError
 from trimkit.bench import register_builder
-from trimkit.ops import restore_positions
+from trimkit.ops import restore_positions, size_weighted_mean
 from trimkit.sites import Site, TrimContext
 
 IMAGE, TEXT = "image", "text"
@@ -308,13 +308,11 @@ def _size_weighted_pool(vit: nn.Module, ctx: TrimContext) -> Callable:
     original = vit._global_pool
 
     def pool(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        state = ctx.states.get(IMAGE)
-        if (self.pool_type != "avg" or not ctx.enabled or state is None
-                or state.keep.shape != x.shape[:2] or not (state.sized or state.has_dead)):
-            return original(x)
-        tokens = x[:, 1:]
-        w = (state.size * state.live)[:, 1:].to(x.dtype)[..., None]
-        return (tokens * w).sum(1) / w.sum(1).clamp_min(1e-6), tokens
+        if self.pool_type == "avg" and ctx.enabled:
+            mean = size_weighted_mean(ctx.states.get(IMAGE), x, 1)
+            if mean is not None:
+                return mean, x[:, 1:]
+        return original(x)
 
     return types.MethodType(pool, vit)
 

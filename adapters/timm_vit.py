@@ -16,6 +16,7 @@ from trimkit import (
     register_adapter,
 )
 from trimkit.bench import register_builder
+from trimkit.ops import size_weighted_mean
 from trimkit.rewrite import ADDITIVE_MASK_FUNCTIONS
 from trimkit.sites import TrimContext
 
@@ -92,18 +93,13 @@ class TimmViTAdapter(Adapter):
             original = model.pool
 
             def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
-                state = ctx.states.get(STREAM)
-                if ((pool_type or self.global_pool) != "avg" or state is None
-                        or state.keep.shape != x.shape[:2] or not (state.sized or state.has_dead)):
-                    return original(x, pool_type)
-                p = self.num_prefix_tokens
-                include = getattr(self, "pool_include_prefix", False)
-                w = state.size * state.live
-                if not include:
-                    w = w[:, p:]
-                    x = x[:, p:]
-                w = w.to(x.dtype)[..., None]
-                return (x * w).sum(1) / w.sum(1).clamp_min(1e-6)
+                if (pool_type or self.global_pool) == "avg" and ctx.enabled:
+                    skip = 0 if getattr(self, "pool_include_prefix", False) else \
+                        self.num_prefix_tokens
+                    mean = size_weighted_mean(ctx.states.get(STREAM), x, skip)
+                    if mean is not None:
+                        return mean
+                return original(x, pool_type)
 
             model.__dict__["pool"] = types.MethodType(pool, model)
             undo.append(lambda: model.__dict__.pop("pool", None))

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, ResPostBlock, VisionTransformer
 
+import trimkit
 from trimkit.testing import check_invariants
 
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True,
@@ -114,3 +115,21 @@ def test_pumer_invariants(vit, merge, proportional, data):
     check_invariants(factory(cfg, fused), images(cfg, batch), "pumer",
                      dict(image_merge_ratio=merge, proportional=proportional, layers=layers),
                      dict(image_merge_ratio=0.0), merges_only=True)
+
+
+def test_average_pool_under_trimming_disabled_ignores_the_last_trimmed_state():
+    """Masked (training) execution keeps shapes, so the state of the last trimmed forward
+    matches an untrimmed one's tokens; a teacher pass under `trimming_disabled` must still
+    pool the plain mean, as the model alone does."""
+    cfg = dict(img_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=2, num_classes=3,
+               class_token=False, global_pool="avg")
+    model = factory(cfg, True)().eval()
+    (x,) = images(cfg, 2)
+    with torch.no_grad():
+        ref = model(x)
+        trimkit.apply(model, "tome", r=3, mode="masked")
+        trimmed = model(x)
+        with trimkit.trimming_disabled(model):
+            full = model(x)
+    assert not torch.allclose(trimmed, ref, atol=1e-4)  # the trimmed pass did merge
+    assert torch.allclose(full, ref, atol=1e-5)

@@ -629,6 +629,22 @@ def test_compact_nothing_dead_returns_none():
     torch.testing.assert_close(out2.x, s.x)
 
 
+def test_a_packed_batch_is_not_gathered_again_until_an_op_decides():
+    """Samples that keep different counts stay padded after `compact`; compacting that state
+    again (the next layer, with no op) does nothing, and a new decision packs again."""
+    s = TokenState.start(torch.randn(2, 5, 3), num_protected=1)
+    s = drop_tokens(s, bools([[0, 1, 0, 0, 0], [0, 1, 1, 1, 0]]))
+    packed, idx = compact(s)
+    assert idx is not None and packed.packed and packed.has_dead  # sample 1 padded
+    again, idx2 = compact(packed.with_x(packed.x * 2))
+    assert idx2 is None and again.packed
+    torch.testing.assert_close(again.x, packed.x * 2)
+    dropped = drop_tokens(again, bools([[0, 0, 1, 0], [0, 0, 0, 0]]))
+    assert not dropped.packed
+    out, idx3 = compact(dropped)
+    assert idx3.tolist() == [[0, 1, 3], [0, 1, 2]] and out.live.sum(1).tolist() == [3, 2]
+
+
 def test_compact_hand_example():
     x = torch.arange(2 * 5, dtype=torch.float32).reshape(2, 5, 1)
     s = TokenState.start(x, num_protected=1, track_source=True)

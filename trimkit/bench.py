@@ -93,6 +93,11 @@ class Derived:
 #: as ``model(*inputs)``
 Tasks = dict[str, "Run | Derived"]
 
+
+def first_run(tasks: Tasks) -> tuple[str, Run]:
+    """The first task that runs the model itself (not a `Derived` row): its name and call."""
+    return next((k, t) for k, t in tasks.items() if not isinstance(t, Derived))
+
 Builder = Callable[..., "tuple[nn.Module, MakeInputs] | tuple[nn.Module, MakeInputs, Tasks]"]
 
 
@@ -205,7 +210,7 @@ def layer_stats(spec: str, recipe: str, options: dict[str, Any] | None = None,
         model, make_inputs, tasks = build_with_tasks(spec, device)
     except (ValueError, RuntimeError, TypeError) as e:
         raise BenchSetupError(f"cannot build {spec!r}: {e}") from e
-    task, run = next(iter(tasks.items()))
+    task, run = first_run(tasks)
     inputs = make_inputs(batch_size)
     base = trimkit.count_flops(lambda *a: run(model, *a), *inputs)
     try:
@@ -314,7 +319,7 @@ def memory_probe(spec: str, recipe: str | None, options: dict[str, Any], batch_s
     if threads:
         torch.set_num_threads(threads)
     model, make_inputs, tasks = build_with_tasks(spec)
-    run = next(t for t in tasks.values() if not isinstance(t, Derived))
+    run = first_run(tasks)[1]
     if recipe is not None:
         trimkit.apply(model, recipe, **options)
     inputs = make_inputs(batch_size)

@@ -34,9 +34,9 @@ def _bench_examples() -> list[str]:
 STATS_EPILOG = """\
 Any other --some-option VALUE is a recipe option, as for bench.
 
-examples:
-  trimkit stats --model meter-tiny --recipe pumer --batch-size 2
-  trimkit stats --model timm:vit_base_patch16_224 --recipe tome --r 13 --json"""
+examples (SPEC: any model spec or alias of trimkit bench --help):
+  trimkit stats --model SPEC --recipe pumer --batch-size 2
+  trimkit stats --model SPEC --recipe tome --r 8 --json"""
 
 RECIPES_EPILOG = """\
 example:

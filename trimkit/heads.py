@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .describe import HeadLayout, LayerDesc, ModelDescription
+from .headskip import live_head_rows
 from .rewrite import multihead_attention_forward, route_multihead_attention
 
 __all__ = [
@@ -108,9 +109,7 @@ def head_rows(kept: Sequence[int], head_dim: int, num_heads: int, sections: int 
     same heads are taken in each of the ``sections`` blocks of ``num_heads · head_dim``.
     """
     heads = torch.as_tensor(list(kept), dtype=torch.long, device=device)
-    one = (heads[:, None] * head_dim + torch.arange(head_dim, device=device)).flatten()
-    width = num_heads * head_dim
-    return torch.cat([one + s * width for s in range(sections)])
+    return live_head_rows(heads, head_dim, num_heads, sections)
 
 
 def prune_linear(linear: nn.Linear, kept: Sequence[int], head_dim: int, *, side: str = "out",

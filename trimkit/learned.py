@@ -185,7 +185,7 @@ class TokenTrimmer(TokenOp):
             mask = torch.where(state.protected, torch.ones_like(mask), mask)
             mask = _ensure_one(mask, pi, eligible)
             keep = state.keep.to(mask.dtype) * mask
-            return replace(state, keep=keep, has_dead=True)
+            return replace(state, keep=keep, has_dead=True, packed=False)
         if self.budget is not None:
             keep = topk_by_score(pi, self.budget, eligible)
         else:

@@ -34,6 +34,7 @@ __all__ = [
     "prune_keep_count",
     "query_attention",
     "restore_positions",
+    "size_weighted_mean",
     "topk_by_score",
 ]
 
@@ -179,7 +180,8 @@ def drop_tokens(state: TokenState, drop: torch.Tensor) -> TokenState:
     source = None
     if state.source is not None:
         source = _remap_source(state.source, _slot_map(state).masked_fill(drop, -1))
-    return replace(state, keep=_dead(state.keep, drop), source=source, has_dead=True)
+    return replace(state, keep=_dead(state.keep, drop), source=source, has_dead=True,
+                   packed=False)
 
 
 def bipartite_soft_matching(
@@ -301,7 +303,7 @@ def merge_tokens(
         smap = _slot_map(state).scatter(1, src, torch.where(valid, dst, src))
         source = _remap_source(state.source, smap)
     return replace(state, x=new_x, size=new_size, keep=_dead(state.keep, gone), source=source,
-                   sized=True, has_dead=True)
+                   sized=True, has_dead=True, packed=False)
 
 
 def topk_by_score(scores: torch.Tensor, keep_ratio: float, eligible: torch.Tensor) -> torch.Tensor:
@@ -355,7 +357,8 @@ def fuse_tokens(state: TokenState, drop: torch.Tensor, weights: torch.Tensor) ->
         smap = _slot_map(state)
         smap = torch.where(drop, first.expand_as(smap), smap)
         source = _remap_source(state.source, smap)
-    return replace(state, x=x, size=size, keep=keep, source=source, sized=True, has_dead=True)
+    return replace(state, x=x, size=size, keep=keep, source=source, sized=True, has_dead=True,
+                   packed=False)
 
 
 def _partial(keep: torch.Tensor) -> bool:
@@ -366,14 +369,15 @@ def _partial(keep: torch.Tensor) -> bool:
 def compact(state: TokenState) -> tuple[TokenState, torch.Tensor | None]:
     """Gather the live tokens away, in order, padding to the batch's longest survivor.
 
-    Returns the new state and the B×M gather index (``None`` if nothing was dead). Padding
-    slots are dead (``keep`` False / 0) and unprotected.
+    Returns the new state and the B×M gather index (``None`` if nothing was dead, or the
+    state is already `TokenState.packed`). Padding slots are dead (``keep`` False / 0) and
+    unprotected.
     """
-    if not state.has_dead:
+    if not state.has_dead or state.packed:
         return state, None
     live = state.live
     if bool(live.all()):
-        return replace(state, has_dead=_partial(state.keep)), None
+        return replace(state, has_dead=_partial(state.keep), packed=True), None
     counts = live.sum(1)
     m = int(counts.max())
     b, n = live.shape
@@ -391,7 +395,7 @@ def compact(state: TokenState) -> tuple[TokenState, torch.Tensor | None]:
         source = _remap_source(state.source, smap)
     has_dead = bool(pad.any()) or _partial(keep)
     return replace(state, x=x, keep=keep, size=size, protected=protected, source=source,
-                   has_dead=has_dead), idx
+                   has_dead=has_dead, packed=True), idx
 
 
 # ------------------------------------------------------------------ entry positions (``source``)
@@ -438,3 +442,16 @@ def restore_positions(state: TokenState, x: torch.Tensor) -> torch.Tensor:
     d = x.shape[-1]
     out = x.gather(1, src.clamp_min(0)[..., None].expand(-1, -1, d))
     return out.masked_fill((src < 0)[..., None], 0.0)
+
+
+def size_weighted_mean(state: TokenState | None, x: torch.Tensor, skip: int = 0
+                       ) -> torch.Tensor | None:
+    """The mean of ``x`` (B×N×D, laid out like ``state``) over its live tokens from ``skip``
+    on, each weighted by its size: what an average pool over the entry tokens computes, once
+    tokens were merged or dropped. ``None`` when ``state`` is ``None``, does not describe
+    ``x``, or changed nothing (the model's own mean is then exact)."""
+    if (state is None or state.keep.shape != x.shape[:2]
+            or not (state.sized or state.has_dead)):
+        return None
+    w = (state.size * state.live)[:, skip:].to(x.dtype)[..., None]
+    return (x[:, skip:] * w).sum(1) / w.sum(1).clamp_min(1e-6)

@@ -24,6 +24,9 @@ class TokenState:
     - ``sized``: ``False`` while every ``size`` is 1, so attention can skip the log-size bias.
     - ``has_dead``: ``False`` while every key has full weight (all live; a soft ``keep`` all
       1), so attention can skip the key mask.
+    - ``packed``: `trimkit.ops.compact` gathered the live tokens to the front and no op has
+      decided anything since, so compacting again has nothing to do (a batch whose samples
+      keep different counts stays padded, and is not gathered again at every layer).
     """
 
     x: torch.Tensor
@@ -33,6 +36,7 @@ class TokenState:
     source: torch.Tensor | None = None
     sized: bool = False
     has_dead: bool = False
+    packed: bool = False
 
     @classmethod
     def start(

@@ -62,6 +62,7 @@ from trimkit.ops import additive_mask
 from trimkit.rewrite import Patch
 from trimkit.sites import Site, TrimContext
 
+from ..layouts import bert_heads
 from .adapter import first_output, padding_mask, replace_first_output
 
 __all__ = ["BlipAdapter"]
@@ -72,12 +73,6 @@ _VISION_HEADS = HeadLayout(
     qkv="self_attn.qkv", out="self_attn.projection", counts=("self_attn.num_heads",),
     unprunable="BLIP's vision attention derives its head width from the model width in its "
                 "own forward, so a layer with fewer heads would not run")
-
-
-def _text_heads(attn: str) -> HeadLayout:
-    return HeadLayout(q=f"{attn}.self.query", k=f"{attn}.self.key", v=f"{attn}.self.value",
-                      out=f"{attn}.output.dense", counts=(f"{attn}.self.num_attention_heads",),
-                      widths=(f"{attn}.self.all_head_size",))
 
 
 def _classes() -> tuple[type, type, type] | None:
@@ -344,8 +339,8 @@ class BlipAdapter(Adapter):
                     masks_are_padding=True, pair=j, mlp_dim=cfg.intermediate_size,
                     head_dim=attn.attention_head_size,
                     cross_num_heads=cattn.num_attention_heads if cross else None,
-                    heads=_text_heads("attention"),
-                    cross_heads=_text_heads("crossattention") if cross else None))
+                    heads=bert_heads("attention"),
+                    cross_heads=bert_heads("crossattention") if cross else None))
                 if cross:
                     image_layers.append(LayerDesc(
                         block=block, attention="crossattention.self",

@@ -27,18 +27,10 @@ from trimkit import (
 )
 from trimkit.bench import register_builder
 
+from ..layouts import bert_heads
 from .model import METER, meter_base, meter_tiny
 
-
-def _bert_heads(attn: str) -> HeadLayout:
-    """A fusion layer's BERT-style attention ``attn``: ``self.query/key/value``, then
-    ``output.dense``; ``BertSelfAttention`` reshapes by its ``num_attention_heads``."""
-    return HeadLayout(q=f"{attn}.self.query", k=f"{attn}.self.key", v=f"{attn}.self.value",
-                      out=f"{attn}.output.dense", counts=(f"{attn}.self.num_attention_heads",),
-                      widths=(f"{attn}.self.all_head_size",))
-
-
-_BERT_HEADS = {a: _bert_heads(a) for a in ("attention", "crossattention")}
+_BERT_HEADS = {a: bert_heads(a) for a in ("attention", "crossattention")}
 
 
 @register_adapter
