@@ -253,7 +253,8 @@ class OpenClipAdapter(Adapter):
                 for i, blk in enumerate(owner.transformer.resblocks))
             if tower.stream == IMAGE:
                 n = owner.grid_size[0] * owner.grid_size[1] + 1
-                streams[IMAGE] = StreamDesc(IMAGE, layers, num_tokens=n, num_protected=1)
+                streams[IMAGE] = StreamDesc(IMAGE, layers, num_tokens=n, num_protected=1,
+                                            grid=tuple(owner.grid_size))
             else:
                 s = _text_settings(owner)
                 streams[TEXT] = StreamDesc(TEXT, layers, num_tokens=None, num_protected=0,

@@ -80,11 +80,12 @@ class TimmViTAdapter(Adapter):
                                     num_heads=attn.num_heads, dim=model.embed_dim,
                                     head_dim=getattr(attn, "head_dim", None),
                                     heads=_head_layout(attn)))
-        n = None
+        n = grid = None
         if not getattr(model, "dynamic_img_size", False):
             n = model.patch_embed.num_patches + model.num_prefix_tokens
+            grid = tuple(model.patch_embed.grid_size)
         stream = StreamDesc(STREAM, tuple(layers), num_tokens=n,
-                            num_protected=model.num_prefix_tokens)
+                            num_protected=model.num_prefix_tokens, grid=grid)
         return ModelDescription("timm-vit", {STREAM: stream})
 
     def install(self, model, desc, sites, ctx: TrimContext):

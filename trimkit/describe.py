@@ -115,6 +115,10 @@ class StreamDesc:
     else ``None``; ``num_protected`` leading tokens (CLS, registers, distillation token) are
     never dropped or merged; ``padded`` says whether inputs may carry padding.
 
+    ``grid``: for an image stream, the patch grid ``(rows, cols)`` of its entry tokens when
+    it is static: the last ``rows·cols`` entry tokens are the patches in row-major order,
+    the ones before them (CLS, registers) are not patches. `trimkit.viz` draws from it.
+
     ``positional``: the attention masks the stream's layers receive (a causal mask, a
     per-sample padding mask) are given over its entry tokens, whatever was trimmed before.
     The state then tracks ``source``; each self-attention reads the mask at its tokens'
@@ -130,6 +134,7 @@ class StreamDesc:
     num_protected: int = 1
     padded: bool = False
     positional: bool = False
+    grid: tuple[int, int] | None = None
 
     def attention_layers(self) -> list[int]:
         """Indices of the layers where the stream runs an attention of its own (every layer

@@ -195,6 +195,15 @@ def pooled_positions(input_ids: torch.Tensor, eos_token_id: int | None) -> torch
     return (ids == eos_token_id).int().argmax(dim=-1)
 
 
+def patch_grid(embeddings: nn.Module) -> tuple[int, int]:
+    """``(rows, cols)`` of the patches of a Hugging Face patch embedding (CLIP, ViT, BLIP
+    keep ``image_size`` and ``patch_size``, each an int or a pair)."""
+    size, patch = embeddings.image_size, embeddings.patch_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    ph, pw = (patch, patch) if isinstance(patch, int) else tuple(patch)
+    return h // ph, w // pw
+
+
 def padding_mask(mask: torch.Tensor | None, owner: str) -> torch.Tensor | None:
     """B×N bool, True on real tokens, from a tower's 2D ``attention_mask`` (``None`` stays
     ``None``); any other shape is a `ValueError` naming ``owner``."""
@@ -369,14 +378,14 @@ class HFAdapter(Adapter):
                 raise _unsupported(tower, f"the model has more than one {kind.stream} tower")
             layers = tuple(_layer_desc(tower, i, layer)
                            for i, layer in enumerate(tower.layers()))
-            n = None
+            n = grid = None
             if kind.stream == IMAGE:
                 emb = tower.module.embeddings
                 emb = getattr(emb, "patch_embeddings", emb)  # ViT keeps its count one deeper
-                n = emb.num_patches + 1
+                n, grid = emb.num_patches + 1, patch_grid(emb)
             streams[kind.stream] = StreamDesc(
                 kind.stream, layers, num_tokens=n, num_protected=kind.num_protected,
-                padded=kind.stream == TEXT, positional=kind.positional)
+                padded=kind.stream == TEXT, positional=kind.positional, grid=grid)
         return ModelDescription("hf", streams)
 
     def install(self, model: nn.Module, desc: ModelDescription, sites: dict[tuple[str, int], Site],

@@ -63,7 +63,7 @@ from trimkit.rewrite import Patch
 from trimkit.sites import Site, TrimContext
 
 from ..layouts import bert_heads
-from .adapter import first_output, padding_mask, replace_first_output
+from .adapter import first_output, padding_mask, patch_grid, replace_first_output
 
 __all__ = ["BlipAdapter"]
 
@@ -306,7 +306,7 @@ class BlipAdapter(Adapter):
                                          f"encoder in this {type(model).__name__}")
         streams: dict[str, StreamDesc] = {}
         image_layers: list[LayerDesc] = []
-        n_image = None
+        n_image = grid = None
         if parts.vision is not None:
             path, vision = parts.vision
             cfg = vision.config
@@ -318,7 +318,7 @@ class BlipAdapter(Adapter):
                     num_heads=attn.num_heads, dim=cfg.hidden_size, leave_after="mlp",
                     mlp_dim=cfg.intermediate_size, head_dim=attn.head_dim,
                     heads=_VISION_HEADS))
-            n_image = vision.embeddings.num_patches + 1
+            n_image, grid = vision.embeddings.num_patches + 1, patch_grid(vision.embeddings)
         if parts.text is not None:
             path, text = parts.text
             cfg = text.config
@@ -349,7 +349,7 @@ class BlipAdapter(Adapter):
             streams[TEXT] = StreamDesc(TEXT, tuple(layers), num_protected=1, padded=True)
         if image_layers:
             streams = {IMAGE: StreamDesc(IMAGE, tuple(image_layers), num_tokens=n_image,
-                                         num_protected=1), **streams}
+                                         num_protected=1, grid=grid), **streams}
         return ModelDescription("blip", streams)
 
     def install(self, model: nn.Module, desc: ModelDescription, sites: dict[tuple[str, int], Site],

@@ -64,12 +64,13 @@ class MeterAdapter(Adapter):
                       num_heads=blk.attn.num_heads, dim=cfg.vision_width,
                       head_dim=blk.attn.head_dim, heads=HeadLayout(multihead="attn"))
             for i, blk in enumerate(model.vit_model.transformer.resblocks))
-        n_image = (cfg.image_size // cfg.patch_size) ** 2 + 1
+        side = cfg.image_size // cfg.patch_size
+        n_image = side * side + 1
         streams = {
             "text": StreamDesc("text", fusion["text"], num_tokens=None, num_protected=1,
                                padded=True),
             "image": StreamDesc("image", encoder + fusion["image"], num_tokens=n_image,
-                                num_protected=1),
+                                num_protected=1, grid=(side, side)),
         }
         return ModelDescription("meter", streams, parallel=True)
 
