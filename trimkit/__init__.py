@@ -1,6 +1,7 @@
 """trimkit: token pruning, token merging and attention-head trimming for the transformers
 you already use, in one call: ``trimkit.apply(model, recipe="tome")``."""
 
+from . import viz
 from .adapter import Adapter, install_fx_sites
 from .api import (
     ForwardStats,
@@ -72,4 +73,5 @@ __all__ = [
     "set_mode",
     "train",
     "trimming_disabled",
+    "viz",
 ]

@@ -132,6 +132,12 @@ def check_invariants(
                 ok = st.protected.gather(1, slots) & (cover.gather(1, slots) == 1)
                 if not ok.all():
                     raise InvariantError(f"invariant 2: a protected token of {name!r} was merged")
+            # a stated patch grid is the last entry tokens, after protected ones only
+            grid = desc.streams[name].grid
+            if grid is not None and not 0 <= entry - grid[0] * grid[1] <= p:
+                raise InvariantError(f"stream {name!r} states a {grid[0]}×{grid[1]} patch grid, "
+                                     f"which is not its {entry} entry tokens after at most "
+                                     f"{p} protected leading ones (StreamDesc.grid)")
         # 3. live counts never grow
         prev: dict[str, torch.Tensor] = {}
         for s in stats:
