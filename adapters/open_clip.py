@@ -322,7 +322,8 @@ def bench_model(name: str, tower: str = "both", text_len: int = 16,
                 **kwargs) -> tuple[nn.Module, Callable[[int], tuple]]:
     """``trimkit bench --model open_clip:<name>[?kwargs]``: ``open_clip.create_model(name)``
     with random weights (nothing is downloaded) in eval mode; other keywords go to
-    ``create_model``. ``tower`` picks what the forward runs: ``both`` (random images and
+    ``create_model`` (``force_image_size``, the resize hook, sets the square input side).
+    ``tower`` picks what the forward runs: ``both`` (random images and
     token ids), ``vision`` or ``text``. Token ids are shaped like the CLIP tokenizer's: a
     start token, ``text_len`` random tokens, the end token, zero padding to the context
     length."""
@@ -330,6 +331,9 @@ def bench_model(name: str, tower: str = "both", text_len: int = 16,
 
     if tower not in ("both", "vision", "text"):
         raise ValueError(f"tower must be 'both', 'vision' or 'text', got {tower!r}")
+    size = kwargs.get("force_image_size")
+    if size is not None and isinstance(kwargs.get("vision_cfg"), dict):  # it would win
+        kwargs["vision_cfg"] = {**kwargs["vision_cfg"], "image_size": size}
     torch.manual_seed(0)
     model = open_clip.create_model(name, pretrained=None, **kwargs).eval()
     size = getattr(model.visual, "image_size", 224)
@@ -354,7 +358,7 @@ def bench_model(name: str, tower: str = "both", text_len: int = 16,
     return model, make_inputs
 
 
-register_builder("open_clip", bench_model, examples=[
+register_builder("open_clip", bench_model, resize="force_image_size", examples=[
     "--model open_clip:ViT-B-16 --recipe tome --r 8 --batch-size 1 16",
     '--model "open_clip:ViT-B-16?tower=text" --recipe attn_prune --stream text '
     "--keep-ratio 0.5 --layers 2,6",

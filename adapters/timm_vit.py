@@ -109,7 +109,8 @@ class TimmViTAdapter(Adapter):
 
 def bench_model(name: str, **kwargs) -> tuple[nn.Module, object]:
     """``trimkit bench --model timm:<name>[?kwargs]``: a timm model with random weights in
-    eval mode, and random images at its input size (its ``img_size`` when one is given)."""
+    eval mode, and random images at its input size (its ``img_size`` when one is given:
+    the resize hook, which rebuilds the model at another square side)."""
     import timm
 
     model = timm.create_model(name, pretrained=False, **kwargs).eval()
@@ -126,9 +127,10 @@ def bench_model(name: str, **kwargs) -> tuple[nn.Module, object]:
     return model, make_inputs
 
 
-register_builder("timm", bench_model, examples=[
-    "--model timm:vit_base_patch16_224 --recipe tome --r 13 --batch-size 16",
+register_builder("timm", bench_model, resize="img_size", examples=[
+    "--model timm:vit_base_patch16_224 --recipe tome --r 13   # resize baseline, batch 1 16",
     "--model timm:deit_small_patch16_224 --recipe attn_prune --keep-ratio 0.5 "
     "--layers 3,6,9 --fuse true --batch-size 1 8 32",
     '--model "timm:vit_tiny_patch16_224?img_size=64&depth=2" --r 2 --json',
+    "--model timm:vit_small_patch16_224 --recipe tome --r 8 --batch-size 64 --no-resize",
 ])

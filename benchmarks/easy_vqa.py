@@ -48,6 +48,8 @@ __all__ = [
     "fit",
     "flops_per_example",
     "image_loader",
+    "SHIPPED_BASELINE",
+    "load_baseline",
     "load_minilm_into",
     "load_split",
     "minilm",
@@ -81,6 +83,11 @@ BASELINE: dict = dict(seed=0, vision_epochs=25, vision_lr=3e-3, vision_images_pe
                       epochs=7, lr=1e-3, vision_lr_scale=0.3, images_per_batch=8,
                       questions_per_image=4, balance_answers=True, weight_decay=0.01,
                       warmup=0.1, grad_clip=1.0)
+
+
+#: the baseline that ships with the project: `train_baseline`'s output on a 2-core CPU
+#: (``trimkit demo --train-baseline`` makes it again), ~5 MB without the frozen MiniLM
+SHIPPED_BASELINE = Path(__file__).parent / "data" / "easy_vqa_baseline.pt"
 
 
 def default_cache_dir() -> Path:
@@ -542,7 +549,23 @@ def _settings_key() -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
+def load_baseline(path: Path | str) -> tuple[METER, dict] | None:
+    """The baseline saved at ``path`` by `train_baseline` (eval mode) and its summary, or
+    ``None`` when it was trained with other settings (`SMALL`, `BASELINE`) than today's."""
+    saved = torch.load(path, weights_only=False)
+    if saved.get("key") != _settings_key():
+        return None
+    model = build_model(seed=BASELINE["seed"])
+    missing, unexpected = model.load_state_dict(saved["state_dict"], strict=False)
+    missing = [k for k in missing if not k.startswith("text_transformer.")]
+    if missing or unexpected:
+        raise RuntimeError(f"{path} does not fit the model: missing {missing}, "
+                           f"unexpected {unexpected}")
+    return model.eval(), saved["info"]
+
+
 def train_baseline(cache_dir: Path | None = None, *, threads: int | None = None,
+                   retrain: bool = False,
                    log: Callable[[str], None] = print) -> tuple[METER, dict]:
     """The untrimmed baseline (`SMALL` trained with `BASELINE` on the train split, both
     stages), in eval mode, and a summary: test ``accuracy``, ``train_seconds`` (both
@@ -551,24 +574,19 @@ def train_baseline(cache_dir: Path | None = None, *, threads: int | None = None,
     ``minilm_gflops`` (one question through the frozen MiniLM, cached per question).
 
     Cached as ``cache_dir/baseline.pt`` (default `default_cache_dir`) with a hash of the
-    settings: a rerun with the same settings loads it instead of training. ``threads`` sets
-    torch's thread count for the call."""
+    settings: a rerun with the same settings loads it instead of training, unless
+    ``retrain``. ``threads`` sets torch's thread count for the call."""
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = cache_dir / "baseline.pt"
     key = _settings_key()
     with _threads(threads):
-        model = build_model(seed=BASELINE["seed"])
-        if path.exists():
-            saved = torch.load(path, weights_only=False)
-            if saved.get("key") == key:
-                missing, unexpected = model.load_state_dict(saved["state_dict"], strict=False)
-                missing = [k for k in missing if not k.startswith("text_transformer.")]
-                if missing or unexpected:
-                    raise RuntimeError(f"{path} does not fit the model: missing {missing}, "
-                                       f"unexpected {unexpected}")
-                log(f"baseline: loaded {path} (test accuracy {saved['info']['accuracy']:.2%})")
-                return model.eval(), saved["info"]
+        if path.exists() and not retrain:
+            loaded = load_baseline(path)
+            if loaded is not None:
+                log(f"baseline: loaded {path} (test accuracy {loaded[1]['accuracy']:.2%})")
+                return loaded
             log(f"baseline: {path} was trained with other settings; training again")
+        model = build_model(seed=BASELINE["seed"])
         train, test = load_split("train"), load_split("test")
         feats, mask = text_features(train.questions, cache_dir)
         cfg = BASELINE

@@ -146,3 +146,28 @@ def test_stats_per_layer(capsys):
     assert "tokens in" in out and "FLOPs ratio" in out
     assert main(["stats", "--model", "meter-tiny", "--recipe", "pumer", "--layers", "9"]) == 2
     assert "layers must be indices" in capsys.readouterr().err
+
+
+def test_bench_json_resize_keys_and_default_batch_sizes(capsys):
+    """By default bench times batch 1 (latency) and 16 (throughput) with the resize baseline;
+    --no-resize leaves its keys None."""
+    args = ["bench", "--model", TINY, "--r", "2", "--repeats", "1", "--warmup", "0", "--json",
+            "--no-memory"]
+    assert main(args) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["batch_size"] for r in rows] == [1, 16]
+    for row in rows:
+        assert row["resize_side"] in (16, 32, 48)  # below 64 px, in 16 px patches
+        assert row["gflops_base"] > row["gflops_resize"] > 0
+        assert row["ips_resize"] > 0 and row["speedup_resize"] > 0
+    assert main([*args, "--no-resize", "--batch-size", "2"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert all(row[k] is None for k in ("resize_side", "gflops_resize", "ips_resize",
+                                        "speedup_resize"))
+
+
+def test_bench_help_explains_resize(capsys):
+    assert main(["bench", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--no-resize" in out and "speedup resize" in out and "default: 1 16" in out
+    assert "--json" in out.split("examples:")[-1]

@@ -9,6 +9,12 @@ packs a batch to its longest survivor, so the batch decides), their ratio, the t
 the speedup, the speedup over the FLOPs ratio ("efficiency": 1.0 means no overhead of ours),
 and the activation peak memory of one forward.
 
+Where the builder can rebuild its model at another square input side (``register_builder``'s
+``resize``) and the model has a square patch grid, each batch size also times a **resize
+baseline**: the untrimmed model at the lower input side (a multiple of the patch size) whose
+FLOPs per example come closest to the trimmed model's, in the same round-robin as the other
+two (`time_calls`). A token-reduction recipe is worth it where its speedup beats that one.
+
 A builder may offer several timed calls of its model (`Tasks`: e.g. an encoder pass and a
 ``generate``), each measured as its own row, and rows derived from two of them (`Derived`:
 the cost per generated token is generation minus encoding, over the tokens generated).
@@ -30,6 +36,8 @@ peak there (a probe started from the benchmark process would report the parent's
 from __future__ import annotations
 
 import copy
+import ctypes
+import gc
 import json
 import os
 import resource
@@ -52,6 +60,7 @@ from trimkit.registry import _load_builtins
 __all__ = [
     "ALIASES",
     "BUILDERS",
+    "RESIZE",
     "Derived",
     "EXAMPLES",
     "Tasks",
@@ -63,9 +72,11 @@ __all__ = [
     "format_layer_stats",
     "format_table",
     "layer_stats",
+    "activation_peak",
     "memory_probe",
     "parse_spec",
     "parse_value",
+    "time_calls",
     "time_pair",
 ]
 
@@ -157,14 +168,30 @@ ALIASES: dict[str, str] = {}
 #: ``trimkit bench`` argument lines that adapters offer as examples (shown by ``--help``)
 EXAMPLES: list[str] = []
 
+#: prefix → the builder keyword that sets the square input side in pixels (the resize hook)
+RESIZE: dict[str, str] = {}
+
 
 def register_builder(prefix: str, builder: Builder, aliases: dict[str, str] | None = None,
-                     examples: list[str] | None = None) -> None:
+                     examples: list[str] | None = None, *, resize: str | None = None) -> None:
     """Make ``<prefix>:<name>`` model specs buildable (an adapter registers its family's),
-    with short ``aliases`` and ``examples`` of ``trimkit bench`` arguments for ``--help``."""
+    with short ``aliases`` and ``examples`` of ``trimkit bench`` arguments for ``--help``.
+
+    ``resize`` names the builder keyword that sets the square input side in pixels (e.g.
+    ``"img_size"``); it opts the family into the benchmark's resize baseline. The contract:
+    ``builder(name, **spec_kwargs, <resize>=side)``, for ``side`` a multiple of the patch size
+    below the native side, builds the same model (the spec's other keywords unchanged) at
+    that side, and its ``make_inputs`` returns a ``B×C×side×side`` image batch. It is only
+    called for models with a square patch grid (`trimkit.StreamDesc.grid`) whose inputs hold
+    one square image batch of side ``grid × patch``; other models (text-only ones) get no
+    baseline."""
     BUILDERS[prefix] = builder
     ALIASES.update(aliases or {})
     EXAMPLES.extend(examples or [])
+    if resize is None:
+        RESIZE.pop(prefix, None)
+    else:
+        RESIZE[prefix] = resize
 
 
 def build_model(spec: str, device: str | torch.device = "cpu") -> tuple[nn.Module, MakeInputs]:
@@ -178,16 +205,16 @@ def _forward(model: nn.Module, *inputs: Any) -> Any:
     return model(*inputs)
 
 
-def build_with_tasks(spec: str, device: str | torch.device = "cpu"
+def build_with_tasks(spec: str, device: str | torch.device = "cpu", **overrides: Any
                      ) -> tuple[nn.Module, MakeInputs, Tasks]:
     """`build_model`, with the builder's `Tasks` (``{"": model(*inputs)}`` when it has
-    none)."""
+    none); ``overrides`` replace or add builder keywords of the spec."""
     _load_builtins()
     prefix, name, kwargs = parse_spec(spec)
     if prefix not in BUILDERS:
         raise ValueError(f"unknown model kind {prefix!r} in {spec!r}; kinds: "
                          f"{', '.join(sorted(BUILDERS))}")
-    built = BUILDERS[prefix](name, **kwargs)
+    built = BUILDERS[prefix](name, **{**kwargs, **overrides})
     model, make = built[0], built[1]
     tasks: Tasks = built[2] if len(built) > 2 else {"": _forward}
     device = torch.device(device)
@@ -248,7 +275,9 @@ def format_layer_stats(stats: dict[str, Any]) -> str:
 
 @dataclass
 class Row:
-    """One batch size of a benchmark: untrimmed ("base") against trimmed ("trim")."""
+    """One batch size of a benchmark: untrimmed ("base") against trimmed ("trim"), and the
+    resize baseline ("resize": untrimmed at the input side closest in FLOPs to trim; its
+    fields are None where there is none)."""
 
     model: str
     recipe: str
@@ -270,6 +299,12 @@ class Row:
     times_trim: list[float] = field(default_factory=list)
     #: which of the builder's timed calls (`Tasks`); empty for a plain forward
     task: str = ""
+    resize_side: int | None = None  # input side of the resize baseline, px
+    gflops_resize: float | None = None  # per example
+    ips_resize: float | None = None
+    speedup_resize: float | None = None  # median time base / median time resize
+    mem_resize_mb: float | None = None  # CUDA only
+    times_resize: list[float] = field(default_factory=list)
 
     @property
     def ms_base(self) -> float:
@@ -310,6 +345,39 @@ def _peak_rss_bytes(reset: bool) -> int:
                 if line.startswith("VmHWM:"):
                     return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _libc() -> Any | None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "mallopt") else None
+    except OSError:
+        return None
+
+
+@torch.no_grad()
+def activation_peak(fn: Callable[..., Any], *inputs: Any) -> float | None:
+    """Activation peak of one forward of ``fn``, MiB: the rise of the peak resident set over
+    it. Large blocks are made to come from and go back to the system while it runs (glibc's
+    ``mallopt``), so the peak is the tensors that were alive together, not what the
+    allocator kept; ``None`` where that is not available (not Linux with glibc)."""
+    libc = _libc()
+    if libc is None or not _reset_peak_rss():
+        return None
+    m_trim, m_mmap = -1, -3
+    libc.mallopt(m_mmap, 64 * 1024)
+    libc.mallopt(m_trim, 0)
+    try:
+        fn(*inputs)  # one-time allocations are not counted
+        gc.collect()
+        libc.malloc_trim(0)
+        _reset_peak_rss()
+        before = _rss_bytes()
+        fn(*inputs)
+        return (_peak_rss_bytes(True) - before) / 2**20
+    finally:  # glibc's own ceilings for both, which its dynamic thresholds reach
+        libc.mallopt(m_mmap, 32 * 2**20)
+        libc.mallopt(m_trim, 64 * 2**20)
 
 
 def memory_probe(spec: str, recipe: str | None, options: dict[str, Any], batch_size: int,
@@ -371,6 +439,36 @@ def _timed(model: Callable[..., Any], batches: list[tuple], cuda: bool) -> float
     return time.perf_counter() - t0
 
 
+def time_calls(
+    calls: list[tuple[Callable[..., Any], tuple | list[tuple]]],
+    *,
+    warmup: int = 2,
+    repeats: int = 5,
+    device: str | torch.device = "cpu",
+    progress: Callable[[int, list[float]], None] | None = None,
+) -> list[list[float]]:
+    """Seconds per round of each ``(call, inputs)``, in one process: ``warmup`` untimed
+    rounds, then ``repeats`` timed rounds, round-robin, round ``i`` starting with call
+    ``i mod len(calls)`` so that each goes first equally often. Take the medians. A round is
+    one forward, or, for a list of input tuples, one forward of each (e.g. many single
+    examples, where per-instance trimming makes one example unrepresentative).
+    ``progress(i, last)`` gets each call's latest time after round ``i``."""
+    cuda = torch.device(device).type == "cuda"
+    jobs = [(call, inputs if isinstance(inputs, list) else [inputs]) for call, inputs in calls]
+    times: list[list[float]] = [[] for _ in jobs]
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for call, batches in jobs:
+                _timed(call, batches, cuda)
+        for i in range(repeats):
+            for j in range(len(jobs)):
+                k = (i + j) % len(jobs)
+                times[k].append(_timed(*jobs[k], cuda))
+            if progress is not None:
+                progress(i, [t[-1] for t in times])
+    return times
+
+
 def time_pair(
     base: Callable[..., Any],
     trim: Callable[..., Any],
@@ -381,43 +479,99 @@ def time_pair(
     device: str | torch.device = "cpu",
     progress: Callable[[int, float, float], None] | None = None,
 ) -> tuple[list[float], list[float]]:
-    """Seconds per round of ``base`` and ``trim`` on the same ``inputs``, in one process:
-    ``warmup`` untimed rounds, then ``repeats`` timed rounds that alternate which model goes
-    first, so neither always follows the other. Take the medians. A round is one forward,
-    or, for a list of input tuples, one forward of each (e.g. many single examples, where
-    per-instance trimming makes one example unrepresentative)."""
-    cuda = torch.device(device).type == "cuda"
-    batches = inputs if isinstance(inputs, list) else [inputs]
-    tb: list[float] = []
-    tt: list[float] = []
-    with torch.inference_mode():
-        for _ in range(warmup):
-            _timed(base, batches, cuda)
-            _timed(trim, batches, cuda)
-        for i in range(repeats):
-            pair = ((base, tb), (trim, tt)) if i % 2 == 0 else ((trim, tt), (base, tb))
-            for model, times in pair:
-                times.append(_timed(model, batches, cuda))
-            if progress is not None:
-                progress(i, tb[-1], tt[-1])
+    """`time_calls` of ``base`` and ``trim`` on the same ``inputs`` (they alternate which goes
+    first): seconds per round of each."""
+    tb, tt = time_calls([(base, inputs), (trim, inputs)], warmup=warmup, repeats=repeats,
+                        device=device, progress=None if progress is None else
+                        lambda i, last: progress(i, last[0], last[1]))
     return tb, tt
+
+
+def _image_side(inputs: tuple) -> int | None:
+    """The side of the one square image batch (``B×C×H×W``, ``H = W``) among ``inputs``."""
+    images = [a for a in inputs if isinstance(a, torch.Tensor) and a.dim() == 4]
+    if len(images) != 1 or images[0].shape[-1] != images[0].shape[-2]:
+        return None
+    return int(images[0].shape[-1])
+
+
+class _Resizer:
+    """The untrimmed model of ``spec`` rebuilt at ``k × patch`` px (``0 < k < steps``, the
+    native grid side) through the builder keyword ``key``; FLOPs per example are counted on
+    the first task (cached per ``k``), and only the last chosen model is kept."""
+
+    def __init__(self, spec: str, key: str, patch: int, steps: int, device: torch.device):
+        self.spec, self.key, self.patch, self.steps, self.device = spec, key, patch, steps, device
+        self.flops: dict[int, float] = {}
+        self.built: dict[int, tuple[nn.Module, MakeInputs]] = {}
+
+    def build(self, k: int) -> tuple[nn.Module, MakeInputs]:
+        if k in self.built:
+            return self.built[k]
+        side = k * self.patch
+        model, make, _ = build_with_tasks(self.spec, self.device, **{self.key: side})
+        if _image_side(make(1)) != side:
+            raise BenchSetupError(f"{self.key}={side} did not make {side} px inputs "
+                                  f"(the builder's resize hook is broken)")
+        return model, make
+
+    def count(self, run: Run, k: int) -> float:
+        if k not in self.flops:
+            model, make = self.build(k)
+            self.flops[k] = float(trimkit.count_flops(partial(run, model), *make(1)))
+        return self.flops[k]
+
+    def match(self, run: Run, target: float) -> tuple[int, nn.Module, MakeInputs] | None:
+        """The side (px), model and inputs whose FLOPs per example are closest to ``target``
+        (a binary search: FLOPs grow with the side); None where no side is below native."""
+        lo, hi = 1, self.steps - 1
+        if hi < 1:
+            return None
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if self.count(run, mid) >= target else (mid + 1, hi)
+        best = min((k for k in (lo - 1, lo) if k >= 1),
+                   key=lambda k: (abs(self.count(run, k) - target), k))
+        self.built = {best: self.build(best)}
+        return (best * self.patch, *self.built[best])
+
+
+def _resizer(spec: str, base: nn.Module, make_inputs: MakeInputs, device: torch.device
+             ) -> _Resizer | None:
+    """The resize baseline of ``spec``'s model, or None: no resize hook in its builder, no
+    square patch grid, or inputs without one square image batch of side grid × patch."""
+    key = RESIZE.get(parse_spec(spec)[0])
+    if key is None:
+        return None
+    try:
+        grids = [s.grid for s in trimkit.describe(base).streams.values() if s.grid]
+    except (ValueError, TypeError):  # no adapter (UnsupportedModelError is a TypeError)
+        return None
+    side = _image_side(make_inputs(1))
+    if len(grids) != 1 or grids[0][0] != grids[0][1] or side is None or side % grids[0][0]:
+        return None
+    return _Resizer(spec, key, side // grids[0][0], grids[0][0], device)
 
 
 def benchmark(
     spec: str,
     recipe: str = "tome",
     options: dict[str, Any] | None = None,
-    batch_sizes: list[int] | tuple[int, ...] = (16,),
+    batch_sizes: list[int] | tuple[int, ...] = (1, 16),
     warmup: int = 2,
     repeats: int = 5,
     threads: int | None = None,
     *,
     memory: bool = True,
+    resize: bool = True,
     device: str = "cpu",
     progress: Callable[[str], None] | None = None,
 ) -> list[Row]:
     """Measure ``recipe`` (with ``options``) on the model of ``spec``: one `Row` per batch
-    size. A bad spec, recipe or option (`trimkit.apply`'s ``ValueError``, no adapter) is a
+    size (and task), with the resize baseline where ``resize`` and the builder offers one
+    (see `register_builder`) and the recipe lowers the FLOPs: its side is matched per batch
+    size on the first task's FLOPs per example, and that model is timed for every task. A
+    bad spec, recipe or option (`trimkit.apply`'s ``ValueError``, no adapter) is a
     `BenchSetupError` (a ``ValueError``), raised before anything is timed."""
     options = dict(options or {})
     say = progress or (lambda _msg: None)
@@ -429,6 +583,7 @@ def benchmark(
             base, make_inputs, tasks = build_with_tasks(spec, device)
         except (ValueError, RuntimeError, TypeError) as e:
             raise BenchSetupError(f"cannot build {spec!r}: {e}") from e
+        resizer = _resizer(spec, base, make_inputs, torch.device(device)) if resize else None
         trim = copy.deepcopy(base)
         try:
             trimkit.apply(trim, recipe, **options)
@@ -437,7 +592,7 @@ def benchmark(
         try:
             return _measure(spec, recipe, options, base, trim, make_inputs, tasks,
                             list(batch_sizes), warmup, repeats, threads, memory,
-                            torch.device(device), say)
+                            torch.device(device), say, resizer)
         finally:
             if trimkit.is_applied(trim):  # one-shot recipes (prune_heads) install nothing
                 trimkit.remove(trim)
@@ -445,62 +600,80 @@ def benchmark(
         torch.set_num_threads(old_threads)
 
 
+#: per task: FLOPs per example and seconds per call of base, trim (and resize)
+_Done = dict[str, tuple[list[float], list[list[float]]]]
+
+
 def _measure(spec, recipe, options, base, trim, make_inputs, tasks, batch_sizes, warmup,
-             repeats, threads, memory, device, say) -> list[Row]:
+             repeats, threads, memory, device, say, resizer) -> list[Row]:
     cuda = device.type == "cuda"
+    names = ("base", "trimmed", "resized")
     rows = []
     for bs in batch_sizes:
         inputs = make_inputs(bs)
-        done: dict[str, tuple[float, float, list[float], list[float]]] = {}
+        done: _Done = {}
+        resized = None  # (side, model, make_inputs), chosen on the first task
         for n, (task, run) in enumerate(tasks.items()):
             label = f"batch {bs}" + (f", {task}" if task else "")
             if isinstance(run, Derived):
-                fb, ft, tb, tt = _derive(done, run, task)
+                flops, times = _derive(done, run, task)
             else:
+                calls = [(partial(run, base), inputs), (partial(run, trim), inputs)]
                 # FLOPs of this very batch, per example: per-instance trimming packs a batch
                 # to its longest survivor (and computes a head some instance keeps)
-                fb = trimkit.count_flops(partial(run, base), *inputs) / bs
-                ft = trimkit.count_flops(partial(run, trim), *inputs) / bs
-                tb, tt = time_pair(partial(run, base), partial(run, trim), inputs,
-                                   warmup=warmup, repeats=repeats, device=device,
-                                   progress=lambda i, b, t, label=label: say(
-                                       f"{label}: repeat {i + 1}/{repeats}: base "
-                                       f"{b * 1e3:.1f} ms, trimmed {t * 1e3:.1f} ms"))
-                done[task] = (fb, ft, tb, tt)
-            mb = mt = None
+                flops = [trimkit.count_flops(c, *x) / bs for c, x in calls]
+                if n == 0 and resizer is not None and flops[1] < flops[0]:
+                    try:
+                        resized = resizer.match(run, flops[1])
+                    except (ValueError, RuntimeError, TypeError) as e:
+                        say(f"{label}: no resize baseline ({e})")
+                    if resized is not None:
+                        say(f"{label}: resize baseline at {resized[0]} px")
+                if resized is not None:
+                    calls.append((partial(run, resized[1]), resized[2](bs)))
+                    flops.append(trimkit.count_flops(calls[2][0], *calls[2][1]) / bs)
+                times = time_calls(calls, warmup=warmup, repeats=repeats, device=device,
+                                   progress=lambda i, last, label=label: say(
+                                       f"{label}: repeat {i + 1}/{repeats}: " + ", ".join(
+                                           f"{k} {t * 1e3:.1f} ms"
+                                           for k, t in zip(names, last, strict=False))))
+                done[task] = (flops, times)
+            mems: list[float | None] = [None] * 3
             if memory and n == 0:  # the first task's forward
                 if cuda:
-                    mb, mt = _cuda_peak(partial(run, base), inputs), _cuda_peak(
-                        partial(run, trim), inputs)
+                    mems = [_cuda_peak(c, x) / 2**20 for c, x in calls] + [None]
                 else:
                     say(f"{label}: memory probes (fresh processes)")
-                    mb = probe_in_subprocess(spec, None, {}, bs, threads)
-                    mt = probe_in_subprocess(spec, recipe, options, bs, threads)
-                mb, mt = mb / 2**20, mt / 2**20
+                    mems[:2] = [probe_in_subprocess(spec, None, {}, bs, threads) / 2**20,
+                                probe_in_subprocess(spec, recipe, options, bs, threads) / 2**20]
+            fb, ft = flops[0], flops[1]
             ratio = fb / ft if ft else float("nan")
-            med_b, med_t = statistics.median(tb), statistics.median(tt)
-            speedup = med_b / med_t
+            med = [statistics.median(t) for t in times]
+            speedup = med[0] / med[1]
+            extra: dict[str, Any] = {}
+            if len(times) > 2:
+                extra = dict(resize_side=resized[0], gflops_resize=flops[2] / 1e9,
+                             ips_resize=bs / med[2], speedup_resize=med[0] / med[2],
+                             mem_resize_mb=mems[2], times_resize=times[2])
             rows.append(Row(
                 model=spec, recipe=recipe, options=options, device=str(device),
                 threads=torch.get_num_threads(), batch_size=bs,
                 gflops_base=fb / 1e9, gflops_trim=ft / 1e9, flops_ratio=ratio,
-                ips_base=bs / med_b, ips_trim=bs / med_t, speedup=speedup,
-                efficiency=speedup / ratio, mem_base_mb=mb, mem_trim_mb=mt, repeats=repeats,
-                times_base=tb, times_trim=tt, task=task))
+                ips_base=bs / med[0], ips_trim=bs / med[1], speedup=speedup,
+                efficiency=speedup / ratio, mem_base_mb=mems[0], mem_trim_mb=mems[1],
+                repeats=repeats, times_base=times[0], times_trim=times[1], task=task, **extra))
     return rows
 
 
-def _derive(done: dict, d: Derived, task: str
-            ) -> tuple[float, float, list[float], list[float]]:
+def _derive(done: _Done, d: Derived, task: str) -> tuple[list[float], list[list[float]]]:
     if d.of not in done or d.minus not in done:
         raise BenchSetupError(f"task {task!r} derives from {d.of!r} and {d.minus!r}, which must "
                               f"be measured before it")
-    (fb1, ft1, tb1, tt1), (fb0, ft0, tb0, tt0) = done[d.of], done[d.minus]
-
-    def per(a: list[float], b: list[float]) -> list[float]:
-        return [(x - y) / d.per for x, y in zip(a, b, strict=True)]
-
-    return (fb1 - fb0) / d.per, (ft1 - ft0) / d.per, per(tb1, tb0), per(tt1, tt0)
+    (f1, t1), (f0, t0) = done[d.of], done[d.minus]
+    flops = [(a - b) / d.per for a, b in zip(f1, f0, strict=True)]
+    times = [[(x - y) / d.per for x, y in zip(a, b, strict=True)]
+             for a, b in zip(t1, t0, strict=True)]
+    return flops, times
 
 
 # ------------------------------------------------------------------------------------ table
@@ -514,24 +687,39 @@ _COLUMNS = [
     ("FLOPs ratio", "flops_ratio", "{:.3f}x"),
     ("img/s base", "ips_base", "{:.2f}"),
     ("img/s trim", "ips_trim", "{:.2f}"),
+    ("resize px", "resize_side", "{}"),
+    ("GFLOPs resize", "gflops_resize", "{:.2f}"),
+    ("img/s resize", "ips_resize", "{:.2f}"),
     ("speedup", "speedup", "{:.3f}x"),
+    ("speedup resize", "speedup_resize", "{:.3f}x"),
     ("efficiency", "efficiency", "{:.1%}"),
     ("act MiB base", "mem_base_mb", "{:.1f}"),
     ("act MiB trim", "mem_trim_mb", "{:.1f}"),
+    ("act MiB resize", "mem_resize_mb", "{:.1f}"),
 ]
+
+#: columns shown only when some row has a value
+_OPTIONAL = {"resize_side", "gflops_resize", "ips_resize", "speedup_resize", "mem_resize_mb"}
 
 
 def format_table(rows: list[Row]) -> str:
-    """A plain aligned text table, one line per row, under a line naming the setup."""
+    """A plain aligned text table, one line per row, under a line naming the setup. The
+    resize columns appear when some row has a resize baseline ("-" in rows without one):
+    "speedup" beside "speedup resize" tells whether trimming beats shrinking the input."""
     if not rows:
         return "(no rows)"
     lines = []
+    resize = any(r.resize_side is not None for r in rows)
     for key in dict.fromkeys((r.model, r.recipe, json.dumps(r.options, sort_keys=True),
                               r.device, r.threads, r.repeats) for r in rows):
         model, recipe, opts, dev, threads, repeats = key
         lines.append(f"model {model}  recipe {recipe}  options {opts}  device {dev}  "
-                     f"threads {threads}  repeats {repeats} (median)")
-    columns = ([("task", "task", "{}")] if any(r.task for r in rows) else []) + _COLUMNS
+                     f"threads {threads}  repeats {repeats} (median)"
+                     + ("  resize: untrimmed at the side closest in GFLOPs to trim"
+                        if resize else ""))
+    columns = ([("task", "task", "{}")] if any(r.task for r in rows) else []) + [
+        c for c in _COLUMNS
+        if c[1] not in _OPTIONAL or any(getattr(r, c[1]) is not None for r in rows)]
     header = [c[0] for c in columns]
     body = [["-" if getattr(r, attr) is None else fmt.format(getattr(r, attr))
              for _, attr, fmt in columns] for r in rows]

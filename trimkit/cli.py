@@ -15,6 +15,14 @@ BENCH_EPILOG = """\
 Any other --some-option VALUE is a recipe option (some_option=VALUE); values are parsed as
 int, float, bool (true/false), none, or a comma-separated list.
 
+Batch 1 gives the latency (ms base, ms trim), larger batches the throughput (img/s).
+Resize baseline: where the model's builder can rebuild it at another input side and the
+model has a patch grid, each batch also times the untrimmed model at the lower side (a
+multiple of the patch size) whose GFLOPs come closest to the trimmed model's ("resize px",
+"GFLOPs resize", "img/s resize", "speedup resize"; JSON keys resize_side, gflops_resize,
+ips_resize, speedup_resize). Trimming is worth it where "speedup" beats "speedup resize".
+Text-only models, builders without the hook and recipes that remove no FLOPs show "-".
+
 examples:
 {examples}
 
@@ -102,11 +110,13 @@ def _parser() -> argparse.ArgumentParser:
         "bench", formatter_class=fmt, allow_abbrev=False, epilog=_bench_epilog(),
         help="time a recipe against the untrimmed model, next to the FLOPs ratio",
         description="Build the model once, apply the recipe to a copy, time both alternately "
-                    "on the same inputs (median after warm-up) and print GFLOPs, throughput, "
-                    "speedup, speedup / FLOPs ratio and activation peak memory.")
+                    "on the same inputs (median after warm-up) and print GFLOPs, latency, "
+                    "throughput, speedup, speedup / FLOPs ratio and activation peak memory, "
+                    "next to the resize baseline: the untrimmed model at the lower input side "
+                    "whose GFLOPs match the trimmed model's, timed in the same rounds.")
     _model_and_recipe(b)
-    b.add_argument("--batch-size", type=int, nargs="+", default=[16], metavar="N",
-                   help="one or more batch sizes (default: 16)")
+    b.add_argument("--batch-size", type=int, nargs="+", default=[1, 16], metavar="N",
+                   help="one or more batch sizes (default: 1 16: latency and throughput)")
     b.add_argument("--warmup", type=int, default=2, help="untimed runs of each (default: 2)")
     b.add_argument("--repeats", type=int, default=5, help="timed runs of each (default: 5)")
     b.add_argument("--threads", type=int, default=None,
@@ -114,6 +124,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     b.add_argument("--json", action="store_true", help="print JSON rows instead of the table")
     b.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
+    b.add_argument("--no-resize", action="store_true",
+                   help="skip the resize baseline (the untrimmed model at the input side "
+                        "closest in GFLOPs to the trimmed one)")
     b.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
     st = sub.add_parser(
@@ -161,7 +174,7 @@ def _bench(args: argparse.Namespace, extra: list[str]) -> int:
         lambda msg: print(msg, file=sys.stderr, flush=True))
     rows = benchmark(args.model, args.recipe, options, args.batch_size, warmup=args.warmup,
                      repeats=args.repeats, threads=args.threads, memory=not args.no_memory,
-                     device=args.device, progress=progress)
+                     resize=not args.no_resize, device=args.device, progress=progress)
     if args.json:
         print(json.dumps([r.as_dict() for r in rows], indent=2))
     else:

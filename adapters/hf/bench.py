@@ -54,7 +54,8 @@ def bench_model(name: str, tower: str = "vision", text_len: int = 16, seq_len: i
     """A model of preset ``name`` (eval mode, random weights, attention implementation
     ``attn``) and ``make_inputs(batch_size)``; ``fields`` override config fields (of the
     vision config for CLIP's vision tower and full model, of the text config for its text
-    tower).
+    tower). ``image_size`` is the resize hook: images follow the vision config's side (the
+    benchmark uses it only on models with an image stream).
 
     - CLIP: ``tower`` is ``vision`` (``CLIPVisionModel``, random images), ``text``
       (``CLIPTextModel``) or ``both`` (``CLIPModel``); text is 77 ids like the CLIP
@@ -206,7 +207,7 @@ def blip_model(name: str, text_len: int = 16, new_tokens: int = 20,
     return model, make_inputs, tasks
 
 
-register_builder("hf", bench_model, examples=[
+register_builder("hf", bench_model, resize="image_size", examples=[
     "--model hf:clip-vit-base-patch16 --recipe tome --r 8 --batch-size 1 16",
     '--model "hf:clip-vit-base-patch16?tower=text" --recipe attn_prune --stream text '
     "--keep-ratio 0.5 --layers 2,6",

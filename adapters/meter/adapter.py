@@ -76,8 +76,8 @@ class MeterAdapter(Adapter):
 
 def bench_model(name: str, text_len: int = 40, **kwargs) -> tuple[nn.Module, object]:
     """``trimkit bench --model meter-base`` (or ``meter:tiny?...``): METER at a preset's
-    sizes (fields overridable) with random weights; inputs are random images and
-    ``text_len`` random real text tokens."""
+    sizes (fields overridable) with random weights; inputs are random images (of side
+    ``image_size``, the resize hook) and ``text_len`` random real text tokens."""
     presets = {"base": meter_base, "tiny": meter_tiny}
     if name not in presets:
         raise ValueError(f"unknown METER preset {name!r}; presets: {', '.join(presets)}")
@@ -95,5 +95,6 @@ def bench_model(name: str, text_len: int = 40, **kwargs) -> tuple[nn.Module, obj
 
 
 register_builder("meter", bench_model, {"meter-base": "meter:base", "meter-tiny": "meter:tiny"},
+                 resize="image_size",
                  examples=["--model meter-base --recipe attn_prune --keep-ratio 0.5 "
                            "--batch-size 1 4"])

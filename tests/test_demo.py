@@ -1,0 +1,62 @@
+"""`trimkit demo` end to end on a slice of easy-VQA, and the in-process activation peak."""
+
+import json
+
+import pytest
+import torch
+
+from trimkit.bench import activation_peak
+from trimkit.cli import main
+
+
+def test_activation_peak_sees_the_tensors_alive_together():
+    def f(n):
+        a = torch.ones(n, 2**18)  # n MiB
+        b = a * 2  # another n MiB, alive with a
+        return float(b[0, 0])
+
+    peak = activation_peak(f, 16)
+    if peak is None:
+        pytest.skip("no glibc malloc here: the in-process peak is not available")
+    assert 30 <= peak <= 40
+    assert 14 <= activation_peak(lambda: float(torch.ones(2**22)[0])) <= 20
+
+
+def test_demo_writes_the_report(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TRIMKIT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "report"
+    code = main(["demo", "--out", str(out), "--questions", "64", "--steps", "2",
+                 "--repeats", "1", "--flops-examples", "2", "--threads", "2"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    data = json.loads((out / "results.json").read_text())
+    rows = data["rows"]
+    recipes = [r["recipe"] for r in rows]
+    assert recipes[0] == "untrimmed"
+    for name in ("resize", "tome", "attn_prune", "pumer", "smarttrim"):
+        assert name in recipes
+    base = rows[0]
+    assert base["flops_ratio"] == 1.0 and base["image_tokens"] == 65.0
+    for r in rows[1:]:
+        assert 0.0 <= r["accuracy"] <= 1.0
+        assert r["flops_ratio"] > 1.0 or r["recipe"] == "smarttrim"  # 2 steps may trim nothing
+        assert r["speedup_1"] > 0 and r["speedup_32"] > 0
+    # more merging and pruning, fewer FLOPs and tokens
+    tome = [r for r in rows if r["recipe"] == "tome"]
+    assert [r["gflops"] for r in tome] == sorted((r["gflops"] for r in tome), reverse=True)
+    assert tome[-1]["image_tokens"] < tome[0]["image_tokens"] < 65
+    resize = [r for r in rows if r["recipe"] == "resize"]
+    assert all(r["image_tokens"] is None for r in resize)
+    assert [r["gflops"] for r in resize] == sorted((r["gflops"] for r in resize), reverse=True)
+    # the picture's examples carry every shown model's answer
+    assert len(data["examples"]) == 4
+    assert {"question", "true", "untrimmed", "tome r=8"} <= set(data["examples"][0])
+    for name in ("results.md", "accuracy_vs_speedup.png", "kept_tokens.png"):
+        assert (out / name).stat().st_size > 1000
+    assert (out / "kept_tokens.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| tome | r=8 |" in printed and "| tome | r=8 |" in (out / "results.md").read_text()
+
+
+def test_demo_refuses_bad_arguments(capsys):
+    assert main(["demo", "--questions", "5"]) == 2
+    assert "--questions" in capsys.readouterr().err
