@@ -36,7 +36,6 @@ peak there (a probe started from the benchmark process would report the parent's
 from __future__ import annotations
 
 import copy
-import ctypes
 import gc
 import json
 import os
@@ -45,6 +44,7 @@ import statistics
 import subprocess
 import sys
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -53,6 +53,8 @@ from urllib.parse import parse_qsl
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import trimkit
 from trimkit.registry import _load_builtins
@@ -347,37 +349,59 @@ def _peak_rss_bytes(reset: bool) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _libc() -> Any | None:
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "mallopt") else None
-    except OSError:
-        return None
+class _LiveBytes(TorchDispatchMode):
+    """Bytes of the tensor storages created under it and still referenced, and their peak.
+
+    Every op's outputs are seen; a storage is counted once, from its first tensor until its
+    last tensor is gone (views and in-place results share it); views of storages that were
+    there before (parameters, inputs) are not counted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.alive: dict[int, list[int]] = {}  # storage address -> [tensors, bytes]
+        self.now = self.peak = 0
+
+    def _release(self, key: int) -> None:
+        entry = self.alive.get(key)
+        if entry is not None:
+            entry[0] -= 1
+            if entry[0] == 0:
+                self.now -= entry[1]
+                del self.alive[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        given = {a.untyped_storage().data_ptr()
+                 for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)}
+        for t in pytree.tree_leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            entry = self.alive.get(key)
+            if entry is None:
+                if key == 0 or key in given:  # empty, or a view of older memory
+                    continue
+                entry = self.alive[key] = [0, storage.nbytes()]
+                self.now += entry[1]
+                self.peak = max(self.peak, self.now)
+            entry[0] += 1
+            weakref.finalize(t, self._release, key)
+        return out
 
 
 @torch.no_grad()
-def activation_peak(fn: Callable[..., Any], *inputs: Any) -> float | None:
-    """Activation peak of one forward of ``fn``, MiB: the rise of the peak resident set over
-    it. Large blocks are made to come from and go back to the system while it runs (glibc's
-    ``mallopt``), so the peak is the tensors that were alive together, not what the
-    allocator kept; ``None`` where that is not available (not Linux with glibc)."""
-    libc = _libc()
-    if libc is None or not _reset_peak_rss():
-        return None
-    m_trim, m_mmap = -1, -3
-    libc.mallopt(m_mmap, 64 * 1024)
-    libc.mallopt(m_trim, 0)
-    try:
-        fn(*inputs)  # one-time allocations are not counted
-        gc.collect()
-        libc.malloc_trim(0)
-        _reset_peak_rss()
-        before = _rss_bytes()
-        fn(*inputs)
-        return (_peak_rss_bytes(True) - before) / 2**20
-    finally:  # glibc's own ceilings for both, which its dynamic thresholds reach
-        libc.mallopt(m_mmap, 32 * 2**20)
-        libc.mallopt(m_trim, 64 * 2**20)
+def activation_peak(fn: Callable[..., Any], *inputs: Any) -> float:
+    """Activation peak of one call of ``fn(*inputs)``, MiB: the most bytes of tensors
+    created by its ops that were alive at once (the outputs included; parameters, inputs and
+    a kernel's private scratch space not). It counts tensors, not what an allocator keeps,
+    so it is the same in any process state and on any platform."""
+    fn(*inputs)  # lazy one-time buffers are not activations
+    gc.collect()
+    with _LiveBytes() as live:
+        out = fn(*inputs)
+    del out
+    return live.peak / 2**20
 
 
 def memory_probe(spec: str, recipe: str | None, options: dict[str, Any], batch_size: int,
