@@ -47,6 +47,8 @@ SMARTTRIM = dict(lambda_cost=1000.0, warmup=0.5, init_logit=3.0, tokens=["image"
 FINE_TUNE = dict(steps=400, batch_size=64, lr=2e-4, trimmer_lr=3e-3, threshold_lr=3e-2)
 #: PuMer's published VQA ratios, at its default placement (both fusion layers here)
 PUMER: dict = dict(prune_ratio=0.2, image_merge_ratio=0.2, text_merge_ratio=0.2)
+#: the frozen MiniLM's weights, loaded from their package rather than saved with a model
+_FROZEN = "text_transformer."
 #: bump when the trimmers' architecture changes, so cached fine-tunes are not reused
 _VERSION = 3
 
@@ -101,7 +103,11 @@ def _fine_tune(base: nn.Module, target: float | None, train_set, cache: Path, cf
     model = trimkit.apply(copy.deepcopy(base), recipe, **extra, **options)
     if path.exists():
         saved = torch.load(path, weights_only=False)
-        model.load_state_dict(saved["state_dict"])
+        # the frozen MiniLM is not saved: it comes from its package, as in the baseline
+        missing, unexpected = model.load_state_dict(saved["state_dict"], strict=False)
+        if unexpected or any(not k.startswith(_FROZEN) for k in missing):
+            raise RuntimeError(f"{path} does not fit the model: missing {missing}, "
+                               f"unexpected {unexpected}")
         _say(f"{name}: loaded the fine-tuned model from {path}")
         return model.eval(), saved["info"]
     opt = torch.optim.AdamW(param_groups(model, cfg["lr"], trimmer_lr=cfg["trimmer_lr"],
@@ -115,7 +121,8 @@ def _fine_tune(base: nn.Module, target: float | None, train_set, cache: Path, cf
             "last": res.history[-1] if res.history else {}}
     model.eval()
     cache.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": model.state_dict(), "info": info}, path)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(_FROZEN)}
+    torch.save({"state_dict": state, "info": info}, path)
     return model, info
 
 

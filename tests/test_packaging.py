@@ -103,6 +103,8 @@ def test_wheel_holds_only_the_trimkit_package(wheel: Path) -> None:
                      for p in (ROOT / folder).rglob("*.py")]
     for path in expected:
         assert path in names, f"{path} missing from the wheel"
+    # the baseline `trimkit demo` starts from ships as package data
+    assert "trimkit/benchmarks/data/easy_vqa_baseline.pt" in names
     top_level = [n for n in names if n.endswith(".dist-info/top_level.txt")]
     for entry in top_level:
         assert zipfile.ZipFile(wheel).read(entry).decode().split() == ["trimkit"]
@@ -118,3 +120,14 @@ def test_installed_wheel_imports_from_its_own_folder(wheel: Path, tmp_path: Path
     proc = _run([sys.executable, "-c", CHECK, str(site)], cwd=elsewhere,
                 env={"PYTHONPATH": str(site), "PYTHONSAFEPATH": "1"})
     assert "wheel ok" in proc.stdout
+
+
+def test_readme_commands_are_the_ones_ci_runs() -> None:
+    """The README's two commands: install and run the demo, then the test command, which
+    `.ci/run` runs as it is."""
+    readme = (ROOT / "README.md").read_text()
+    blocks = [b.split("```", 1)[0].strip() for b in readme.split("```bash\n")[1:]]
+    assert blocks[0] == 'pip install -e ".[dev]" && trimkit demo'
+    assert blocks[1] == "python -m pytest -q"
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert 'pip install -e ".[dev]"' in ci and '"$py" -m pytest -q' in ci
