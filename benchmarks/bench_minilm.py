@@ -330,4 +330,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 register_command(Command(
     "bench-minilm", help="ToMe, attention pruning and head pruning on the pretrained MiniLM: "
                          "embedding fidelity, FLOPs and speed",
-    description=__doc__.split("\n\n", 1)[1], configure=configure, run=run))
+    description=__doc__.split("\n\n", 1)[1], configure=configure, run=run, epilog="""\
+examples:
+  trimkit bench-minilm                    # every recipe, questions and passages
+  trimkit bench-minilm --sentences 128 --repeats 3"""))

@@ -53,6 +53,13 @@ _FROZEN = "text_transformer."
 _VERSION = 3
 
 
+def smarttrim_options(desc: trimkit.ModelDescription) -> dict:
+    """`SMARTTRIM` with its layers: every image layer after the first, every text layer."""
+    return dict(SMARTTRIM, layers={
+        "image": list(range(1, len(desc.streams["image"].layers))),
+        "text": list(range(len(desc.streams["text"].layers)))})
+
+
 def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -258,8 +265,7 @@ def run(args: argparse.Namespace) -> int:
     desc = trimkit.describe(base)
     entry = {"image": float(desc.streams["image"].num_tokens),
              "text": test_set.mask.float().sum(1)[test.question_index].mean().item()}
-    smart = dict(SMARTTRIM, layers={"image": list(range(1, len(desc.streams["image"].layers))),
-                                    "text": list(range(len(desc.streams["text"].layers)))})
+    smart = smarttrim_options(desc)
 
     cfg = dict(FINE_TUNE, steps=args.steps)
     base_pass = _test_pass(base, test_set)
@@ -357,4 +363,8 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 register_command(Command(
     "bench-vqa", help="SmartTrim and PuMer on easy-VQA: accuracy, FLOPs and speed, end to end",
-    description=__doc__.split("\n\n", 1)[1], configure=configure, run=run))
+    description=__doc__.split("\n\n", 1)[1], configure=configure, run=run, epilog="""\
+examples:
+  trimkit bench-vqa                               # baseline, SmartTrim 0.5 and 0.33, PuMer
+  trimkit bench-vqa --targets 0.5 --no-pumer --no-meter-base
+  trimkit bench-vqa --steps 100 --baseline-epochs 1   # a quick check of the pipeline"""))

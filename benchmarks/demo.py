@@ -44,7 +44,7 @@ import trimkit
 from trimkit.bench import activation_peak, time_pair
 from trimkit.registry import Command, register_command
 
-from .bench_vqa import FINE_TUNE, SMARTTRIM, _fine_tune, _Questions, _say
+from .bench_vqa import FINE_TUNE, _fine_tune, _Questions, _say, smarttrim_options
 
 #: training-free recipes: (option swept, its values, the value shown in the picture)
 SWEEPS: dict[str, tuple[str, list, Any]] = {
@@ -115,13 +115,13 @@ def _points(base: nn.Module, args: argparse.Namespace, train_set, cache: Path) -
         points.append(Point("resize", f"{side}px", model, prepare, shown=side == RESIZE_SHOWN))
     for recipe, (option, values, shown) in SWEEPS.items():
         for v in values:
-            model = trimkit.apply(copy.deepcopy(base), recipe, **{option: v}).eval()
+            # the frozen MiniLM is shared: no recipe touches it (the text stream starts at
+            # the fusion layers)
+            model = copy.deepcopy(base, {id(base.text_transformer): base.text_transformer})
+            model = trimkit.apply(model, recipe, **{option: v}).eval()
             points.append(Point(recipe, f"{option}={v}", model, shown=v == shown))
     if not args.no_smarttrim:
-        desc = trimkit.describe(base)
-        options = dict(SMARTTRIM, layers={
-            "image": list(range(1, len(desc.streams["image"].layers))),
-            "text": list(range(len(desc.streams["text"].layers)))})
+        options = smarttrim_options(trimkit.describe(base))
         cfg = dict(FINE_TUNE, steps=args.steps)
         for target in args.targets:
             model, info = _fine_tune(base, target, train_set, cache, cfg, options)
@@ -378,8 +378,6 @@ def _baseline(args: argparse.Namespace, cache: Path) -> tuple[nn.Module, dict]:
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.epilog = EPILOG
     p.add_argument("--out", default="trimkit-demo",
                    help="report folder (default: ./trimkit-demo)")
     p.add_argument("--steps", type=int, default=DEMO_STEPS,
@@ -405,4 +403,4 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 register_command(Command(
     "demo", help="every recipe on easy-VQA: accuracy, FLOPs, speed, memory, pictures",
-    description=__doc__.split("\n\n", 1)[1], configure=configure, run=run))
+    description=__doc__.split("\n\n", 1)[1], configure=configure, run=run, epilog=EPILOG))

@@ -171,3 +171,13 @@ def test_bench_help_explains_resize(capsys):
     out = capsys.readouterr().out
     assert "--no-resize" in out and "speedup resize" in out and "default: 1 16" in out
     assert "--json" in out.split("examples:")[-1]
+
+
+def test_every_command_help_has_examples(capsys):
+    from trimkit.registry import COMMANDS, _load_builtins
+
+    _load_builtins()
+    for name in ["bench", "stats", "recipes", "adapters", *COMMANDS]:
+        assert main([name, "--help"]) == 0
+        out = capsys.readouterr().out
+        assert "example" in out and f"trimkit {name}" in out, name

@@ -151,7 +151,8 @@ def _parser() -> argparse.ArgumentParser:
 
     for command in COMMANDS.values():
         c = sub.add_parser(command.name, formatter_class=fmt, allow_abbrev=False,
-                           help=command.help, description=command.description)
+                           help=command.help, description=command.description,
+                           epilog=command.epilog)
         command.configure(c)
     return p
 

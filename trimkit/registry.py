@@ -22,13 +22,14 @@ RECIPES: dict[str, Recipe] = {}
 class Command:
     """A ``trimkit`` sub-command shipped beside the engine (e.g. an end-to-end benchmark):
     ``configure`` adds its arguments to an ``argparse`` parser, ``run`` gets the parsed
-    namespace and returns the exit status."""
+    namespace and returns the exit status; ``epilog`` ends its ``--help`` (examples)."""
 
     name: str
     help: str
     description: str
     configure: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int]
+    epilog: str | None = None
 
 
 COMMANDS: dict[str, Command] = {}
