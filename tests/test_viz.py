@@ -69,7 +69,7 @@ def test_token_groups_match_the_state(spec, recipe, options):
     # tracking is off again afterwards (the model was applied without it)
     model.eval()
     model(*inputs)
-    assert trimkit.last_states(model)["image"].source is None or spec == "meter-tiny"
+    assert trimkit.last_states(model)["image"].source is None
 
 
 def test_token_groups_errors_name_the_fix():
