@@ -33,6 +33,8 @@ class Adapter:
     """Base class of adapters. Subclass, set ``name``, implement `detect` and `describe`."""
 
     name: str = ""
+    #: tried only after every other adapter declined (a generic adapter)
+    fallback: bool = False
 
     def detect(self, model: nn.Module) -> bool:
         """Whether ``model`` belongs to this family."""
@@ -41,6 +43,11 @@ class Adapter:
     def describe(self, model: nn.Module) -> ModelDescription:
         """The model's streams, layers, heads and protected tokens."""
         raise NotImplementedError
+
+    def why_not(self, model: nn.Module) -> str | None:
+        """Why `detect` declined ``model``, in words, when the adapter can say (shown in the
+        error `trimkit.apply` raises for a model no adapter recognises)."""
+        return None
 
     def install(self, model: nn.Module, desc: ModelDescription, sites: dict[tuple[str, int], Site],
                 ctx: TrimContext) -> list[Undo]:

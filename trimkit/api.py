@@ -62,6 +62,8 @@ class Applied:
     description: ModelDescription
     ctx: TrimContext
     undo: list[Undo] = field(default_factory=list)
+    #: the adapter instance itself (``adapter`` is its name)
+    impl: Adapter | None = None
 
 
 def list_adapters() -> list[str]:
@@ -76,31 +78,51 @@ def list_recipes() -> list[str]:
     return sorted(RECIPES)
 
 
-def find_adapter(model: nn.Module) -> Adapter:
-    """The adapter that recognises ``model``, or `UnsupportedModelError` saying what exists."""
+def find_adapter(model: nn.Module, adapter: str | Adapter | None = None) -> Adapter:
+    """The adapter for ``model``: ``adapter`` itself (an instance, or a registered name)
+    when given, else the first registered adapter that recognises the model, trying
+    `Adapter.fallback` ones (the generic fx adapter) last. `UnsupportedModelError` says
+    which adapters exist and how to write one."""
     _load_builtins()
-    for adapter in ADAPTERS.values():
-        if adapter.detect(model):
-            return adapter
+    if isinstance(adapter, Adapter):
+        return adapter
+    if adapter is not None:
+        if adapter not in ADAPTERS:
+            raise ValueError(f"unknown adapter {adapter!r}; adapters: "
+                             f"{', '.join(sorted(ADAPTERS))}")
+        return ADAPTERS[adapter]
+    ordered = sorted(ADAPTERS.values(), key=lambda a: a.fallback)
+    reasons = []
+    for candidate in ordered:
+        if candidate.detect(model):
+            return candidate
+        why = candidate.why_not(model) if candidate.fallback else None
+        if why:
+            reasons.append(f"The {candidate.name!r} adapter (for models no other adapter "
+                           f"knows) could not adapt it: {why}")
     raise UnsupportedModelError(
         f"trimkit has no adapter for {type(model).__module__}.{type(model).__qualname__}. "
-        f"Adapters: {', '.join(sorted(ADAPTERS))}. To add one, subclass trimkit.Adapter, "
-        f"implement detect() and describe(), and decorate it with @trimkit.register_adapter "
-        f"(see docs/architecture.md).")
+        f"Adapters: {', '.join(sorted(ADAPTERS))}. {' '.join(reasons)}{' ' if reasons else ''}"
+        f"To add one, subclass trimkit.Adapter, implement detect() and describe(), and "
+        f"decorate it with @trimkit.register_adapter or ship it under the "
+        f"'trimkit.adapters' entry point group (see docs/adapters.md).")
 
 
-def describe(model: nn.Module) -> ModelDescription:
-    """The adapter's description of ``model`` (streams, layers, heads, protected tokens)."""
-    return find_adapter(model).describe(model)
+def describe(model: nn.Module, adapter: str | Adapter | None = None) -> ModelDescription:
+    """The adapter's description of ``model`` (streams, layers, heads, protected tokens);
+    for a trimmed model, the description its recipe was applied with."""
+    if adapter is None and is_applied(model):
+        return _applied(model).description
+    return find_adapter(model, adapter).describe(model)
 
 
-def head_scores(model: nn.Module, data: Any, *, loss_fn: Any = None,
-                forward: Any = None) -> dict[str, list[float]]:
+def head_scores(model: nn.Module, data: Any, *, loss_fn: Any = None, forward: Any = None,
+                adapter: str | Adapter | None = None) -> dict[str, list[float]]:
     """Gradient × output importance of every head that ``"prune_heads"`` could remove,
     summed over the batches of ``data``: ``{"image.3": [H floats], "text.1.cross": ...}``
     (see `trimkit.heads.head_importance` for ``loss_fn`` and ``forward``). The result can be
     edited and passed back as ``apply(model, "prune_heads", ratio=..., scores=...)``."""
-    desc = find_adapter(model).describe(model)
+    desc = find_adapter(model, adapter).describe(model)
     heads = locate_heads(model, desc, prunable_heads(desc))
     scores = _head_importance(model, heads, data, loss_fn=loss_fn, forward=forward)
     return {head_key_name(k): v.tolist() for k, v in scores.items()}
@@ -118,14 +140,17 @@ def _applied(model: nn.Module) -> Applied:
 
 
 def apply(model: nn.Module, recipe: str = "tome", *, mode: str = "auto",
-          track_source: bool = False, **overrides: Any) -> nn.Module:
+          track_source: bool = False, adapter: str | Adapter | None = None,
+          **overrides: Any) -> nn.Module:
     """Insert ``recipe``'s trimmers into ``model`` (in place) and return it.
 
     ``mode`` is ``"auto"`` (masked in training, compacted in eval), ``"masked"`` or
     ``"compacted"``; ``track_source`` records which input tokens each token covers (for
-    pictures). Every recipe default can be overridden by keyword. Nothing is changed
-    unless everything checks out: errors leave the model as it was. A one-shot recipe
-    (``"prune_heads"``) changes the model itself and installs nothing: afterwards
+    pictures); ``adapter`` (a registered name or an `Adapter` instance) overrides the
+    detected one, e.g. ``adapter="generic"``. Every recipe default can be overridden by
+    keyword. Nothing is changed unless everything checks out: errors leave the model as it
+    was. A one-shot recipe (``"prune_heads"``) changes the model itself and installs
+    nothing: afterwards
     `is_applied` is false and there is nothing to `remove`.
     """
     _load_builtins()
@@ -136,7 +161,7 @@ def apply(model: nn.Module, recipe: str = "tome", *, mode: str = "auto",
     if is_applied(model):
         raise ValueError(f"this model already has recipe {_applied(model).recipe!r} applied; "
                          f"call trimkit.remove(model) first")
-    adapter = find_adapter(model)
+    adapter = find_adapter(model, adapter)
     rec = RECIPES[recipe]
     options = rec.resolve(overrides)
     desc = adapter.describe(model)
@@ -172,7 +197,8 @@ def apply(model: nn.Module, recipe: str = "tome", *, mode: str = "auto",
     container = nn.ModuleDict({f"{s}_{i}": site for (s, i), site in sites.items()})
     container.train(model.training)
     model.add_module(SITES_ATTR, container)
-    model.__dict__[STATE_ATTR] = Applied(recipe, options, adapter.name, desc, ctx, undo)
+    model.__dict__[STATE_ATTR] = Applied(recipe, options, adapter.name, desc, ctx, undo,
+                                         adapter)
     return model
 
 

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from . import api
+from .adapter import Adapter
 
 __all__ = ["InvariantError", "check_invariants", "first_tensor", "slice_batch"]
 
@@ -70,13 +71,15 @@ def check_invariants(
     merges_only: bool = False,
     perturb_padding: Callable[[tuple], tuple] | None = None,
     atol: float = 1e-5,
+    adapter: str | Adapter | None = None,
 ) -> None:
     """Check DESIGN.md's invariants 1–9 for ``recipe`` on the model ``make_model()`` builds.
 
     ``inputs`` is a tuple of positional arguments with the batch first; ``options`` trims
     for real, ``zero_options`` makes the same recipe trim nothing; ``merges_only`` says the
     recipe never drops (so sizes must sum to the entry count); ``perturb_padding`` returns
-    the inputs with padding content changed (for streams that have padding).
+    the inputs with padding content changed (for streams that have padding); ``adapter``
+    forces one (a registered name or an instance) instead of the detected one.
     Raises `InvariantError` naming the first invariant that fails.
     """
     torch.manual_seed(0)
@@ -86,14 +89,14 @@ def check_invariants(
         ref = output(model(*inputs))
 
         # 1. zero trimming is the identity, in both executions
-        api.apply(model, recipe, **zero_options)
+        api.apply(model, recipe, adapter=adapter, **zero_options)
         for mode in ("compacted", "masked"):
             api.set_mode(model, mode)
             _close(f"invariant 1 (zero trimming is the identity, {mode})",
                    output(model(*inputs)), ref, atol)
         api.remove(model)
 
-        api.apply(model, recipe, track_source=True, **options)
+        api.apply(model, recipe, track_source=True, adapter=adapter, **options)
         out = output(model(*inputs))
         desc = api.describe(model)
         states = api.last_states(model)
