@@ -33,6 +33,7 @@ __all__ = [
     "multihead_attention_forward",
     "patch_forward",
     "route_multihead_attention",
+    "trace_module",
 ]
 
 GraphEdit = Callable[[fx.GraphModule], None]
@@ -119,18 +120,29 @@ def patch_forward(module: nn.Module, edit: GraphEdit) -> Patch:
     if "forward" in module.__dict__:
         raise RewriteError(f"{type(module).__name__} already has a per-instance forward")
     spec = _Specialised(module, edit)
+    _trace_defaults(spec)
+    module.__dict__["forward"] = spec
+    return Patch(module, spec)
+
+
+def _trace_defaults(spec: _Specialised) -> fx.GraphModule:
     args = [torch.empty(0) if p.default is inspect.Parameter.empty else p.default
             for p in list(spec.signature.parameters.values())[1:]
             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     try:
-        spec.trace(tuple(args), {})
+        return spec.trace(tuple(args), {})[0]
     except RewriteError:
         raise
     except Exception as err:
-        raise RewriteError(f"cannot trace {type(module).__name__}.forward with torch.fx: "
+        raise RewriteError(f"cannot trace {type(spec.module).__name__}.forward with torch.fx: "
                            f"{type(err).__name__}: {err}") from err
-    module.__dict__["forward"] = spec
-    return Patch(module, spec)
+
+
+def trace_module(module: nn.Module) -> fx.GraphModule:
+    """``module``'s own forward as `torch.fx` traces it for `patch_forward` (children as
+    leaves, arguments with defaults at their defaults, tensors elsewhere), unedited: what a
+    graph edit would see. A `RewriteError` says why when it does not trace."""
+    return _trace_defaults(_Specialised(module, lambda gm: None))
 
 
 # ---------------------------------------------------------------------------- graph edits
