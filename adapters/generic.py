@@ -39,6 +39,7 @@ from torch import nn
 from trimkit import Adapter, HeadLayout, LayerDesc, ModelDescription, StreamDesc, register_adapter
 from trimkit.adapter import Undo
 from trimkit.heads import MULTIHEAD_TYPES
+from trimkit.ops import restore_positions
 from trimkit.rewrite import RewriteError, find_attention, trace_module
 from trimkit.sites import Site, TrimContext
 
@@ -174,8 +175,7 @@ def _projection(node: object, gm: fx.GraphModule, depth: int = 0
         src = node.args[0]
         if _is(src, ("unbind",), (torch.unbind,)):
             return _projection(src.args[0], gm, depth + 1)
-        if not all(ix == slice(None) or ix is Ellipsis for ix in
-                   (node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],))):
+        if not isinstance(node.args[1], int):  # q = qkv[0]: a section; slices are not
             return None
     elif not (_is(node, ("reshape", "view", "permute", "transpose", *_SHAPE_KEEP),
                   (torch.reshape, torch.permute, torch.transpose))
@@ -560,6 +560,20 @@ def discover(model: nn.Module, num_protected: int | None = None) -> Discovery:
 
 # ------------------------------------------------------------------------------ adapter
 
+def _restore_exit(ctx: TrimContext, stream: str, module: nn.Module, args: tuple,
+                  output: object) -> object:
+    """A stream's tokens put back at its entry positions as it leaves its last block: a
+    merged token at each of its members' positions, the mean of the live tokens where
+    tokens were dropped (`restore_positions` with ``fill="mean"``). The model's code after
+    the stream sees its usual length, and whatever it pools or reads (the first token, a
+    mean) is what trimming left, the same in masked and compacted execution."""
+    state = ctx.states.get(stream) if ctx.enabled else None
+    if (not isinstance(output, torch.Tensor) or state is None or state.source is None
+            or state.keep.shape != output.shape[:2]):
+        return output
+    return restore_positions(state, output, fill="mean")
+
+
 def _check_side_inputs(ctx: TrimContext, stream: str, path: str, entry: dict[str, int],
                        first: bool, trimmed: bool, module: nn.Module, args: tuple,
                        kwargs: dict) -> None:
@@ -623,12 +637,19 @@ class GenericAdapter(Adapter):
 
     def install(self, model: nn.Module, desc: ModelDescription,
                 sites: dict[tuple[str, int], Site], ctx: TrimContext) -> list[Undo]:
-        """The engine's fx sites, and a check on each block after the first trimming one:
+        """The engine's fx sites; each stream leaves its last block at its entry positions
+        (`_restore_exit`), so the model's own pooling and heads work unchanged; and a check
+        on each block after the first trimming one:
         a further tensor it receives must be an attention bias over the entry tokens
         (which positional streams read at the tokens' entry positions), else trimmed tokens
         would no longer line up with it (rotary embeddings, position ids)."""
         undo = super().install(model, desc, sites, ctx)
+        was, ctx.track_source = ctx.track_source, True
+        undo.append(lambda: setattr(ctx, "track_source", was))
         for stream in desc.streams.values():
+            last = model.get_submodule(stream.layers[-1].block)
+            hook = last.register_forward_hook(partial(_restore_exit, ctx, stream.name))
+            undo.append(hook.remove)
             entry: dict[str, int] = {}
             trimmed = False
             for i, layer in enumerate(stream.layers):

@@ -430,18 +430,29 @@ def gather_entry_mask(mask: torch.Tensor, positions: torch.Tensor) -> torch.Tens
     return rows.gather(3, positions[:, None, None, :].expand(b, h, n, n))
 
 
-def restore_positions(state: TokenState, x: torch.Tensor) -> torch.Tensor:
+def restore_positions(state: TokenState, x: torch.Tensor, fill: str = "zeros") -> torch.Tensor:
     """``x`` (B×N×D, laid out like ``state``) back at the stream's entry positions, B×N0×D:
     each entry position holds the token that now covers it (a merged token at all of its
     members' positions), zeros where the entry token was dropped or was padding. A protected
     token is alone in its slot, so it comes back exactly where it entered. Needs
-    ``state.source``."""
+    ``state.source``.
+
+    ``fill="mean"`` puts the size-weighted mean of the live unprotected tokens where tokens
+    were dropped instead, so that any mean over the unprotected positions (a model's own
+    average pooling, whatever it is) is the size-weighted mean over the live tokens."""
     src = state.source
     if src is None:
         raise ValueError("restoring entry positions needs a state that tracks its source")
+    if fill not in ("zeros", "mean"):
+        raise ValueError(f"fill must be 'zeros' or 'mean', got {fill!r}")
     d = x.shape[-1]
     out = x.gather(1, src.clamp_min(0)[..., None].expand(-1, -1, d))
-    return out.masked_fill((src < 0)[..., None], 0.0)
+    dropped = (src < 0)[..., None]
+    if fill == "zeros":
+        return out.masked_fill(dropped, 0.0)
+    w = (state.size * (state.live & ~state.protected)).to(x.dtype)[..., None]
+    mean = (x * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp_min(1e-6)
+    return torch.where(dropped, mean.to(out.dtype), out)
 
 
 def size_weighted_mean(state: TokenState | None, x: torch.Tensor, skip: int = 0

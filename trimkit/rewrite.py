@@ -84,7 +84,15 @@ class _Specialised:
         key = (self.module.training, tuple(sorted((k, _key_of(v)) for k, v in concrete.items())))
         gm = self.cache.get(key)
         if gm is None:
-            graph = _ChildrenAsLeaves(self.module).trace(self.module, concrete_args=concrete)
+            # torch's own layers branch on their inputs to pick a fused inference path; with
+            # it off they take the plain path, which traces (and is what the graph runs)
+            fastpath = torch.backends.mha.get_fastpath_enabled()
+            torch.backends.mha.set_fastpath_enabled(False)
+            try:
+                graph = _ChildrenAsLeaves(self.module).trace(self.module,
+                                                             concrete_args=concrete)
+            finally:
+                torch.backends.mha.set_fastpath_enabled(fastpath)
             gm = fx.GraphModule(self.module, graph, class_name=type(self.module).__name__)
             self.edit(gm)
             gm.graph.lint()
