@@ -312,6 +312,11 @@ def _head_layout(module: nn.Module, gm: fx.GraphModule, spec: dict, attn: _Atten
         attn.unprunable = (f"no attribute of the attention module holds its head count "
                            f"{h}, so a pruned module could not run")
         return
+    merged = _shape_args(out[1][-1])[-1] if out[1] else -1
+    if isinstance(merged, fx.Node):
+        attn.unprunable = ("the forward reshapes the heads' outputs to a width it reads at run "
+                           "time (e.g. its input's), which a pruned module would not have")
+        return
     stated = {a for r in out[1] for a in _shape_args(r) if isinstance(a, int)}
     widths_attrs: tuple[str, ...] = ()
     if h * d in stated and h * d > 1:

@@ -200,8 +200,14 @@ class PruneHeads(Recipe):
                     for kind in KINDS if kind == "self" or options["cross"]
                     and desc.streams[s].layers[i].cross_attention is not None]
         if not keys:
+            reasons = sorted({lay.heads.unprunable or lay.heads.unsupported
+                              for s in streams for lay in desc.streams[s].layers
+                              if lay.heads is not None
+                              and (lay.heads.unprunable or lay.heads.unsupported)})
+            why = ("; ".join(reasons) if reasons
+                   else "its adapter describes no HeadLayout there")
             raise ValueError(f"no attention of this {desc.family!r} model can be head-pruned "
-                             f"in streams {streams}: its adapter describes no HeadLayout there")
+                             f"in streams {streams}: {why}")
         heads = locate_heads(model, desc, keys)
         if options["scores"] is not None:
             scores = _scores(options["scores"], keys, desc, heads)
