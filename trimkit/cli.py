@@ -51,6 +51,8 @@ example:
   trimkit recipes          # then: trimkit bench --recipe NAME --OPTION VALUE ..."""
 
 ADAPTERS_EPILOG = """\
+Adapters from other packages (entry point group trimkit.adapters) show [from DISTRIBUTION].
+
 example:
   trimkit adapters         # model families trimkit.apply recognises"""
 
@@ -194,13 +196,21 @@ def _stats(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def _from(kind: str, name: str) -> str:
+    """`` [from DISTRIBUTION]`` for an adapter or recipe that does not ship with trimkit."""
+    from trimkit.registry import origin
+
+    where = origin(kind, name)
+    return "" if where == "built-in" else f" [from {where}]"
+
+
 def _recipes() -> int:
     import trimkit
     from trimkit.registry import RECIPES
 
     for name in trimkit.list_recipes():
         rec = RECIPES[name]
-        print(f"{name}: {rec.summary}")
+        print(f"{name}: {rec.summary}{_from('recipe', name)}")
         for opt, o in rec.options.items():
             head = f"  --{opt.replace('_', '-')} (default {o.default!r})"
             print(head)
@@ -216,7 +226,8 @@ def _adapters() -> int:
     for name in trimkit.list_adapters():
         doc = (type(ADAPTERS[name]).__doc__ or "").strip().split("\n\n")[0]
         doc = " ".join(doc.split())
-        print(f"{name}: {doc}" if doc else name)
+        print(f"{name}: {doc}{_from('adapter', name)}" if doc
+              else f"{name}{_from('adapter', name)}")
     return 0
 
 
