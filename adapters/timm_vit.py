@@ -70,6 +70,7 @@ class TimmViTAdapter(Adapter):
         return cls is not None and isinstance(model, cls)
 
     def describe(self, model: nn.Module) -> ModelDescription:
+        _vit_class()  # teaches the rewrite timm's mask helper, also when detect was skipped
         layers = []
         for i, blk in enumerate(model.blocks):
             attn = getattr(blk, "attn", None)

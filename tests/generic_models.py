@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from timm.models.beit import Beit
+from timm.models.deit import VisionTransformerDistilled
+from timm.models.eva import Eva
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+from trimkit.adapters.generic import GenericAdapter
 
 
 class FusedAttention(nn.Module):
@@ -118,3 +123,42 @@ class TinyEncoder(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(self.embed(ids))[:, 0])
+
+
+VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=5)
+
+
+def jitter(make):
+    """``make`` wrapped: seeded, every parameter nudged so tokens differ."""
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        model = make()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+        return model
+    return build
+
+
+#: name -> (factory, input kind, adapter to force): families with no adapter of their own,
+#: and timm ViTs (DeiT, registers) forced through the generic adapter
+FAMILIES = {
+    "prenorm-sdpa": (lambda: TinyViT(attention="fused"), "image", None),
+    "postnorm-softmax": (lambda: TinyViT(attention="explicit", post_norm=True), "image", None),
+    "prenorm-mha-meanpool": (lambda: TinyViT(attention="multihead", cls=False), "image", None),
+    "torch-encoder-postnorm": (lambda: TinyEncoder(norm_first=False), "text",
+                               GenericAdapter(num_protected=1)),
+    "eva": (lambda: Eva(**VIT), "image", None),
+    "beit-relpos": (lambda: Beit(**VIT, use_rel_pos_bias=True, init_values=0.1), "image", None),
+    "deit": (lambda: VisionTransformerDistilled(**VIT), "image", "generic"),
+    "vit-registers-avg": (lambda: VisionTransformer(**VIT, reg_tokens=2, global_pool="avg"),
+                          "image", "generic"),
+}
+
+
+def inputs(kind: str, batch: int) -> tuple:
+    g = torch.Generator().manual_seed(batch)
+    if kind == "image":
+        return (torch.randn(batch, 3, 32, 32, generator=g),)
+    return (torch.randint(0, 50, (batch, 9), generator=g),)

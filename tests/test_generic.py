@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from generic_models import ATTENTIONS, TinyEncoder, TinyViT
+from generic_models import ATTENTIONS, FAMILIES, VIT, TinyEncoder, TinyViT, inputs, jitter
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from timm.models.beit import Beit
@@ -20,43 +20,6 @@ from trimkit.testing import check_invariants
 
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])
-VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=5)
-
-
-def _jitter(make):
-    def build() -> nn.Module:
-        torch.manual_seed(0)
-        model = make()
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn_like(p) * 0.02)
-        return model
-    return build
-
-
-#: name -> (factory, input kind, adapter to force): families with no adapter of their own,
-#: and timm ViTs (DeiT, registers) forced through the generic adapter
-FAMILIES = {
-    "prenorm-sdpa": (lambda: TinyViT(attention="fused"), "image", None),
-    "postnorm-softmax": (lambda: TinyViT(attention="explicit", post_norm=True), "image", None),
-    "prenorm-mha-meanpool": (lambda: TinyViT(attention="multihead", cls=False), "image", None),
-    "torch-encoder-postnorm": (lambda: TinyEncoder(norm_first=False), "text",
-                               GenericAdapter(num_protected=1)),
-    "eva": (lambda: Eva(**VIT), "image", None),
-    "beit-relpos": (lambda: Beit(**VIT, use_rel_pos_bias=True, init_values=0.1), "image", None),
-    "deit": (lambda: VisionTransformerDistilled(**VIT), "image", "generic"),
-    "vit-registers-avg": (lambda: VisionTransformer(**VIT, reg_tokens=2, global_pool="avg"),
-                          "image", "generic"),
-}
-
-
-def inputs(kind: str, batch: int) -> tuple:
-    g = torch.Generator().manual_seed(batch)
-    if kind == "image":
-        return (torch.randn(batch, 3, 32, 32, generator=g),)
-    return (torch.randint(0, 50, (batch, 9), generator=g),)
-
-
 families = st.sampled_from(sorted(FAMILIES))
 
 
@@ -64,7 +27,7 @@ families = st.sampled_from(sorted(FAMILIES))
 @given(families, st.integers(1, 3), st.integers(0, 4), st.sampled_from(["constant", "decreasing"]))
 def test_tome_invariants(family, batch, r, schedule):
     make, kind, adapter = FAMILIES[family]
-    check_invariants(_jitter(make), inputs(kind, batch), "tome", dict(r=r, schedule=schedule),
+    check_invariants(jitter(make), inputs(kind, batch), "tome", dict(r=r, schedule=schedule),
                      dict(r=0), merges_only=True, adapter=adapter)
 
 
@@ -73,7 +36,7 @@ def test_tome_invariants(family, batch, r, schedule):
        st.lists(st.integers(0, 1), min_size=1, max_size=2, unique=True))
 def test_attn_prune_invariants(family, batch, keep, fuse, layers):
     make, kind, adapter = FAMILIES[family]
-    check_invariants(_jitter(make), inputs(kind, batch), "attn_prune",
+    check_invariants(jitter(make), inputs(kind, batch), "attn_prune",
                      dict(keep_ratio=keep, fuse=fuse, layers=layers), dict(keep_ratio=1.0),
                      adapter=adapter)
 
@@ -84,7 +47,7 @@ def test_attn_prune_invariants(family, batch, keep, fuse, layers):
 def test_smarttrim_invariants(family, batch, budget, tokens, heads):
     make, kind, adapter = FAMILIES[family]
     tokens = tokens or not heads
-    check_invariants(_jitter(make), inputs(kind, batch), "smarttrim",
+    check_invariants(jitter(make), inputs(kind, batch), "smarttrim",
                      dict(stable_init=False, budget=budget, tokens=tokens, heads=heads),
                      dict(tokens=tokens, heads=heads), adapter=adapter)
 
@@ -94,7 +57,7 @@ def test_smarttrim_invariants(family, batch, budget, tokens, heads):
 def test_pumer_invariants(family, batch, ratio, proportional):
     make, kind, adapter = FAMILIES[family]
     key = f"{kind}_merge_ratio"
-    check_invariants(_jitter(make), inputs(kind, batch), "pumer",
+    check_invariants(jitter(make), inputs(kind, batch), "pumer",
                      {key: ratio, "proportional": proportional, "layers": [0, 1]},
                      {key: 0.0}, merges_only=True, adapter=adapter)
 
@@ -168,7 +131,7 @@ def test_post_norm_inside_the_attention_module_is_found():
 
     layer = trimkit.describe(Net()).stream().layers[0]
     assert (layer.attention, layer.residual, layer.num_heads) == ("attention.inner", False, 2)
-    check_invariants(_jitter(Net), (torch.randn(2, 12, 16),), "tome", dict(r=2), dict(r=0),
+    check_invariants(jitter(Net), (torch.randn(2, 12, 16),), "tome", dict(r=2), dict(r=0),
                      merges_only=True)
 
 
@@ -182,7 +145,7 @@ def _loss(out, *batch):
                                     "torch-encoder-postnorm"])
 def test_prune_heads_where_the_graph_shows_the_layout(family):
     make, kind, adapter = FAMILIES[family]
-    model = _jitter(make)().eval()
+    model = jitter(make)().eval()
     x = inputs(kind, 2)
     trimkit.apply(model, "prune_heads", ratio=0.5, data=[x], loss_fn=_loss,
                   adapter=adapter or "generic")
