@@ -1,3 +1,10 @@
 """Recipes shipped with trimkit; each registers itself on import."""
 
-from . import attn_prune, prune_heads, pumer, smarttrim, tome  # noqa: F401
+from . import (  # noqa: F401
+    attn_prune,
+    cases,  # noqa: F401  (conformance cases of the recipes above)
+    prune_heads,
+    pumer,
+    smarttrim,
+    tome,
+)
