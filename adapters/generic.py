@@ -40,7 +40,7 @@ from trimkit import Adapter, HeadLayout, LayerDesc, ModelDescription, StreamDesc
 from trimkit.adapter import Undo
 from trimkit.heads import MULTIHEAD_TYPES
 from trimkit.ops import restore_positions
-from trimkit.rewrite import RewriteError, find_attention, trace_module
+from trimkit.rewrite import RewriteError, find_attention, residual_after, trace_module
 from trimkit.sites import Site, TrimContext
 
 __all__ = ["GenericAdapter", "discover"]
@@ -386,15 +386,8 @@ def _residual(block: nn.Module, child: str) -> bool | str:
     calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == child]
     if len(calls) != 1:
         return f"calls its attention child {child!r} {len(calls)} times, not once"
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    call = calls[0]
-    for node in gm.graph.nodes:
-        if (order[node] > order[call] and _is(node, ("add", "__add__"),
-                                              (operator.add, torch.add, operator.iadd))
-                and len(node.all_input_nodes) == 2):
-            a, b = node.all_input_nodes
-            if _depends(a, call) != _depends(b, call):
-                return True
+    if residual_after(gm, calls[0]) is not None:
+        return True
     try:
         if _adds_input(trace_module(block.get_submodule(child))):
             return False
@@ -415,19 +408,6 @@ def _optional_inputs(module: nn.Module) -> list[str]:
     embeddings a model may pass)."""
     params = list(inspect.signature(type(module).forward).parameters.values())[2:]
     return [p.name for p in params if p.default is None]
-
-
-def _depends(node: fx.Node, target: fx.Node) -> bool:
-    seen, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        if n is target:
-            return True
-        if n in seen:
-            continue
-        seen.add(n)
-        stack.extend(n.all_input_nodes)
-    return False
 
 
 def _mlp_width(block: nn.Module, attention: str, dim: int) -> int | None:
@@ -486,6 +466,7 @@ def discover(model: nn.Module, num_protected: int | None = None) -> Discovery:
     """Read ``model``'s graphs: its streams of transformer blocks, and what could not be
     placed (in words)."""
     problems: list[str] = []
+    unread: dict[str, str] = {}  # modules that may hold attention the graphs do not show
     attentions: dict[str, _Attention] = {}
     for name, module in _own_modules(model):
         if not name or not _candidate(module):
@@ -494,11 +475,12 @@ def discover(model: nn.Module, num_protected: int | None = None) -> Discovery:
             got = _read_attention(module)
         except RewriteError as err:
             if _mentions_attention(module):
-                problems.append(f"{name} ({type(module).__name__}) mentions attention but "
-                                f"{err}")
+                unread[name] = f"{name} ({type(module).__name__}) mentions attention but {err}"
+                problems.append(unread[name])
             continue
         if isinstance(got, str):
-            problems.append(f"{name} ({type(module).__name__}): {got}")
+            unread[name] = f"{name} ({type(module).__name__}): {got}"
+            problems.append(unread[name])
         elif got is not None:
             attentions[name] = got
     if not attentions and not problems:
@@ -515,10 +497,19 @@ def discover(model: nn.Module, num_protected: int | None = None) -> Discovery:
     blocks = sorted(by_block, key=lambda b: b.count("."))
     outer = [b for b in blocks if not any(b.startswith(o + ".") for o in blocks if o != b)]
     layers: dict[str, list[tuple[int, LayerDesc, bool]]] = {}
+    broken: set[str] = set()  # containers with a block that cannot be placed
     for block in outer:
+        container = block.rsplit(".", 1)[0] if "." in block else ""
         paths = [p for b, ps in by_block.items() if b == block or b.startswith(block + ".")
                  for p in ps]
+        hidden = [n for n in unread if n.startswith(block + ".")]
+        if hidden:
+            broken.add(container)
+            problems.append(f"{block} has a module the graphs cannot read ({hidden[0]}), so "
+                            f"its attention is not known in full")
+            continue
         if len(paths) > 1:
+            broken.add(container)
             problems.append(f"{block} computes attention in several modules ({', '.join(paths)}"
                             f"): cross-attention needs a hand-written adapter")
             continue
@@ -529,6 +520,7 @@ def discover(model: nn.Module, num_protected: int | None = None) -> Discovery:
         module = model.get_submodule(block)
         residual = _residual(module, child)
         if isinstance(residual, str):
+            broken.add(container)
             problems.append(f"{block} ({type(module).__name__}) {residual}")
             continue
         if attn.unprunable is None:
@@ -539,7 +531,7 @@ def discover(model: nn.Module, num_protected: int | None = None) -> Discovery:
             heads = HeadLayout(**lay)
         else:
             heads = HeadLayout(unprunable=attn.unprunable)
-        container, index = block.rsplit(".", 1) if "." in block else ("", block)
+        index = block.rsplit(".", 1)[-1]
         desc = LayerDesc(block=block, attention=relative, num_heads=attn.heads, dim=attn.dim,
                          residual=residual,
                          head_dim=None if attn.heads * attn.head_dim == attn.dim
@@ -547,6 +539,10 @@ def discover(model: nn.Module, num_protected: int | None = None) -> Discovery:
                          mlp_dim=_mlp_width(module, relative, attn.dim), heads=heads)
         side = _optional_inputs(module)
         layers.setdefault(container, []).append((int(index), desc, attn.masked or bool(side)))
+    for container in broken & set(layers):  # a stream with a gap would run blocks unadapted
+        problems.append(f"the blocks of {container or 'the model'} are left untrimmed: one "
+                        f"of them cannot be placed")
+        del layers[container]
     streams: dict[str, StreamDesc] = {}
     containers = list(layers)
     names = _stream_names(model, containers)

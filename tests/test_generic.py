@@ -193,6 +193,25 @@ class _MaskedBlock(nn.Module):
         return x + self.attn(x) * mask[..., None]
 
 
+class _Gate(nn.Module):
+    """Attention-like work behind data-dependent control flow: fx cannot trace it."""
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return x.softmax(dim=-1)
+        return x
+
+
+class _HiddenBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = ATTENTIONS["fused"](16, 2)
+        self.gate = _Gate()
+
+    def forward(self, x):
+        return x + self.attn(x) + self.gate(x)
+
+
 class _Stack(nn.Module):
     def __init__(self, block: type[nn.Module]):
         super().__init__()
@@ -208,6 +227,7 @@ class _Stack(nn.Module):
     (_Stack(_CrossBlock), "cross-attention needs a hand-written adapter"),
     (_Stack(_SeqFirstBlock), "batch_first=False"),
     (_Stack(_MaskedBlock), "takes further required inputs ['mask']"),
+    (_Stack(_HiddenBlock), "blocks.0 has a module the graphs cannot read (blocks.0.gate)"),
     (nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()), "no module computes an attention product"),
 ])
 def test_what_the_generic_adapter_cannot_place_is_said_and_nothing_changes(model, says):

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_flop_count
 
 from .adapter import Adapter, Undo
 from .describe import ModelDescription
@@ -282,6 +282,20 @@ def last_states(model: nn.Module) -> dict[str, TokenState]:
     return dict(_applied(model).ctx.states)
 
 
+def _sdpa_flops(query_shape: torch.Size, key_shape: torch.Size, value_shape: torch.Size,
+                *args: Any, **kwargs: Any) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _missing_formulas() -> dict[Any, Any]:
+    """Flop formulas the installed torch's counter lacks: the CPU fused attention kernel
+    (without it, every attention product on CPU would count as free)."""
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is None or op in flop_registry or op.default in flop_registry:
+        return {}
+    return {op: _sdpa_flops}
+
+
 def count_flops(model: nn.Module, *args: Any, **kwargs: Any) -> int:
     """FLOPs of one forward of ``model`` (trimmed or not), trimmers' own work included."""
     # nn.MultiheadAttention's fused inference path is one op the counter has no formula
@@ -289,7 +303,8 @@ def count_flops(model: nn.Module, *args: Any, **kwargs: Any) -> int:
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), FlopCounterMode(display=False,
+                                              custom_mapping=_missing_formulas()) as counter:
             model(*args, **kwargs)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)

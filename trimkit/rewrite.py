@@ -32,6 +32,7 @@ __all__ = [
     "insert_at_input",
     "multihead_attention_forward",
     "patch_forward",
+    "residual_after",
     "route_multihead_attention",
     "trace_module",
 ]
@@ -286,25 +287,28 @@ def _single_call(gm: fx.GraphModule, target: str) -> fx.Node:
     return calls[0]
 
 
+def residual_after(gm: fx.GraphModule, call: fx.Node) -> fx.Node | None:
+    """The residual sum that follows ``call``: the first addition after it whose other
+    operand does not depend on it (``x + f(attn(x))``, pre-norm or post-norm alike)."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for node in gm.graph.nodes:
+        if (order[node] > order[call] and _is_call(node, _ADD, ("add", "__add__"))
+                and len(node.all_input_nodes) == 2):
+            a, b = node.all_input_nodes
+            if _depends_on(a, call) != _depends_on(b, call):
+                return node
+    return None
+
+
 def insert_after_residual(gm: fx.GraphModule, after_module: str, submodule: str) -> None:
     """Route the residual sum that follows ``after_module``'s call through ``gm.<submodule>``.
 
     The residual sum is the first addition downstream of that call whose other operand does
     not depend on it (``x + f(attn(x))``, pre-norm or post-norm alike).
     """
-    call = _single_call(gm, after_module)
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    candidates = []
-    for node in gm.graph.nodes:
-        if (order[node] > order[call] and _is_call(node, _ADD, ("add", "__add__"))
-                and len(node.all_input_nodes) == 2):
-            a, b = node.all_input_nodes
-            da, db = _depends_on(a, call), _depends_on(b, call)
-            if da != db:
-                candidates.append(node)
-    if not candidates:
+    res = residual_after(gm, _single_call(gm, after_module))
+    if res is None:
         raise RewriteError(f"no residual addition follows {after_module!r}")
-    res = candidates[0]
     with gm.graph.inserting_after(res):
         new = gm.graph.call_module(submodule, (res,))
     res.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)

@@ -165,7 +165,6 @@ def _head_count(layer: LayerDesc, kind: str) -> int:
     return layer.num_heads if kind == "self" else (layer.cross_num_heads or layer.num_heads)
 
 
-
 def check_transform(
     make_model: Callable[[], nn.Module],
     inputs: tuple,
