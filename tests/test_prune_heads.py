@@ -10,7 +10,6 @@ import timm
 import torch
 from timm.layers.attention import Attention
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 from trimkit.adapters.meter import METER, meter_tiny
 
 import trimkit
@@ -336,6 +335,6 @@ def test_cost_model_counts_the_pruned_width():
     x, y = torch.randn(1, 17, 32), torch.randn(1, 6, 32)
     on = torch.ones(1, 17, dtype=torch.bool), torch.ones(1, 6, dtype=torch.bool)
     for i in (2, 3):
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
+        with trimkit.api.flop_counter() as counter, torch.no_grad():
             model.cross_modal_image_layers[i - 2](x, y, *on)
         assert counter.get_total_flops() == layer_flops(layers[i], 17, 17, cross_keys=6)

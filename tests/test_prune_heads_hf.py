@@ -10,7 +10,6 @@ import json
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 from transformers import (
     AutoConfig,
     BertConfig,
@@ -162,7 +161,7 @@ def test_bert_flops_drop_by_what_the_heads_cost():
     # the cost model reads the pruned width from the description
     desc = trimkit.describe(model)
     x = torch.randn(b, n, D)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    with trimkit.api.flop_counter() as counter, torch.no_grad():
         model.encoder.layer[0](x)
     assert counter.get_total_flops() == layer_flops(desc.stream().layers[0], n, n) * b
 

@@ -8,7 +8,6 @@ import math
 import pytest
 import timm
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 from trimkit.adapters.meter import METER, meter_tiny
 
 import trimkit
@@ -289,7 +288,7 @@ def test_layer_flops_matches_the_flop_counter_for_a_block():
     block = model.blocks[0]
     layer = trimkit.describe(model).stream().layers[0]
     for n in (65, 20):
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
+        with trimkit.api.flop_counter() as counter, torch.no_grad():
             block(torch.randn(1, n, 64))
         assert counter.get_total_flops() == layer_flops(layer, n, n)
 
@@ -325,7 +324,7 @@ def test_trimmer_flops_match_the_flop_counter():
     state = trimkit.TokenState.start(torch.randn(2, 17, 32), num_protected=1)
     site.ctx.states["text"] = trimkit.TokenState.start(torch.randn(2, 5, 32), num_protected=1)
     for op in site.pre:
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
+        with trimkit.api.flop_counter() as counter, torch.no_grad():
             op(state, site)
         assert counter.get_total_flops() == float(op.flops(torch.tensor([17.0]))[0]) * 2
 

@@ -24,6 +24,7 @@ __all__ = [
     "UnsupportedModelError",
     "apply",
     "count_flops",
+    "flop_counter",
     "describe",
     "find_adapter",
     "forward_stats",
@@ -296,6 +297,12 @@ def _missing_formulas() -> dict[Any, Any]:
     return {op: _sdpa_flops}
 
 
+def flop_counter() -> FlopCounterMode:
+    """torch's `FlopCounterMode` (no display) that also counts the attention kernels the
+    installed torch has no formula for: what `count_flops` uses, for counting any code."""
+    return FlopCounterMode(display=False, custom_mapping=_missing_formulas())
+
+
 def count_flops(model: nn.Module, *args: Any, **kwargs: Any) -> int:
     """FLOPs of one forward of ``model`` (trimmed or not), trimmers' own work included."""
     # nn.MultiheadAttention's fused inference path is one op the counter has no formula
@@ -303,8 +310,7 @@ def count_flops(model: nn.Module, *args: Any, **kwargs: Any) -> int:
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with torch.no_grad(), FlopCounterMode(display=False,
-                                              custom_mapping=_missing_formulas()) as counter:
+        with torch.no_grad(), flop_counter() as counter:
             model(*args, **kwargs)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
