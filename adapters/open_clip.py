@@ -188,7 +188,11 @@ def _set(obj: object, name: str, value: object, undo: list[Undo]) -> None:
     if name in obj.__dict__:
         raise RuntimeError(f"{type(obj).__name__}.{name} is already patched on this instance")
     obj.__dict__[name] = value
-    undo.append(lambda: obj.__dict__.pop(name, None))
+
+    def unset() -> None:  # only ours: a later patch of the same name stays
+        if obj.__dict__.get(name) is value:
+            del obj.__dict__[name]
+    undo.append(unset)
 
 
 def _untrimmed(fn: Callable, ctx: TrimContext) -> Callable:
