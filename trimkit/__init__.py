@@ -26,6 +26,14 @@ from .api import (
 )
 from .describe import HeadLayout, LayerDesc, ModelDescription, StreamDesc
 from .heads import pruned_heads
+from .persist import (
+    ArchitectureMismatchError,
+    SaveFormatError,
+    from_pretrained,
+    load,
+    save,
+    save_pretrained,
+)
 from .recipe import Option, Recipe, SitePlan
 from .registry import register_adapter, register_recipe
 from .sites import CrossScores, Site, TokenOp, TrimContext
@@ -36,6 +44,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Adapter",
+    "ArchitectureMismatchError",
     "CrossScores",
     "ForwardStats",
     "HeadLayout",
@@ -44,6 +53,7 @@ __all__ = [
     "Objective",
     "Option",
     "Recipe",
+    "SaveFormatError",
     "Site",
     "SitePlan",
     "StreamDesc",
@@ -60,6 +70,7 @@ __all__ = [
     "find_adapter",
     "flop_counter",
     "forward_stats",
+    "from_pretrained",
     "head_scores",
     "install_fx_sites",
     "is_applied",
@@ -67,11 +78,14 @@ __all__ = [
     "last_stats",
     "list_adapters",
     "list_recipes",
+    "load",
     "pruned_heads",
     "recording_costs",
     "register_adapter",
     "register_recipe",
     "remove",
+    "save",
+    "save_pretrained",
     "set_mode",
     "train",
     "trimming_disabled",
