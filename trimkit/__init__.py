@@ -25,6 +25,7 @@ from .api import (
     trimming_disabled,
 )
 from .describe import HeadLayout, LayerDesc, ModelDescription, StreamDesc
+from .export import OnnxExport, OnnxExportError, export_onnx
 from .heads import pruned_heads
 from .persist import (
     ArchitectureMismatchError,
@@ -51,6 +52,8 @@ __all__ = [
     "LayerDesc",
     "ModelDescription",
     "Objective",
+    "OnnxExport",
+    "OnnxExportError",
     "Option",
     "Recipe",
     "SaveFormatError",
@@ -67,6 +70,7 @@ __all__ = [
     "apply",
     "count_flops",
     "describe",
+    "export_onnx",
     "find_adapter",
     "flop_counter",
     "forward_stats",

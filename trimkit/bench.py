@@ -15,6 +15,13 @@ baseline**: the untrimmed model at the lower input side (a multiple of the patch
 FLOPs per example come closest to the trimmed model's, in the same round-robin as the other
 two (`time_calls`). A token-reduction recipe is worth it where its speedup beats that one.
 
+With ``compile`` (``trimkit bench --compile [MODE]``) the untrimmed, the trimmed and the
+resize-baseline models are each compiled in place (``nn.Module.compile``, the same
+``torch.compile`` mode) and compiled afresh for every batch size (`torch._dynamo.reset`, so
+each batch size gets its own static-shape graphs); compilation happens in the untimed
+warm-up rounds. FLOPs are counted eagerly; on CPU the memory probes (fresh processes) are
+skipped, since they would measure eager execution. Rows carry the mode (`Row.compiled`).
+
 A builder may offer several timed calls of its model (`Tasks`: e.g. an encoder pass and a
 ``generate``), each measured as its own row, and rows derived from two of them (`Derived`:
 the cost per generated token is generation minus encoding, over the tokens generated).
@@ -307,6 +314,8 @@ class Row:
     speedup_resize: float | None = None  # median time base / median time resize
     mem_resize_mb: float | None = None  # CUDA only
     times_resize: list[float] = field(default_factory=list)
+    #: the ``torch.compile`` mode all the timed models ran under, ``None``: eager
+    compiled: str | None = None
 
     @property
     def ms_base(self) -> float:
@@ -590,13 +599,17 @@ def benchmark(
     resize: bool = True,
     device: str = "cpu",
     progress: Callable[[str], None] | None = None,
+    compile: str | None = None,
 ) -> list[Row]:
     """Measure ``recipe`` (with ``options``) on the model of ``spec``: one `Row` per batch
     size (and task), with the resize baseline where ``resize`` and the builder offers one
     (see `register_builder`) and the recipe lowers the FLOPs: its side is matched per batch
     size on the first task's FLOPs per example, and that model is timed for every task. A
     bad spec, recipe or option (`trimkit.apply`'s ``ValueError``, no adapter) is a
-    `BenchSetupError` (a ``ValueError``), raised before anything is timed."""
+    `BenchSetupError` (a ``ValueError``), raised before anything is timed.
+
+    ``compile``: a ``torch.compile`` mode (``"default"``, ``"reduce-overhead"``,
+    ``"max-autotune"``…) under which every timed model runs (see the module docstring)."""
     options = dict(options or {})
     say = progress or (lambda _msg: None)
     old_threads = torch.get_num_threads()
@@ -614,9 +627,12 @@ def benchmark(
         except (ValueError, trimkit.UnsupportedModelError) as e:
             raise BenchSetupError(str(e)) from e
         try:
+            if compile is not None:
+                for model in (base, trim):
+                    model.compile(mode=compile)
             return _measure(spec, recipe, options, base, trim, make_inputs, tasks,
                             list(batch_sizes), warmup, repeats, threads, memory,
-                            torch.device(device), say, resizer)
+                            torch.device(device), say, resizer, compile)
         finally:
             if trimkit.is_applied(trim):  # one-shot recipes (prune_heads) install nothing
                 trimkit.remove(trim)
@@ -628,13 +644,21 @@ def benchmark(
 _Done = dict[str, tuple[list[float], list[list[float]]]]
 
 
+def _eager_flops(fn: Callable[..., Any], *inputs: Any) -> float:
+    """`trimkit.count_flops` with compiled modules running eagerly (FLOPs do not change)."""
+    with torch.compiler.set_stance("force_eager"):
+        return trimkit.count_flops(fn, *inputs)
+
+
 def _measure(spec, recipe, options, base, trim, make_inputs, tasks, batch_sizes, warmup,
-             repeats, threads, memory, device, say, resizer) -> list[Row]:
+             repeats, threads, memory, device, say, resizer, compile=None) -> list[Row]:
     cuda = device.type == "cuda"
     names = ("base", "trimmed", "resized")
     rows = []
     for bs in batch_sizes:
         inputs = make_inputs(bs)
+        if compile is not None:
+            torch._dynamo.reset()  # fresh graphs, static shapes for this batch size
         done: _Done = {}
         resized = None  # (side, model, make_inputs), chosen on the first task
         for n, (task, run) in enumerate(tasks.items()):
@@ -645,7 +669,7 @@ def _measure(spec, recipe, options, base, trim, make_inputs, tasks, batch_sizes,
                 calls = [(partial(run, base), inputs), (partial(run, trim), inputs)]
                 # FLOPs of this very batch, per example: per-instance trimming packs a batch
                 # to its longest survivor (and computes a head some instance keeps)
-                flops = [trimkit.count_flops(c, *x) / bs for c, x in calls]
+                flops = [_eager_flops(c, *x) / bs for c, x in calls]
                 if n == 0 and resizer is not None and flops[1] < flops[0]:
                     try:
                         resized = resizer.match(run, flops[1])
@@ -654,8 +678,11 @@ def _measure(spec, recipe, options, base, trim, make_inputs, tasks, batch_sizes,
                     if resized is not None:
                         say(f"{label}: resize baseline at {resized[0]} px")
                 if resized is not None:
+                    if compile is not None and getattr(resized[1], "_compiled_call_impl",
+                                                       None) is None:
+                        resized[1].compile(mode=compile)
                     calls.append((partial(run, resized[1]), resized[2](bs)))
-                    flops.append(trimkit.count_flops(calls[2][0], *calls[2][1]) / bs)
+                    flops.append(_eager_flops(calls[2][0], *calls[2][1]) / bs)
                 times = time_calls(calls, warmup=warmup, repeats=repeats, device=device,
                                    progress=lambda i, last, label=label: say(
                                        f"{label}: repeat {i + 1}/{repeats}: " + ", ".join(
@@ -663,7 +690,7 @@ def _measure(spec, recipe, options, base, trim, make_inputs, tasks, batch_sizes,
                                            for k, t in zip(names, last, strict=False))))
                 done[task] = (flops, times)
             mems: list[float | None] = [None] * 3
-            if memory and n == 0:  # the first task's forward
+            if memory and n == 0 and (cuda or compile is None):  # the first task's forward
                 if cuda:
                     mems = [_cuda_peak(c, x) / 2**20 for c, x in calls] + [None]
                 else:
@@ -685,7 +712,8 @@ def _measure(spec, recipe, options, base, trim, make_inputs, tasks, batch_sizes,
                 gflops_base=fb / 1e9, gflops_trim=ft / 1e9, flops_ratio=ratio,
                 ips_base=bs / med[0], ips_trim=bs / med[1], speedup=speedup,
                 efficiency=speedup / ratio, mem_base_mb=mems[0], mem_trim_mb=mems[1],
-                repeats=repeats, times_base=times[0], times_trim=times[1], task=task, **extra))
+                repeats=repeats, times_base=times[0], times_trim=times[1], task=task,
+                compiled=compile, **extra))
     return rows
 
 
@@ -703,6 +731,7 @@ def _derive(done: _Done, d: Derived, task: str) -> tuple[list[float], list[list[
 # ------------------------------------------------------------------------------------ table
 
 _COLUMNS = [
+    ("compiled", "compiled", "{}"),
     ("batch", "batch_size", "{}"),
     ("ms base", "ms_base", "{:.1f}"),
     ("ms trim", "ms_trim", "{:.1f}"),
@@ -723,7 +752,8 @@ _COLUMNS = [
 ]
 
 #: columns shown only when some row has a value
-_OPTIONAL = {"resize_side", "gflops_resize", "ips_resize", "speedup_resize", "mem_resize_mb"}
+_OPTIONAL = {"resize_side", "gflops_resize", "ips_resize", "speedup_resize", "mem_resize_mb",
+             "compiled"}
 
 
 def format_table(rows: list[Row]) -> str:
@@ -735,10 +765,11 @@ def format_table(rows: list[Row]) -> str:
     lines = []
     resize = any(r.resize_side is not None for r in rows)
     for key in dict.fromkeys((r.model, r.recipe, json.dumps(r.options, sort_keys=True),
-                              r.device, r.threads, r.repeats) for r in rows):
-        model, recipe, opts, dev, threads, repeats = key
+                              r.device, r.threads, r.repeats, r.compiled) for r in rows):
+        model, recipe, opts, dev, threads, repeats, compiled = key
         lines.append(f"model {model}  recipe {recipe}  options {opts}  device {dev}  "
                      f"threads {threads}  repeats {repeats} (median)"
+                     + (f"  compiled: torch.compile mode {compiled!r}" if compiled else "")
                      + ("  resize: untrimmed at the side closest in GFLOPs to trim"
                         if resize else ""))
     columns = ([("task", "task", "{}")] if any(r.task for r in rows) else []) + [

@@ -130,6 +130,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="skip the resize baseline (the untrimmed model at the input side "
                         "closest in GFLOPs to the trimmed one)")
     b.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    b.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                   help="torch.compile the untrimmed, trimmed and resized models alike (in "
+                        "place, afresh per batch size, in the warm-up) with this mode "
+                        "(default: 'default'); rows are marked compiled (docs/deploy.md)")
 
     st = sub.add_parser(
         "stats", formatter_class=fmt, allow_abbrev=False, epilog=STATS_EPILOG,
@@ -177,7 +181,8 @@ def _bench(args: argparse.Namespace, extra: list[str]) -> int:
         lambda msg: print(msg, file=sys.stderr, flush=True))
     rows = benchmark(args.model, args.recipe, options, args.batch_size, warmup=args.warmup,
                      repeats=args.repeats, threads=args.threads, memory=not args.no_memory,
-                     resize=not args.no_resize, device=args.device, progress=progress)
+                     resize=not args.no_resize, device=args.device, progress=progress,
+                     compile=args.compile)
     if args.json:
         print(json.dumps([r.as_dict() for r in rows], indent=2))
     else:

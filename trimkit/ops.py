@@ -157,6 +157,19 @@ def query_attention(
     return key_attention(torch.softmax(logits.float(), dim=-1), row_weights)
 
 
+def _stable_order(values: torch.Tensor, k: int | None = None, descending: bool = False
+                  ) -> torch.Tensor:
+    """The first ``k`` (default all) indices of a stable sort along the last dimension (ties
+    keep their order). While exporting to ONNX, which has no stable sort, it is ``topk``:
+    ONNX's ``TopK`` breaks ties by the lower index, which is the same order."""
+    if torch.onnx.is_in_onnx_export():
+        v = values.float()
+        return torch.topk(v if descending else -v, values.shape[-1] if k is None else k,
+                          dim=-1).indices
+    order = torch.argsort(values, dim=-1, descending=descending, stable=True)
+    return order if k is None else order[..., :k]
+
+
 def _slot_map(state: TokenState) -> torch.Tensor:
     b, n = state.keep.shape
     return torch.arange(n, device=state.keep.device).expand(b, n).clone()
@@ -171,21 +184,38 @@ def _remap_source(source: torch.Tensor | None, slot_map: torch.Tensor) -> torch.
 
 
 def _dead(keep: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
-    return keep.masked_fill(where, False if keep.dtype == torch.bool else 0.0)
+    if keep.dtype == torch.bool:  # not a masked_fill: ONNX Runtime has no bool `Where`
+        return keep & ~where
+    return keep.masked_fill(where, 0.0)
 
 
-def drop_tokens(state: TokenState, drop: torch.Tensor) -> TokenState:
-    """Mark ``drop`` (B×N bool) dead. Protected tokens are never dropped."""
+def _add_dead(state: TokenState, new: TokenState, count: int | None) -> TokenState:
+    """``new`` with ``state``'s static facts (`TokenState.known`) carried over, ``count``
+    more dead tokens per sample (``None``: not known, the facts are dropped)."""
+    dead = state.dead_count
+    return new.knowing(None if dead is None or count is None else dead + count,
+                       state.protected_prefix)
+
+
+def drop_tokens(state: TokenState, drop: torch.Tensor, count: int | None = None
+                ) -> TokenState:
+    """Mark ``drop`` (B×N bool) dead. Protected tokens are never dropped.
+
+    ``count``: how many live unprotected tokens ``drop`` marks in every sample, where the
+    caller knows it without reading the tensors (a fixed count on a batch without padding);
+    the state then keeps knowing its dead count, so `compact` needs no device sync."""
     drop = drop & ~state.protected
     source = None
     if state.source is not None:
         source = _remap_source(state.source, _slot_map(state).masked_fill(drop, -1))
-    return replace(state, keep=_dead(state.keep, drop), source=source, has_dead=True,
-                   packed=False)
+    new = replace(state, keep=_dead(state.keep, drop), source=source, has_dead=True,
+                  packed=False)
+    return _add_dead(state, new, count)
 
 
 def bipartite_soft_matching(
-    metric: torch.Tensor, r: int | torch.Tensor, eligible: torch.Tensor
+    metric: torch.Tensor, r: int | torch.Tensor, eligible: torch.Tensor,
+    prefix: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ToMe's matching among ``eligible`` tokens (B×N bool): returns ``(src, dst, valid)``, B×r'.
 
@@ -194,10 +224,17 @@ def bipartite_soft_matching(
     strongest links are merged, A into B. ``r`` is one count for the batch or a B long
     tensor, one per sample. A sample with E eligible tokens merges at most ``ceil(E / 2)``
     (none if E < 2); ``valid`` marks which of the r' returned pairs are real.
+
+    ``prefix``: the eligible tokens are known to be exactly ``[prefix, N)`` in every sample
+    (`TokenState.dense_prefix`); with an int ``r`` the matching then reads no tensor value
+    on the host (no device sync; static shapes under ``torch.compile``) and every returned
+    pair is valid.
     """
     per_sample = isinstance(r, torch.Tensor)
-    r_max = (int(r.max()) if r.numel() else 0) if per_sample else r
     bsz, n, _ = metric.shape
+    if prefix is not None and not per_sample:
+        return _suffix_matching(metric, r, prefix)
+    r_max = (int(r.max()) if r.numel() else 0) if per_sample else r
     counts = eligible.sum(1)
     e = int(counts[0]) if bsz else 0
     if bsz and bool((counts == e).all()) and bool(eligible[:, n - e:].all()):
@@ -241,7 +278,7 @@ def _suffix_matching(
     m = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     scores = m[:, p::2] @ m[:, p + 1::2].transpose(-1, -2)
     node_max, node_j = scores.max(dim=-1)
-    order = torch.argsort(node_max, dim=-1, descending=True, stable=True)[:, :r_top]
+    order = _stable_order(node_max, r_top, descending=True)
     src = p + 2 * order
     dst = p + 1 + 2 * node_j.gather(1, order)
     return src, dst, torch.ones(bsz, r_top, dtype=torch.bool, device=dev)
@@ -280,11 +317,15 @@ def _general_matching(
 
 
 def merge_tokens(
-    state: TokenState, src: torch.Tensor, dst: torch.Tensor, valid: torch.Tensor
+    state: TokenState, src: torch.Tensor, dst: torch.Tensor, valid: torch.Tensor,
+    all_valid: bool = False,
 ) -> TokenState:
     """Merge token ``src[b, i]`` into ``dst[b, i]`` where ``valid``: size-weighted average.
 
     Sources become dead; destinations carry the summed size. Total size is conserved.
+    ``all_valid``: every pair is known to be valid (distinct live sources, as
+    `bipartite_soft_matching` gives with ``prefix``), so the state keeps knowing its dead
+    count (`drop_tokens`).
     """
     if src.shape[1] == 0:
         return state
@@ -302,8 +343,9 @@ def merge_tokens(
     if state.source is not None:
         smap = _slot_map(state).scatter(1, src, torch.where(valid, dst, src))
         source = _remap_source(state.source, smap)
-    return replace(state, x=new_x, size=new_size, keep=_dead(state.keep, gone), source=source,
-                   sized=True, has_dead=True, packed=False)
+    new = replace(state, x=new_x, size=new_size, keep=_dead(state.keep, gone), source=source,
+                  sized=True, has_dead=True, packed=False)
+    return _add_dead(state, new, src.shape[1] if all_valid else None)
 
 
 def topk_by_score(scores: torch.Tensor, keep_ratio: float, eligible: torch.Tensor) -> torch.Tensor:
@@ -323,17 +365,19 @@ def keep_top(scores: torch.Tensor, k: torch.Tensor, eligible: torch.Tensor) -> t
     to the earlier position)."""
     n = scores.shape[1]
     masked = scores.float().masked_fill(~eligible, -math.inf)
-    order = torch.argsort(masked, dim=1, descending=True, stable=True)
+    order = _stable_order(masked, descending=True)
     ranks = torch.empty_like(order).scatter_(
         1, order, torch.arange(n, device=scores.device).expand_as(order))
     return (ranks < k[:, None]) & eligible
 
 
-def fuse_tokens(state: TokenState, drop: torch.Tensor, weights: torch.Tensor) -> TokenState:
+def fuse_tokens(state: TokenState, drop: torch.Tensor, weights: torch.Tensor,
+                count: int | None = None) -> TokenState:
     """Drop ``drop`` and fuse the dropped tokens of each sample into one (EViT).
 
     The fused token is their average weighted by ``weights`` (e.g. the attention CLS paid
     them), carries their summed size, and takes the slot of the first dropped token.
+    ``count`` as in `drop_tokens`.
     """
     drop = drop & ~state.protected & state.live
     has = drop.any(1)
@@ -357,8 +401,9 @@ def fuse_tokens(state: TokenState, drop: torch.Tensor, weights: torch.Tensor) ->
         smap = _slot_map(state)
         smap = torch.where(drop, first.expand_as(smap), smap)
         source = _remap_source(state.source, smap)
-    return replace(state, x=x, size=size, keep=keep, source=source, sized=True, has_dead=True,
-                   packed=False)
+    new = replace(state, x=x, size=size, keep=keep, source=source, sized=True, has_dead=True,
+                  packed=False)
+    return _add_dead(state, new, None if count is None else max(count - 1, 0))
 
 
 def _partial(keep: torch.Tensor) -> bool:
@@ -375,12 +420,19 @@ def compact(state: TokenState) -> tuple[TokenState, torch.Tensor | None]:
     """
     if not state.has_dead or state.packed:
         return state, None
+    dead = state.dead_count
+    if dead is not None:
+        return _compact_known(state, dead)
     live = state.live
-    if bool(live.all()):
-        return replace(state, has_dead=_partial(state.keep), packed=True), None
-    counts = live.sum(1)
-    m = int(counts.max())
     b, n = live.shape
+    hard = state.keep.dtype == torch.bool
+    counts = live.sum(1)
+    if b == 0:
+        return replace(state, has_dead=False, packed=True), None
+    # the longest and the shortest survivor, read in one device sync
+    m, least = torch.stack([counts.max(), counts.min()]).tolist()
+    if least == n:
+        return replace(state, has_dead=not hard and _partial(state.keep), packed=True), None
     idx = torch.argsort((~live).to(torch.uint8), dim=1, stable=True)[:, :m]
     pad = torch.arange(m, device=live.device)[None, :] >= counts[:, None]
     d = state.x.shape[-1]
@@ -393,9 +445,32 @@ def compact(state: TokenState) -> tuple[TokenState, torch.Tensor | None]:
         slots = torch.arange(m, device=live.device).expand(b, m).masked_fill(pad, -1)
         smap = torch.full((b, n), -1, dtype=torch.long, device=live.device).scatter(1, idx, slots)
         source = _remap_source(state.source, smap)
-    has_dead = bool(pad.any()) or _partial(keep)
+    has_dead = least < m or (not hard and _partial(keep))
     return replace(state, x=x, keep=keep, size=size, protected=protected, source=source,
                    has_dead=has_dead, packed=True), idx
+
+
+def _compact_known(state: TokenState, dead: int) -> tuple[TokenState, torch.Tensor | None]:
+    """`compact` of a state known to have ``dead`` dead tokens in every sample: the
+    survivors' count is known, so nothing is read on the host and nothing is padded."""
+    prefix = state.protected_prefix
+    if dead == 0:
+        return replace(state, has_dead=False, packed=True).knowing(0, prefix), None
+    live = state.live
+    b, n = live.shape
+    m = n - dead
+    idx = _stable_order((~live).to(torch.uint8), m)
+    d = state.x.shape[-1]
+    x = state.x.gather(1, idx[..., None].expand(-1, -1, d))
+    source = None
+    if state.source is not None:
+        slots = torch.arange(m, device=live.device).expand(b, m)
+        smap = torch.full((b, n), -1, dtype=torch.long, device=live.device).scatter(1, idx, slots)
+        source = _remap_source(state.source, smap)
+    new = replace(state, x=x, keep=state.keep.gather(1, idx), size=state.size.gather(1, idx),
+                  protected=state.protected.gather(1, idx), source=source, has_dead=False,
+                  packed=True)
+    return new.knowing(0, prefix), idx
 
 
 # ------------------------------------------------------------------ entry positions (``source``)
@@ -410,9 +485,13 @@ def entry_positions(state: TokenState) -> torch.Tensor:
         raise ValueError("entry positions need a state that tracks its source")
     b, n0 = src.shape
     n = state.keep.shape[1]
-    pos = torch.full((b, n + 1), -1, dtype=torch.long, device=src.device)
     entry = torch.arange(n0, device=src.device).expand(b, n0)
-    pos = pos.scatter_reduce(1, src.masked_fill(src < 0, n), entry, "amax")[:, :n]
+    if torch.onnx.is_in_onnx_export():  # ONNX has no scatter with "amax" before opset 18
+        slots = torch.arange(n, device=src.device)[None, :, None]
+        pos = torch.where(src[:, None, :] == slots, entry[:, None, :], -1).amax(-1)
+    else:
+        pos = torch.full((b, n + 1), -1, dtype=torch.long, device=src.device)
+        pos = pos.scatter_reduce(1, src.masked_fill(src < 0, n), entry, "amax")[:, :n]
     return pos.masked_fill(pos < 0, n0 - 1)
 
 

@@ -65,46 +65,82 @@ def _key_of(value: object) -> object:
 
 
 class _Specialised:
-    """The forward installed on one instance: picks (or traces) the graph for this call."""
+    """The forward installed on one instance: picks (or traces) the graph for this call.
+
+    Binding and the cache lookup are plain Python that ``torch.compile`` traces through, so
+    a compiled model sees each rewritten forward as a call of its graph, with no break; a
+    new specialisation is traced (by fx) outside the compiled region."""
 
     def __init__(self, module: nn.Module, edit: GraphEdit):
         self.module = module
         self.edit = edit
         self.signature = inspect.signature(type(module).forward)
         self.cache: dict[tuple, fx.GraphModule] = {}
+        params = list(self.signature.parameters.values())[1:]
+        #: parameters bound without `inspect` (all positional-or-keyword, the common case)
+        self._simple = all(p.kind == p.POSITIONAL_OR_KEYWORD for p in params)
+        self._names = tuple(p.name for p in params)
+        self._defaults = tuple(p.default for p in params)
 
-    def _bind(self, args: tuple, kwargs: dict) -> inspect.BoundArguments:
+    def _fast_bind(self, args: tuple, kwargs: dict) -> list | None:
+        """Every parameter's value in order, or ``None`` where `inspect` must bind (other
+        parameter kinds, or a call it would reject: it then says why)."""
+        names = self._names
+        if not self._simple or len(args) > len(names):
+            return None
+        values = list(args) + list(self._defaults[len(args):])
+        for name, value in kwargs.items():
+            if name not in names:
+                return None
+            i = names.index(name)
+            if i < len(args):
+                return None
+            values[i] = value
+        for value in values:
+            if value is inspect.Parameter.empty:
+                return None
+        return values
+
+    def _bind(self, args: tuple, kwargs: dict) -> tuple[dict, tuple, dict]:
+        """``(arguments by name, positional, keyword)`` for calling the traced graph."""
+        values = self._fast_bind(args, kwargs)
+        if values is not None:
+            return dict(zip(self._names, values, strict=True)), tuple(values), {}
         bound = self.signature.bind(self.module, *args, **kwargs)
         bound.apply_defaults()
-        return bound
+        return dict(list(bound.arguments.items())[1:]), bound.args[1:], bound.kwargs
 
-    def trace(self, args: tuple, kwargs: dict) -> tuple[fx.GraphModule, inspect.BoundArguments]:
-        bound = self._bind(args, kwargs)
-        concrete = {name: value for name, value in list(bound.arguments.items())[1:]
+    def trace(self, args: tuple, kwargs: dict) -> tuple[fx.GraphModule, tuple, dict]:
+        arguments, pos, kw = self._bind(args, kwargs)
+        concrete = {name: value for name, value in arguments.items()
                     if not isinstance(value, torch.Tensor)}
-        key = (self.module.training, tuple(sorted((k, _key_of(v)) for k, v in concrete.items())))
+        key = (self.module.training, tuple((k, _key_of(v)) for k, v in concrete.items()))
         gm = self.cache.get(key)
         if gm is None:
-            # torch's own layers branch on their inputs to pick a fused inference path; with
-            # it off they take the plain path, which traces (and is what the graph runs)
-            fastpath = torch.backends.mha.get_fastpath_enabled()
-            torch.backends.mha.set_fastpath_enabled(False)
-            try:
-                graph = _ChildrenAsLeaves(self.module).trace(self.module,
-                                                             concrete_args=concrete)
-            finally:
-                torch.backends.mha.set_fastpath_enabled(fastpath)
-            gm = fx.GraphModule(self.module, graph, class_name=type(self.module).__name__)
-            self.edit(gm)
-            gm.graph.lint()
-            gm.recompile()
-            self.cache[key] = gm
-        return gm, bound
+            gm = self._trace_new(key, concrete)
+        return gm, pos, kw
+
+    @torch.compiler.disable
+    def _trace_new(self, key: tuple, concrete: dict) -> fx.GraphModule:
+        # torch's own layers branch on their inputs to pick a fused inference path; with
+        # it off they take the plain path, which traces (and is what the graph runs)
+        fastpath = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            graph = _ChildrenAsLeaves(self.module).trace(self.module, concrete_args=concrete)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
+        gm = fx.GraphModule(self.module, graph, class_name=type(self.module).__name__)
+        self.edit(gm)
+        gm.graph.lint()
+        gm.recompile()
+        self.cache[key] = gm
+        return gm
 
     def __call__(self, *args, **kwargs):
-        gm, bound = self.trace(args, kwargs)
+        gm, pos, kw = self.trace(args, kwargs)
         # positional: fx renames specialised parameters, so keywords would not match
-        return gm(*bound.args[1:], **bound.kwargs)
+        return gm(*pos, **kw)
 
 
 @dataclass

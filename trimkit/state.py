@@ -6,7 +6,20 @@ from dataclasses import dataclass, replace
 
 import torch
 
-__all__ = ["TokenState"]
+__all__ = ["Known", "TokenState"]
+
+
+@dataclass(frozen=True, eq=False)
+class Known:
+    """Facts about a state's masks that hold without reading them, valid only for the very
+    tensors they were stated about (an op that replaces ``keep`` or ``protected`` without
+    stating new facts drops them): every sample has ``dead`` dead tokens (hard ``keep``),
+    and the protected tokens are the first ``prefix`` (``None``: not known)."""
+
+    keep: torch.Tensor
+    protected: torch.Tensor
+    dead: int
+    prefix: int | None
 
 
 @dataclass
@@ -27,6 +40,9 @@ class TokenState:
     - ``packed``: `trimkit.ops.compact` gathered the live tokens to the front and no op has
       decided anything since, so compacting again has nothing to do (a batch whose samples
       keep different counts stays padded, and is not gathered again at every layer).
+    - ``known``: what is known about ``keep`` and ``protected`` without reading them
+      (`Known`), so that fixed-count decisions need no device sync and keep static shapes
+      under ``torch.compile``; read it through `dead_count` and `protected_prefix`.
     """
 
     x: torch.Tensor
@@ -37,6 +53,7 @@ class TokenState:
     sized: bool = False
     has_dead: bool = False
     packed: bool = False
+    known: Known | None = None
 
     @classmethod
     def start(
@@ -71,8 +88,11 @@ class TokenState:
         if track_source:
             source = torch.arange(n, device=dev).expand(b, n).clone()
             source = source.masked_fill(~keep, -1)
+        known = None
+        if padding_mask is None:
+            known = Known(keep, prot, 0, num_protected if protected is None else None)
         return cls(x=x, keep=keep, size=size, protected=prot, source=source,
-                   has_dead=has_dead)
+                   has_dead=has_dead, known=known)
 
     @property
     def live(self) -> torch.Tensor:
@@ -82,6 +102,33 @@ class TokenState:
     def live_counts(self) -> torch.Tensor:
         """B long: live tokens per sample."""
         return self.live.sum(1)
+
+    @property
+    def dead_count(self) -> int | None:
+        """Dead tokens per sample when every sample has the same number and that number is
+        known without reading ``keep`` (fixed-count decisions on a batch without padding),
+        else ``None``."""
+        k = self.known
+        return k.dead if k is not None and k.keep is self.keep else None
+
+    @property
+    def protected_prefix(self) -> int | None:
+        """``p`` when the protected tokens are known to be exactly the first ``p`` of every
+        sample, else ``None``."""
+        k = self.known
+        return k.prefix if k is not None and k.protected is self.protected else None
+
+    def dense_prefix(self) -> int | None:
+        """``p`` when every token is known to be live and the protected ones to be the first
+        ``p``: the tokens that ops may drop or merge are then ``[p, N)`` in every sample."""
+        return self.protected_prefix if self.dead_count == 0 else None
+
+    def knowing(self, dead: int | None, prefix: int | None = None) -> TokenState:
+        """This state with the facts stated about its current ``keep`` (``dead`` tokens per
+        sample; ``None``: not known) and ``protected`` (``prefix``)."""
+        if dead is None or self.keep.dtype != torch.bool:
+            return self if self.known is None else replace(self, known=None)
+        return replace(self, known=Known(self.keep, self.protected, dead, prefix))
 
     def with_x(self, x: torch.Tensor) -> TokenState:
         """The same decisions around new hidden states."""

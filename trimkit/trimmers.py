@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .ops import (
@@ -61,9 +63,16 @@ class MergeTokens(TokenOp):
         if (self.r if self.r is not None else self.ratio) <= 0:
             return state
         eligible = state.live & ~state.protected
-        r: int | torch.Tensor = self.r if self.r is not None else merge_count(eligible,
-                                                                             self.ratio)
-        src, dst, valid = bipartite_soft_matching(site.captured["keys"], r, eligible)
+        keys = site.captured["keys"]
+        prefix = state.dense_prefix()
+        if prefix is not None:  # counts known on the host: no device sync, static shapes
+            e = int(eligible.shape[1]) - prefix
+            r = self.r if self.r is not None else min(round(e * self.ratio), e // 2)
+            src, dst, valid = bipartite_soft_matching(keys, r, eligible, prefix)
+            return merge_tokens(state, src, dst, valid, all_valid=True)
+        r_: int | torch.Tensor = self.r if self.r is not None else merge_count(eligible,
+                                                                              self.ratio)
+        src, dst, valid = bipartite_soft_matching(keys, r_, eligible)
         return merge_tokens(state, src, dst, valid)
 
 
@@ -121,7 +130,16 @@ class PruneByQueryScore(TokenOp):
             return state
         scores = site.captured["query_scores"]
         eligible = state.live & ~state.protected
-        drop = eligible & ~topk_by_score(scores, self.keep_ratio, eligible)
+        prefix = state.dense_prefix()
+        count = None
+        if prefix is not None:  # counts known on the host: no device sync, static shapes
+            e = int(eligible.shape[1]) - prefix
+            k = min(max(math.ceil(e * self.keep_ratio - 1e-9), 1), e)
+            count = e - k
+            drop = eligible & ~keep_top(scores, eligible.new_full((eligible.shape[0],), k,
+                                                                  dtype=torch.long), eligible)
+        else:
+            drop = eligible & ~topk_by_score(scores, self.keep_ratio, eligible)
         if self.fuse:
-            return fuse_tokens(state, drop, scores)
-        return drop_tokens(state, drop)
+            return fuse_tokens(state, drop, scores, count)
+        return drop_tokens(state, drop, count)
