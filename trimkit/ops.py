@@ -27,6 +27,7 @@ __all__ = [
     "gather_entry_mask",
     "gumbel_sigmoid_st",
     "keep_top",
+    "keep_count",
     "key_attention",
     "masked_softmax",
     "merge_tokens",
@@ -247,9 +248,13 @@ def bipartite_soft_matching(
     return src, dst, valid
 
 
-def merge_count(eligible: torch.Tensor, ratio: float) -> torch.Tensor:
+def merge_count(eligible: torch.Tensor | int, ratio: float) -> torch.Tensor | int:
     """B long: PuMer's merges per sample, ``round(ratio · E)`` of its E eligible tokens
-    (``round`` as Python's: half to even), capped at ``E // 2``."""
+    (``round`` as Python's: half to even), capped at ``E // 2``. ``eligible`` is the B×N
+    mask, or E itself (an int, the same for every sample and known on the host: an int
+    comes back, with no device sync)."""
+    if isinstance(eligible, int):
+        return min(round(eligible * ratio), eligible // 2)
     counts = eligible.sum(1)
     r = torch.round(counts.to(torch.float64) * ratio).long()
     return torch.minimum(r, counts // 2)
@@ -354,10 +359,19 @@ def topk_by_score(scores: torch.Tensor, keep_ratio: float, eligible: torch.Tenso
     E counts each sample's eligible tokens; at least one is kept where E > 0. Ties go to the
     earlier position, so the choice is deterministic.
     """
-    counts = eligible.sum(1)
+    return keep_top(scores, keep_count(eligible, keep_ratio), eligible)
+
+
+def keep_count(eligible: torch.Tensor | int, keep_ratio: float) -> torch.Tensor | int:
+    """B long: ``ceil(keep_ratio · E)`` of each sample's E eligible tokens, at least 1 (0
+    when E is 0), as `topk_by_score` keeps. ``eligible`` is the B×N mask, or E itself (an
+    int known on the host: an int comes back, with no device sync)."""
     # The tolerance keeps float error from rounding an exact count up (0.07 · 100 → 8).
+    if isinstance(eligible, int):
+        return min(max(math.ceil(eligible * keep_ratio - 1e-9), 1), eligible)
+    counts = eligible.sum(1)
     k = torch.ceil(counts.to(torch.float64) * keep_ratio - 1e-9).long().clamp(min=1)
-    return keep_top(scores, torch.minimum(k, counts), eligible)
+    return torch.minimum(k, counts)
 
 
 def keep_top(scores: torch.Tensor, k: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
@@ -433,21 +447,11 @@ def compact(state: TokenState) -> tuple[TokenState, torch.Tensor | None]:
     m, least = torch.stack([counts.max(), counts.min()]).tolist()
     if least == n:
         return replace(state, has_dead=not hard and _partial(state.keep), packed=True), None
-    idx = torch.argsort((~live).to(torch.uint8), dim=1, stable=True)[:, :m]
+    idx = _stable_order((~live).to(torch.uint8), m)
     pad = torch.arange(m, device=live.device)[None, :] >= counts[:, None]
-    d = state.x.shape[-1]
-    x = state.x.gather(1, idx[..., None].expand(-1, -1, d))
-    keep = _dead(state.keep.gather(1, idx), pad)
-    size = state.size.gather(1, idx).masked_fill(pad, 1.0)
-    protected = state.protected.gather(1, idx) & ~pad
-    source = None
-    if state.source is not None:
-        slots = torch.arange(m, device=live.device).expand(b, m).masked_fill(pad, -1)
-        smap = torch.full((b, n), -1, dtype=torch.long, device=live.device).scatter(1, idx, slots)
-        source = _remap_source(state.source, smap)
-    has_dead = least < m or (not hard and _partial(keep))
-    return replace(state, x=x, keep=keep, size=size, protected=protected, source=source,
-                   has_dead=has_dead, packed=True), idx
+    new = _gather_slots(state, idx, pad)
+    has_dead = least < m or (not hard and _partial(new.keep))
+    return replace(new, has_dead=has_dead), idx
 
 
 def _compact_known(state: TokenState, dead: int) -> tuple[TokenState, torch.Tensor | None]:
@@ -456,21 +460,31 @@ def _compact_known(state: TokenState, dead: int) -> tuple[TokenState, torch.Tens
     prefix = state.protected_prefix
     if dead == 0:
         return replace(state, has_dead=False, packed=True).knowing(0, prefix), None
-    live = state.live
-    b, n = live.shape
-    m = n - dead
-    idx = _stable_order((~live).to(torch.uint8), m)
-    d = state.x.shape[-1]
-    x = state.x.gather(1, idx[..., None].expand(-1, -1, d))
+    n = state.keep.shape[1]
+    idx = _stable_order((~state.live).to(torch.uint8), n - dead)
+    new = replace(_gather_slots(state, idx, None), has_dead=False)
+    return new.knowing(0, prefix), idx
+
+
+def _gather_slots(state: TokenState, idx: torch.Tensor, pad: torch.Tensor | None
+                  ) -> TokenState:
+    """``state`` gathered at ``idx`` (B×M) and marked packed; ``pad`` (B×M bool, or
+    ``None``) marks padding slots, which become dead, of size 1 and unprotected."""
+    b, n = state.keep.shape
+    m = idx.shape[1]
+    x = state.x.gather(1, idx[..., None].expand(-1, -1, state.x.shape[-1]))
+    keep, size, protected = (t.gather(1, idx) for t in (state.keep, state.size,
+                                                         state.protected))
+    slots = torch.arange(m, device=idx.device).expand(b, m)
+    if pad is not None:
+        keep, size, protected = _dead(keep, pad), size.masked_fill(pad, 1.0), protected & ~pad
+        slots = slots.masked_fill(pad, -1)
     source = None
     if state.source is not None:
-        slots = torch.arange(m, device=live.device).expand(b, m)
-        smap = torch.full((b, n), -1, dtype=torch.long, device=live.device).scatter(1, idx, slots)
+        smap = torch.full((b, n), -1, dtype=torch.long, device=idx.device).scatter(1, idx, slots)
         source = _remap_source(state.source, smap)
-    new = replace(state, x=x, keep=state.keep.gather(1, idx), size=state.size.gather(1, idx),
-                  protected=state.protected.gather(1, idx), source=source, has_dead=False,
-                  packed=True)
-    return new.knowing(0, prefix), idx
+    return replace(state, x=x, keep=keep, size=size, protected=protected, source=source,
+                   packed=True)
 
 
 # ------------------------------------------------------------------ entry positions (``source``)

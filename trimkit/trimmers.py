@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .ops import (
     bipartite_soft_matching,
     drop_tokens,
     fuse_tokens,
+    keep_count,
     keep_top,
     merge_count,
     merge_tokens,
@@ -67,7 +66,7 @@ class MergeTokens(TokenOp):
         prefix = state.dense_prefix()
         if prefix is not None:  # counts known on the host: no device sync, static shapes
             e = int(eligible.shape[1]) - prefix
-            r = self.r if self.r is not None else min(round(e * self.ratio), e // 2)
+            r = self.r if self.r is not None else merge_count(e, self.ratio)
             src, dst, valid = bipartite_soft_matching(keys, r, eligible, prefix)
             return merge_tokens(state, src, dst, valid, all_valid=True)
         r_: int | torch.Tensor = self.r if self.r is not None else merge_count(eligible,
@@ -134,7 +133,7 @@ class PruneByQueryScore(TokenOp):
         count = None
         if prefix is not None:  # counts known on the host: no device sync, static shapes
             e = int(eligible.shape[1]) - prefix
-            k = min(max(math.ceil(e * self.keep_ratio - 1e-9), 1), e)
+            k = keep_count(e, self.keep_ratio)
             count = e - k
             drop = eligible & ~keep_top(scores, eligible.new_full((eligible.shape[0],), k,
                                                                   dtype=torch.long), eligible)
