@@ -26,6 +26,7 @@ from trimkit.heads import (
     head_importance,
     head_key,
     head_key_name,
+    heads_to_keep,
     locate_heads,
     prunable_heads,
     record_pruned,
@@ -151,14 +152,7 @@ class PruneHeads(Recipe):
                                  f"one or the other")
             prune = parse_heads(options["heads"], desc)
             heads = locate_heads(model, desc, prune)
-            keep = {}
-            for key, idx in prune.items():
-                h = heads[key].num_heads
-                bad = [i for i in idx if not 0 <= i < h]
-                if bad:
-                    raise ValueError(f"heads[{head_key_name(key)!r}]: {bad} out of range, the "
-                                     f"attention has heads 0..{h - 1}")
-                keep[key] = [i for i in range(h) if i not in set(idx)]
+            keep = heads_to_keep(heads, prune)
         else:
             heads, keep = self._rank(model, desc, options)
         keep = {k: v for k, v in keep.items() if len(v) < heads[k].num_heads}

@@ -63,8 +63,6 @@ class Applied:
     description: ModelDescription
     ctx: TrimContext
     undo: list[Undo] = field(default_factory=list)
-    #: the adapter instance itself (``adapter`` is its name)
-    impl: Adapter | None = None
 
 
 def list_adapters() -> list[str]:
@@ -198,8 +196,7 @@ def apply(model: nn.Module, recipe: str = "tome", *, mode: str = "auto",
     container = nn.ModuleDict({f"{s}_{i}": site for (s, i), site in sites.items()})
     container.train(model.training)
     model.add_module(SITES_ATTR, container)
-    model.__dict__[STATE_ATTR] = Applied(recipe, options, adapter.name, desc, ctx, undo,
-                                         adapter)
+    model.__dict__[STATE_ATTR] = Applied(recipe, options, adapter.name, desc, ctx, undo)
     return model
 
 

@@ -34,6 +34,7 @@ from .headskip import live_head_rows
 from .rewrite import multihead_attention_forward, route_multihead_attention
 
 __all__ = [
+    "heads_to_keep",
     "AttentionHeads",
     "HeadKey",
     "PrunedMultiheadAttention",
@@ -560,6 +561,21 @@ def prune_heads(model: nn.Module, desc: ModelDescription,
         setattr(owner, attr, module)
     for owner, attr, value in sets:
         setattr(owner, attr, value)
+
+
+def heads_to_keep(heads: Mapping[HeadKey, AttentionHeads],
+                  prune: Mapping[HeadKey, Sequence[int]]) -> dict[HeadKey, list[int]]:
+    """For each ``prune[key]`` (indices of the heads to remove), the heads to keep; an index
+    outside the attention's heads is a `ValueError` naming it."""
+    keep = {}
+    for key, idx in prune.items():
+        h = heads[key].num_heads
+        bad = [i for i in idx if not 0 <= i < h]
+        if bad:
+            raise ValueError(f"heads[{head_key_name(key)!r}]: {bad} out of range, the "
+                             f"attention has heads 0..{h - 1}")
+        keep[key] = [i for i in range(h) if i not in set(idx)]
+    return keep
 
 
 def record_pruned(model: nn.Module, heads: Mapping[HeadKey, AttentionHeads],

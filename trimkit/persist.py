@@ -44,7 +44,14 @@ from torch import nn
 from .adapter import Adapter
 from .api import SITES_ATTR, _applied, apply, find_adapter, is_applied, remove
 from .describe import ModelDescription
-from .heads import head_key, head_key_name, locate_heads, pruned_heads, record_pruned
+from .heads import (
+    head_key,
+    head_key_name,
+    heads_to_keep,
+    locate_heads,
+    pruned_heads,
+    record_pruned,
+)
 from .registry import ADAPTERS, RECIPES, _load_builtins
 
 __all__ = [
@@ -676,15 +683,10 @@ def _prune(model: nn.Module, adapter: Adapter, desc: ModelDescription,
     """Remove the saved original heads from a freshly built model, as head pruning did."""
     keys = {head_key(name, desc): list(idx) for name, idx in saved.items()}
     heads = locate_heads(model, desc, keys)
-    keep = {}
-    for key, idx in keys.items():
-        h = heads[key].num_heads
-        bad = [i for i in idx if not 0 <= i < h]
-        if bad:
-            raise ArchitectureMismatchError(f"pruned_heads[{head_key_name(key)!r}] names heads "
-                                            f"{bad}, but the attention has heads 0..{h - 1}")
-        if idx:
-            keep[key] = [i for i in range(h) if i not in set(idx)]
+    try:
+        keep = {k: v for k, v in heads_to_keep(heads, keys).items() if keys[k]}
+    except ValueError as err:
+        raise ArchitectureMismatchError(f"the file's pruned_heads do not fit: {err}") from None
     adapter.prune_heads(model, desc, keep)
     record_pruned(model, heads, keep)
 

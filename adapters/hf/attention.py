@@ -24,7 +24,6 @@ config, a part of the model no stream describes) gets that recorded implementati
 from __future__ import annotations
 
 import sys
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -58,7 +57,9 @@ class Binding:
     untouched: Callable[[], bool]
 
 
-_BINDINGS: weakref.WeakKeyDictionary[nn.Module, Binding] = weakref.WeakKeyDictionary()
+#: where an attention module keeps its `Binding`: in its own instance ``__dict__`` (a global
+#: weak table makes ``torch.compile`` guard on other models' entries, which can vanish)
+_BINDING = "_trimkit_binding"
 #: id(config) -> [config, its implementation before trimkit, number of trimmed models]
 _CONFIGS: dict[int, list[Any]] = {}
 
@@ -97,7 +98,7 @@ def trimkit_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     The mask the model built once for the whole encoder (over its entry tokens) is not used
     by the core: the trimming state carries padding and dead tokens per layer, and a causal
     mask is rebuilt from the tokens' entry positions (`trimkit.sites`)."""
-    binding = _BINDINGS.get(module)
+    binding = module.__dict__.get(_BINDING)
     if binding is None or not binding.site.ctx.enabled or (binding.plain
                                                            and binding.untouched()):
         fn = _function(module, original_implementation(module.config))
@@ -176,7 +177,7 @@ def route_attention(model: nn.Module, bindings: dict[nn.Module, Binding]) -> Und
 
     def undo() -> None:
         for module in bindings:
-            _BINDINGS.pop(module, None)
+            module.__dict__.pop(_BINDING, None)
         for config in configs:
             _release(config)
 
@@ -193,5 +194,6 @@ def route_attention(model: nn.Module, bindings: dict[nn.Module, Binding]) -> Und
     except Exception:
         undo()
         raise
-    _BINDINGS.update(bindings)
+    for module, binding in bindings.items():
+        module.__dict__[_BINDING] = binding
     return undo
