@@ -133,6 +133,11 @@ def _check(tower: _Tower, t: dict[str, type]) -> None:
         if _text_settings(owner)["pool"] not in ("argmax", "eos", "first", "last"):
             raise _unsupported(tower, "text pool_type='none' returns every token; use "
                                       "'argmax', 'eos', 'first' or 'last'")
+        try:
+            _text_position(getattr(tower.ids_module, tower.ids_method))
+        except TypeError:
+            raise _unsupported(tower, f"its {tower.ids_method} method takes no `text` "
+                                      f"argument to read the token ids from") from None
 
 
 def _head_layout(block: nn.Module, t: dict[str, type]) -> HeadLayout:
@@ -207,14 +212,39 @@ def _untrimmed(fn: Callable, ctx: TrimContext) -> Callable:
     return run
 
 
+def _text_position(fn: Callable) -> int | None:
+    """Where ``fn`` (a bound method, so without ``self``) takes ``text`` among its positional
+    arguments; ``None`` where it takes it by keyword only. Raises `TypeError` where ``fn``
+    has no ``text`` parameter."""
+    params = list(inspect.signature(fn).parameters.values())
+    for i, p in enumerate(params):
+        if p.name == "text" and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD,
+                                           p.KEYWORD_ONLY):
+            if p.kind is p.KEYWORD_ONLY or any(q.kind is q.VAR_POSITIONAL for q in params[:i]):
+                return None
+            return i
+    raise TypeError(f"trimkit's open_clip adapter reads the token ids from a `text` parameter, "
+                    f"which {getattr(fn, '__qualname__', fn)!r} does not have")
+
+
 def _with_entry(fn: Callable, owner: nn.Module, ctx: TrimContext) -> Callable:
-    """``fn`` (it receives the token ids as ``text``) with the text stream's entry masks set."""
-    signature = inspect.signature(fn)
+    """``fn`` (it receives the token ids as ``text``) with the text stream's entry masks set.
+
+    The ids are read at the position of ``text`` found once here, not by binding the call's
+    arguments to the signature each time: `torch.compile` traces that lookup, and ``inspect``'s
+    binding would break the graph at the tower's entry."""
+    pos = _text_position(fn)
+    name = getattr(fn, "__qualname__", "the wrapped method")
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
         if ctx.enabled:
-            text = signature.bind(*args, **kwargs).arguments["text"]
+            if "text" in kwargs:
+                text = kwargs["text"]
+            elif pos is not None and pos < len(args):
+                text = args[pos]
+            else:
+                raise TypeError(f"{name}() missing its `text` argument (the token ids)")
             ctx.entry[TEXT] = entry_masks(text, _text_settings(owner))
         try:
             return fn(*args, **kwargs)

@@ -52,7 +52,7 @@ def test_torchscript_exporter_works_too(tmp_path):
 
 @pytest.mark.parametrize("options,why", [
     (dict(init_logit=0.0, layers=[1]), "heads are gated per instance"),
-    (dict(init_logit=0.0, layers=[1], heads=False), "differ per sample"),
+    (dict(init_logit=0.0, layers=[1], heads=False), "learned threshold decides"),
 ])
 def test_adaptive_recipes_are_refused_with_the_reason(options, why, tmp_path):
     model, kind = build("timm", "smarttrim", options)
@@ -90,3 +90,77 @@ def test_entry_positions_while_exporting_equal_eager():
     session = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
     got = session.run(None, {session.get_inputs()[0].name: state.source.numpy()})[0]
     assert got.tolist() == expected.tolist()
+
+
+def _other_inputs(args: tuple) -> tuple:
+    """Inputs of the same shapes with another padding pattern per row and other content:
+    the batch reversed, floats perturbed."""
+    g = torch.Generator().manual_seed(7)
+    return tuple(a if not isinstance(a, torch.Tensor)
+                 else a.flip(0) + 0.1 * torch.randn(a.shape, generator=g)
+                 if a.is_floating_point() else a.flip(0) for a in args)
+
+
+class _ItmScore(torch.nn.Module):
+    """What a BLIP retrieval deployment returns: the ITM logits."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        return self.model(*args).itm_score
+
+
+@pytest.mark.parametrize("name,recipe", [
+    ("hf-bert-padded", "tome"), ("hf-clip", "tome"), ("open_clip", "tome"),
+    ("meter", "pumer"), ("blip-itm", "pumer")])
+def test_padded_and_two_stream_models_export_and_match_on_other_padding(name, recipe,
+                                                                         tmp_path):
+    """A padded stream has per-sample counts that follow from the mask: the graph trims it in
+    masked form, and matches PyTorch on inputs with another padding pattern than it was
+    exported on; a stream without padding is compacted in the graph."""
+    from test_compile import _other_adapter
+
+    make, args, _ = _other_adapter(name)
+    model = make().eval()
+    trimkit.apply(model, recipe, **({"r": 1} if recipe == "tome" else {}))
+    target = _ItmScore(model) if name == "blip-itm" else model
+    other, kw = [_other_inputs(args)], {}
+    if name == "meter":  # and a dynamic batch axis: 5 samples through a graph traced on 3
+        batch = torch.export.Dim("batch")
+        other.append(tuple(torch.cat([a, b[:2]]) for a, b in
+                                 zip(args, other[0], strict=True)))
+        kw = dict(dynamic_shapes=tuple({0: batch} for _ in args))
+    done = trimkit.export_onnx(target, args, tmp_path / "m.onnx", check=True,
+                               check_inputs=other, atol=2e-5, **kw)
+    assert done.exporter == "dynamo" and done.max_diff < 2e-5
+    assert done.masked_streams == ("text",)
+    if name in ("meter", "blip-itm", "hf-clip", "open_clip"):  # the image is compacted
+        with torch.no_grad():
+            model(*args)
+        image = [s for s in trimkit.last_stats(model).layers if s.stream == "image"]
+        assert image[-1].tokens_out.max() < image[0].tokens_in.max()
+
+
+def test_an_output_holding_packed_tokens_of_a_masked_stream_is_explained(tmp_path):
+    """BLIP's towers return their survivors packed (data-dependent length); the graph keeps
+    every slot of a padded stream, and the check says so instead of a bare mismatch."""
+    from test_compile import _other_adapter
+
+    make, args, _ = _other_adapter("blip-itm")
+    model = make().eval()
+    trimkit.apply(model, "pumer")
+    with pytest.raises(trimkit.OnnxExportError, match="masked form .* Export a wrapper"):
+        trimkit.export_onnx(model, args, tmp_path / "m.onnx", check=True)
+
+
+@pytest.mark.parametrize("dynamo", [True, False])
+def test_a_dynamic_batch_axis_runs_other_batch_sizes(dynamo, tmp_path):
+    model, kind = build("timm", "tome", FIXED["tome"])
+    kw = (dict(dynamic_shapes=({0: torch.export.Dim("batch")},)) if dynamo
+          else dict(dynamic_axes={"x": {0: "batch"}}, input_names=["x"]))
+    done = trimkit.export_onnx(model, inputs(kind, 2), tmp_path / "m.onnx", check=True,
+                               check_inputs=[inputs(kind, 5), inputs(kind, 1)], dynamo=dynamo,
+                               **kw)
+    assert done.max_diff < 1e-4

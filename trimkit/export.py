@@ -2,11 +2,16 @@
 
 `export_onnx` exports a trimmed model in eval with compacted execution, so the graph really
 computes fewer tokens. It tries the ``torch.export``-based exporter (``dynamo=True``) first
-and falls back to the TorchScript one (``dynamo=False``). Only fixed-count trimming exports:
-the token counts of every layer must follow from the input shapes (ToMe's ``r``, a pruning
-ratio, merging ratios on a batch without padding, static head pruning). Per-sample counts
-(learned thresholds, per-instance head gates, padded batches) are data-dependent shapes that
-an ONNX graph cannot hold; `export_onnx` says so before trying.
+and falls back to the TorchScript one (``dynamo=False``).
+
+Only fixed-count trimming exports: every layer's token counts must follow from the input
+shapes and the padding (ToMe's ``r``, a pruning ratio, PuMer's ratios, static head pruning,
+a smarttrim ``budget``). Counts a learned threshold decides per instance, and heads gated per
+instance, are data-dependent shapes that an ONNX graph cannot hold; `export_onnx` says so
+before trying. A padded stream (an attention mask was given) has per-sample counts too, but
+they follow from the mask: while exporting (`trimkit.ops.static_shapes`) such a stream is
+trimmed in masked form and never compacted, which gives the same outputs for any padding
+pattern; the streams without padding are compacted.
 
 The ops the trimmed forward uses while exporting are ones ONNX has: stable sorts become
 ``TopK`` (which breaks ties by the lower index, as a stable sort does), and merging is a
@@ -17,6 +22,8 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +33,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from .api import _applied, is_applied
-from .sites import Site
+from .sites import Site, TrimContext
 
 __all__ = ["OnnxExport", "OnnxExportError", "export_onnx"]
 
@@ -43,24 +50,31 @@ class OnnxExport:
     path: Path
     exporter: str
     max_diff: float | None = None
+    #: streams whose token counts differ per sample (a padded batch): the graph trims them in
+    #: masked form, which gives the same outputs but computes every slot
+    masked_streams: tuple[str, ...] = ()
 
 
-def _adaptive_reason(model: nn.Module, args: tuple) -> str | None:
-    """Why ``model``'s trimming on ``args`` has data-dependent shapes, or ``None`` where every
-    count follows from the input shapes. Reads one eager forward's states."""
-    gating = sorted({f"{m.stream} layer {m.layer}" for m in model.modules()
-                     if isinstance(m, Site)
-                     and any(op.gates_heads for op in (*m.pre, *m.post))})
-    if gating:
-        return (f"its heads are gated per instance ({', '.join(gating[:3])}), so the heads a "
-                f"batch computes depend on the data")
-    states = _applied(model).ctx.states
-    per_sample = sorted(name for name, state in states.items() if state.dead_count is None)
-    if per_sample:
-        return (f"the tokens kept in stream(s) {', '.join(per_sample)} differ per sample "
-                f"(learned thresholds or a padded batch), so the tensors' shapes depend on "
-                f"the data")
+def _adaptive_reason(model: nn.Module) -> str | None:
+    """Why ``model``'s trimming cannot be held by a fixed-shape graph, or ``None``: heads gated
+    per instance, or token counts a learned threshold decides per instance."""
+    sites = [m for m in model.modules() if isinstance(m, Site)]
+    for what, flag in (("its heads are gated per instance", "gates_heads"),
+                       ("a learned threshold decides how many tokens each instance keeps",
+                        "data_dependent_count")):
+        where = sorted({f"{m.stream} layer {m.layer}" for m in sites
+                        if any(getattr(op, flag) for op in (*m.pre, *m.post))})
+        if where:
+            return f"{what} ({', '.join(where[:3])}), so the shapes depend on the data"
     return None
+
+
+def _masked_streams(model: nn.Module) -> list[str]:
+    """The streams whose token counts differed per sample in the forward just run (padding):
+    the graph decides them in masked form, without compacting."""
+    states = _applied(model).ctx.states
+    return sorted(name for name, state in states.items()
+                  if state.dead_count is None and state.has_dead)
 
 
 def _leaves(out: Any) -> list[torch.Tensor]:
@@ -93,69 +107,107 @@ def _run_onnx(path: Path, args: tuple) -> list:
 
 
 def export_onnx(model: nn.Module, args: tuple | torch.Tensor, path: str | os.PathLike, *,
-                check: bool = False, atol: float = 1e-4, dynamo: bool | None = None,
-                **kw: Any) -> OnnxExport:
-    """Export ``model`` (trimmed or not) to ONNX at ``path``, traced on ``args`` in eval with
-    compacted execution; return an `OnnxExport`.
+                check: bool = False, check_inputs: Sequence[tuple | torch.Tensor] = (),
+                atol: float = 1e-4, dynamo: bool | None = None, **kw: Any) -> OnnxExport:
+    """Export ``model`` (trimmed, untrimmed, or a module around a trimmed one) to ONNX at
+    ``path``, traced on ``args`` in eval with compacted execution; return an `OnnxExport`.
 
     ``dynamo``: ``None`` tries the ``torch.export``-based exporter, then the TorchScript one;
     ``True`` / ``False`` uses only that one. Other keywords go to ``torch.onnx.export``
-    (e.g. ``opset_version``, ``dynamic_shapes``). The graph has the shapes of ``args``.
-    ``check=True`` runs the file in onnxruntime on ``args`` and raises `OnnxExportError`
-    with the largest difference where it exceeds ``atol``.
+    (e.g. ``opset_version``, ``dynamic_shapes`` or ``dynamic_axes``, ``input_names``). The
+    graph has the shapes of ``args`` except where those keywords make an axis dynamic.
+    ``check=True`` runs the file in onnxruntime on ``args`` and on every input of
+    ``check_inputs`` (e.g. other padding patterns, or other batch sizes along a dynamic
+    axis), compares with the trimmed model in PyTorch, and raises `OnnxExportError` with the
+    largest difference where it exceeds ``atol``.
 
-    Recipes with per-sample token counts or per-instance head gates (learned thresholds,
-    e.g. smarttrim) and padded batches have data-dependent shapes: `OnnxExportError` says
-    so before exporting.
+    Recipes whose token counts a learned threshold decides, and per-instance head gates (e.g.
+    smarttrim without a budget), have data-dependent shapes: `OnnxExportError` says so
+    before exporting. Padded streams are exported in masked form
+    (`OnnxExport.masked_streams`).
     """
     args = args if isinstance(args, tuple) else (args,)
     path = Path(path)
-    applied = is_applied(model)
-    ctx = _applied(model).ctx if applied else None
+    trimmed = next((m for m in model.modules() if is_applied(m)), None)  # or a wrapper's
+    ctx = _applied(trimmed).ctx if trimmed is not None else None
+    expected = _reference(model, args, ctx)
+    masked: list[str] = []
+    if trimmed is not None:
+        why = _adaptive_reason(trimmed)
+        if why is not None:
+            raise OnnxExportError(
+                f"cannot export this trimmed model to ONNX: {why}. An ONNX graph needs "
+                f"every layer's token and head counts to follow from the input shapes and "
+                f"the padding, as with fixed-count recipes (tome, attn_prune, pumer, "
+                f"prune_heads, a smarttrim budget); use torch.compile(..., dynamic=True) "
+                f"to deploy per-instance trimming (docs/deploy.md)")
+        masked = _masked_streams(trimmed)
+    errors = []
+    used = None
+    for use_dynamo in [True, False] if dynamo is None else [dynamo]:
+        try:
+            with _inference(model, ctx):
+                _export(model, args, path, use_dynamo, **kw)
+            used = "dynamo" if use_dynamo else "torchscript"
+            break
+        except Exception as err:  # noqa: BLE001 — reported below, with the other's
+            errors.append(f"{'dynamo' if use_dynamo else 'torchscript'} exporter: "
+                          f"{type(err).__name__}: {str(err).strip()[:2000]}")
+    if used is None:
+        raise OnnxExportError("ONNX export failed.\n" + "\n".join(errors))
+    result = OnnxExport(path, used, masked_streams=tuple(masked))
+    if check:
+        cases = [(args, expected)]
+        for extra in check_inputs:
+            extra = extra if isinstance(extra, tuple) else (extra,)
+            cases.append((extra, _reference(model, extra, ctx)))
+        result.max_diff = max(_difference(path, a, e, used, atol, result.masked_streams)
+                              for a, e in cases)
+    return result
+
+
+@contextmanager
+def _inference(model: nn.Module, ctx: TrimContext | None) -> Iterator[None]:
+    """``model`` in eval, without gradients, with compacted execution, restored after."""
     was_training, mode = model.training, ctx.mode if ctx else None
     model.eval()
     if ctx is not None:
         ctx.mode = "compacted"
     try:
         with torch.no_grad():
-            expected = _leaves(model(*args))
-        if applied:
-            why = _adaptive_reason(model, args)
-            if why is not None:
-                raise OnnxExportError(
-                    f"cannot export this trimmed model to ONNX: {why}. An ONNX graph needs "
-                    f"every layer's token and head counts to follow from the input shapes, as "
-                    f"with fixed-count recipes (tome, attn_prune, pumer merging, prune_heads) "
-                    f"on batches without padding; use torch.compile(..., dynamic=True) to "
-                    f"deploy per-sample trimming (docs/deploy.md)")
-        errors = []
-        exporters = [True, False] if dynamo is None else [dynamo]
-        used = None
-        for use_dynamo in exporters:
-            try:
-                with torch.no_grad():
-                    _export(model, args, path, use_dynamo, **kw)
-                used = "dynamo" if use_dynamo else "torchscript"
-                break
-            except Exception as err:  # noqa: BLE001 — reported below, with the other's
-                errors.append(f"{'dynamo' if use_dynamo else 'torchscript'} exporter: "
-                              f"{type(err).__name__}: {str(err).strip()[:2000]}")
-        if used is None:
-            raise OnnxExportError("ONNX export failed.\n" + "\n".join(errors))
+            yield
     finally:
         model.train(was_training)
         if ctx is not None:
             ctx.mode = mode
-    result = OnnxExport(path, used)
-    if check:
-        got = _run_onnx(path, args)
-        if len(got) != len(expected):
-            raise OnnxExportError(f"the ONNX graph returns {len(got)} outputs, PyTorch "
-                                  f"{len(expected)}")
-        diff = max((float(abs(torch.as_tensor(g) - e.detach().cpu()).max())
-                    for g, e in zip(got, expected, strict=True) if e.numel()), default=0.0)
-        result.max_diff = diff
-        if not diff <= atol:
-            raise OnnxExportError(f"the ONNX graph ({used} exporter) differs from PyTorch by "
-                                  f"{diff:.3g} (atol {atol:g}) on the given inputs")
-    return result
+
+
+def _reference(model: nn.Module, args: tuple, ctx: TrimContext | None) -> list[torch.Tensor]:
+    """The model's outputs on ``args`` as the exported graph should compute them."""
+    with _inference(model, ctx):
+        return _leaves(model(*args))
+
+
+def _difference(path: Path, args: tuple, expected: list[torch.Tensor], used: str,
+                atol: float, masked: tuple[str, ...]) -> float:
+    """The largest difference between the ONNX graph and ``expected`` on ``args``; an
+    `OnnxExportError` above ``atol``."""
+    got = _run_onnx(path, args)
+    if len(got) != len(expected):
+        raise OnnxExportError(f"the ONNX graph returns {len(got)} outputs, PyTorch "
+                              f"{len(expected)}")
+    for i, (g, e) in enumerate(zip(got, expected, strict=True)):
+        if tuple(g.shape) != tuple(e.shape):
+            why = (f": it holds the tokens of stream(s) {', '.join(masked)}, which the graph "
+                   f"trims in masked form (every slot kept, the dead ones included) where "
+                   f"PyTorch packs the survivors. Export a wrapper that returns what you "
+                   f"deploy (scores, pooled or position-restored outputs), or inputs without "
+                   f"padding" if masked else "")
+            raise OnnxExportError(f"output {i} of the ONNX graph ({used} exporter) has shape "
+                                  f"{tuple(g.shape)}, PyTorch's {tuple(e.shape)}{why}")
+    diff = max((float(abs(torch.as_tensor(g) - e.detach().cpu()).max())
+                for g, e in zip(got, expected, strict=True) if e.numel()), default=0.0)
+    if not diff <= atol:
+        raise OnnxExportError(f"the ONNX graph ({used} exporter) differs from PyTorch by "
+                              f"{diff:.3g} (atol {atol:g}) on the given inputs")
+    return diff

@@ -84,7 +84,9 @@ class _LiveProjection:
 
     Outside autograd the sliced weights are kept per set of live heads (the last
     `CACHED_HEAD_SETS`), so batches that keep the same heads copy no weights; a change of
-    the weights (an optimizer step, ``load_state_dict``) empties the cache."""
+    the weights (an optimizer step, ``load_state_dict``) empties the cache. Under
+    `torch.compile` the cache is not used: its check compares data pointers, which breaks
+    the graph, and the slicing is then part of the compiled graph."""
 
     def __init__(self, linear: nn.Linear, site: Site, cross: bool, side: str, sections: int,
                  head_dim: int, num_heads: int):
@@ -97,8 +99,9 @@ class _LiveProjection:
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         lin = self.linear
         out = self.side == "out"
-        cacheable = heads is not None and not (torch.is_grad_enabled() and (
-            lin.weight.requires_grad or (lin.bias is not None and lin.bias.requires_grad)))
+        cacheable = heads is not None and not torch.compiler.is_compiling() and not (
+            torch.is_grad_enabled() and (lin.weight.requires_grad
+                                         or (lin.bias is not None and lin.bias.requires_grad)))
         if cacheable:
             version = tuple((t.data_ptr(), t._version) for t in (lin.weight, lin.bias)
                             if t is not None)

@@ -84,16 +84,19 @@ def pooled_token(state: TokenState, has_cls: bool) -> torch.Tensor:
 def _ensure_one(decide: torch.Tensor, logits: torch.Tensor, eligible: torch.Tensor
                 ) -> torch.Tensor:
     """``decide`` (B×N keep, bool or 0/1 float) with the best eligible entry switched on in rows
-    that keep none, so at least one survives wherever one is eligible."""
-    kept = (decide > 0) & eligible
-    empty = ~kept.any(1) & eligible.any(1)
-    if not bool(empty.any()):
+    that keep none, so at least one survives wherever one is eligible.
+
+    Branch-free, so that `torch.compile` traces it without reading a tensor on the host: the
+    rescue is computed for every batch, and entries it leaves off are ``decide``'s own,
+    bit for bit (a rescued float entry is ``1`` with ``decide``'s straight-through gradient)."""
+    if decide.shape[1] == 0:  # nothing to rescue, and argmax needs an entry
         return decide
-    best = logits.detach().float().masked_fill(~eligible, -math.inf).argmax(1)
-    rescue = torch.zeros_like(eligible).scatter(1, best[:, None], True) & empty[:, None]
+    empty = ~((decide > 0) & eligible).any(1, keepdim=True) & eligible.any(1, keepdim=True)
+    best = logits.detach().masked_fill(~eligible, -math.inf).argmax(1, keepdim=True)
+    rescue = torch.zeros_like(eligible).scatter_(1, best, empty)  # B×N: True at best if empty
     if decide.dtype == torch.bool:
         return decide | rescue
-    return decide + (1.0 - decide.detach()) * rescue.to(decide.dtype)
+    return torch.where(rescue, decide + (1.0 - decide.detach()), decide)
 
 
 def _stable_init(last: nn.Linear, bias: nn.Parameter, init_logit: float | None) -> None:
@@ -149,6 +152,11 @@ class TokenTrimmer(TokenOp):
     def threshold(self) -> nn.Parameter:
         """The bias that shifts every keep logit of the layer (see `param_groups`)."""
         return self.bias
+
+    @property
+    def data_dependent_count(self) -> bool:  # type: ignore[override]
+        """A threshold decides the count per instance; a ``budget`` fixes it."""
+        return self.budget is None
 
     def extra_repr(self) -> str:
         return f"cross={self.other_dim is not None}, tau={self.tau}, budget={self.budget}"

@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import torch
 
-from .state import TokenState
+from .state import TokenState, static_shapes
 
 __all__ = [
     "NEG",
@@ -36,6 +36,7 @@ __all__ = [
     "query_attention",
     "restore_positions",
     "size_weighted_mean",
+    "static_shapes",
     "topk_by_score",
 ]
 
@@ -235,6 +236,10 @@ def bipartite_soft_matching(
     bsz, n, _ = metric.shape
     if prefix is not None and not per_sample:
         return _suffix_matching(metric, r, prefix)
+    if static_shapes():  # no host read: the pairs are bounded by the shapes alone
+        src, dst, valid = _general_matching(metric, (n + 1) // 2 if per_sample else r,
+                                            eligible, static=True)
+        return src, dst, _within(valid, r) if per_sample else valid
     r_max = (int(r.max()) if r.numel() else 0) if per_sample else r
     counts = eligible.sum(1)
     e = int(counts[0]) if bsz else 0
@@ -242,10 +247,15 @@ def bipartite_soft_matching(
         src, dst, valid = _suffix_matching(metric, r_max, n - e)
     else:
         src, dst, valid = _general_matching(metric, r_max, eligible)
-    if per_sample and src.shape[1]:
-        valid = valid & (torch.arange(src.shape[1], device=src.device)[None, :]
-                         < r.to(src.device)[:, None])
-    return src, dst, valid
+    return src, dst, _within(valid, r) if per_sample else valid
+
+
+def _within(valid: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """``valid`` (B×r') limited to each sample's first ``r[b]`` pairs."""
+    if not valid.shape[1]:
+        return valid
+    return valid & (torch.arange(valid.shape[1], device=valid.device)[None, :]
+                    < r.to(valid.device)[:, None])
 
 
 def merge_count(eligible: torch.Tensor | int, ratio: float) -> torch.Tensor | int:
@@ -290,22 +300,31 @@ def _suffix_matching(
 
 
 def _general_matching(
-    metric: torch.Tensor, r: int, eligible: torch.Tensor
+    metric: torch.Tensor, r: int, eligible: torch.Tensor, static: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`bipartite_soft_matching` for any eligibility pattern (padding, dead tokens)."""
+    """`bipartite_soft_matching` for any eligibility pattern (padding, dead tokens).
+
+    ``static``: size the sets by what N allows (⌈N/2⌉ A and ⌊N/2⌋ B tokens, ``min(r, ⌈N/2⌉)``
+    pairs) instead of reading the largest sample's counts on the host; the extra pairs are
+    invalid, so the merge is the same."""
     bsz, n, _ = metric.shape
     rank = eligible.cumsum(1) - 1
     is_a = eligible & (rank % 2 == 0)
     is_b = eligible & (rank % 2 == 1)
     n_b = is_b.sum(1)
     r_each = torch.where(n_b > 0, is_a.sum(1), 0).clamp(max=r)
-    r_top = int(r_each.max()) if r > 0 else 0
-    if r_top == 0:
+    if static:
+        r_top = min(r, (n + 1) // 2) if n > 1 else 0
+        n_a_max, n_b_max = (n + 1) // 2, n // 2
+    else:
+        r_top = int(r_each.max()) if r > 0 else 0
+    if r_top <= 0:
         empty = torch.zeros(bsz, 0, dtype=torch.long, device=metric.device)
         return empty, empty, empty.bool()
-    n_a_max, n_b_max = int(is_a.sum(1).max()), int(n_b.max())
-    a_idx = torch.argsort((~is_a).to(torch.uint8), dim=1, stable=True)[:, :n_a_max]
-    b_idx = torch.argsort((~is_b).to(torch.uint8), dim=1, stable=True)[:, :n_b_max]
+    if not static:
+        n_a_max, n_b_max = int(is_a.sum(1).max()), int(n_b.max())
+    a_idx = _stable_order((~is_a).to(torch.uint8), n_a_max)
+    b_idx = _stable_order((~is_b).to(torch.uint8), n_b_max)
     m = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     d = m.shape[-1]
     a = m.gather(1, a_idx[..., None].expand(-1, -1, d))
@@ -314,7 +333,7 @@ def _general_matching(
     ok = is_a.gather(1, a_idx)[:, :, None] & is_b.gather(1, b_idx)[:, None, :]
     scores = scores.masked_fill(~ok, -math.inf)
     node_max, node_j = scores.max(dim=-1)
-    order = torch.argsort(node_max, dim=-1, descending=True, stable=True)[:, :r_top]
+    order = _stable_order(node_max, r_top, descending=True)
     src = a_idx.gather(1, order)
     dst = b_idx.gather(1, node_j.gather(1, order))
     valid = torch.arange(r_top, device=metric.device)[None, :] < r_each[:, None]
@@ -437,6 +456,8 @@ def compact(state: TokenState) -> tuple[TokenState, torch.Tensor | None]:
     dead = state.dead_count
     if dead is not None:
         return _compact_known(state, dead)
+    if static_shapes():  # per-sample counts: the survivors stay in place, masked
+        return state, None
     live = state.live
     b, n = live.shape
     hard = state.keep.dtype == torch.bool

@@ -53,6 +53,9 @@ class TokenOp(nn.Module):
     #: whether the op sets the site's head gates (``site.head_gates`` / ``cross_head_gates``);
     #: the engine then lets the layer's projections skip the heads a whole batch gated off
     gates_heads: bool = False
+    #: whether how many tokens the op keeps is decided per instance from the content (a
+    #: learned threshold), not by the counts it is given: no fixed-shape graph can hold it
+    data_dependent_count: bool = False
 
     def forward(self, state: TokenState, site: Site) -> TokenState:  # pragma: no cover
         raise NotImplementedError

@@ -6,7 +6,16 @@ from dataclasses import dataclass, replace
 
 import torch
 
-__all__ = ["Known", "TokenState"]
+__all__ = ["Known", "TokenState", "static_shapes"]
+
+
+def static_shapes() -> bool:
+    """Whether the forward under way must keep every tensor's shape a function of the input
+    shapes and read no tensor value on the host: while exporting to ONNX, whose graph holds
+    no data-dependent shapes and bakes in whatever Python reads. Trimming then decides in
+    masked form wherever counts differ per sample (padding), and compacts only where they
+    are known (`TokenState.dead_count`); the outputs are the same."""
+    return torch.onnx.is_in_onnx_export()
 
 
 @dataclass(frozen=True, eq=False)
@@ -76,7 +85,8 @@ class TokenState:
         has_dead = False
         if padding_mask is not None:
             keep = ~padding_mask.to(device=dev, dtype=torch.bool)
-            has_dead = bool(padding_mask.any())
+            # while exporting, a padded batch's graph must hold for any padding pattern
+            has_dead = True if static_shapes() else bool(padding_mask.any())
         prot = torch.zeros(b, n, dtype=torch.bool, device=dev)
         if num_protected:
             prot[:, :num_protected] = True

@@ -51,7 +51,7 @@ from trimkit import (
 )
 from trimkit.adapter import Undo
 from trimkit.api import UnsupportedConfigError
-from trimkit.ops import restore_positions
+from trimkit.ops import restore_positions, static_shapes
 from trimkit.sites import Site, TrimContext
 
 from .attention import Binding, route_attention
@@ -215,13 +215,18 @@ def padding_mask(mask: torch.Tensor | None, owner: str) -> torch.Tensor | None:
     return mask.to(torch.bool)
 
 
-def _in_place(src: torch.Tensor, real: torch.Tensor | None) -> bool:
-    """Whether every real entry token still sits in its own slot, alone (``src``: B×N0 source
-    of a state of N0 slots)."""
+def _in_place_flag(src: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+    """0-d bool: whether every real entry token still sits in its own slot, alone (``src``:
+    B×N0 source of a state of N0 slots)."""
     expected = torch.arange(src.shape[1], device=src.device).expand_as(src)
     if real is not None:
         expected = expected.masked_fill(~real.to(src.device), -1)
-    return torch.equal(src, expected)
+    return (src == expected).all()
+
+
+def _in_place(src: torch.Tensor, real: torch.Tensor | None) -> bool:
+    """`_in_place_flag` read on the host."""
+    return bool(_in_place_flag(src, real))
 
 
 @dataclass
@@ -263,7 +268,8 @@ def _tower_hooks(tower: _Tower, ctx: TrimContext, entry: _Entry) -> list[Undo]:
         protected = None
         if real is not None:
             entry.real = real
-            if ctx.compacting(module.training) and not bool(real.all()):
+            if (ctx.compacting(module.training) and not static_shapes()
+                    and not bool(real.all())):
                 entry.in_place = None  # known once the padding was compacted
         ids = bound.get("input_ids")
         if tower.name == "CLIPTextModel" and ids is not None:
@@ -289,9 +295,11 @@ def _restore(x: torch.Tensor, stream: str, ctx: TrimContext, entry: _Entry) -> t
         return x
     src = state.source
     real = entry.real if entry.real is not None and entry.real.shape == src.shape else None
-    if x.shape[1] == src.shape[1] and _in_place(src, real):
-        return x
-    return restore_positions(state, x)
+    if x.shape[1] != src.shape[1]:
+        return restore_positions(state, x)
+    if static_shapes():  # decided in the graph, not read on the host
+        return torch.where(_in_place_flag(src, real), x, restore_positions(state, x))
+    return x if _in_place(src, real) else restore_positions(state, x)
 
 
 def replace_first_output(output: object, x: torch.Tensor) -> object:

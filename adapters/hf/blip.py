@@ -58,7 +58,7 @@ from trimkit import (
 )
 from trimkit.adapter import Undo
 from trimkit.api import UnsupportedConfigError
-from trimkit.ops import additive_mask
+from trimkit.ops import additive_mask, static_shapes
 from trimkit.rewrite import Patch
 from trimkit.sites import Site, TrimContext
 
@@ -193,7 +193,8 @@ class _Outputs:
 
     def record(self, x: torch.Tensor, live: torch.Tensor) -> None:
         self._by_id = {k: v for k, v in self._by_id.items() if v[0]() is not None}
-        self._by_id[id(x)] = (weakref.ref(x), None if bool(live.all()) else live)
+        all_live = not static_shapes() and bool(live.all())  # exporting: decided in the graph
+        self._by_id[id(x)] = (weakref.ref(x), None if all_live else live)
 
     def find(self, x: torch.Tensor | None) -> tuple[bool, torch.Tensor | None]:
         """Whether ``x`` is a recorded output, and its live mask (``None``: all live)."""
