@@ -22,7 +22,6 @@ becomes size-weighted over live tokens; ``forward_intermediates`` runs untrimmed
 from __future__ import annotations
 
 import functools
-import inspect
 import sys
 import types
 from collections.abc import Callable
@@ -43,6 +42,7 @@ from trimkit.adapter import Undo
 from trimkit.api import UnsupportedConfigError
 from trimkit.bench import register_builder
 from trimkit.ops import restore_positions, size_weighted_mean
+from trimkit.rewrite import ArgumentReader
 from trimkit.sites import Site, TrimContext
 
 IMAGE, TEXT = "image", "text"
@@ -134,7 +134,7 @@ def _check(tower: _Tower, t: dict[str, type]) -> None:
             raise _unsupported(tower, "text pool_type='none' returns every token; use "
                                       "'argmax', 'eos', 'first' or 'last'")
         try:
-            _text_position(getattr(tower.ids_module, tower.ids_method))
+            _text_reader(getattr(tower.ids_module, tower.ids_method))
         except TypeError:
             raise _unsupported(tower, f"its {tower.ids_method} method takes no `text` "
                                       f"argument to read the token ids from") from None
@@ -212,19 +212,14 @@ def _untrimmed(fn: Callable, ctx: TrimContext) -> Callable:
     return run
 
 
-def _text_position(fn: Callable) -> int | None:
-    """Where ``fn`` (a bound method, so without ``self``) takes ``text`` among its positional
-    arguments; ``None`` where it takes it by keyword only. Raises `TypeError` where ``fn``
-    has no ``text`` parameter."""
-    params = list(inspect.signature(fn).parameters.values())
-    for i, p in enumerate(params):
-        if p.name == "text" and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD,
-                                           p.KEYWORD_ONLY):
-            if p.kind is p.KEYWORD_ONLY or any(q.kind is q.VAR_POSITIONAL for q in params[:i]):
-                return None
-            return i
-    raise TypeError(f"trimkit's open_clip adapter reads the token ids from a `text` parameter, "
-                    f"which {getattr(fn, '__qualname__', fn)!r} does not have")
+def _text_reader(fn: Callable) -> ArgumentReader:
+    """Reads ``text`` from calls of ``fn`` (a bound method); `TypeError` where ``fn`` has no
+    ``text`` parameter."""
+    read = ArgumentReader(fn, ("text",))
+    if "text" not in read.known:
+        raise TypeError(f"trimkit's open_clip adapter reads the token ids from a `text` "
+                        f"parameter, which {read.fn_name!r} does not have")
+    return read
 
 
 def _with_entry(fn: Callable, owner: nn.Module, ctx: TrimContext) -> Callable:
@@ -233,18 +228,14 @@ def _with_entry(fn: Callable, owner: nn.Module, ctx: TrimContext) -> Callable:
     The ids are read at the position of ``text`` found once here, not by binding the call's
     arguments to the signature each time: `torch.compile` traces that lookup, and ``inspect``'s
     binding would break the graph at the tower's entry."""
-    pos = _text_position(fn)
-    name = getattr(fn, "__qualname__", "the wrapped method")
+    read = _text_reader(fn)
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
         if ctx.enabled:
-            if "text" in kwargs:
-                text = kwargs["text"]
-            elif pos is not None and pos < len(args):
-                text = args[pos]
-            else:
-                raise TypeError(f"{name}() missing its `text` argument (the token ids)")
+            text = read(args, kwargs).get("text")
+            if text is None:
+                raise TypeError(f"{read.fn_name}() missing its `text` argument (the token ids)")
             ctx.entry[TEXT] = entry_masks(text, _text_settings(owner))
         try:
             return fn(*args, **kwargs)

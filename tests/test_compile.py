@@ -210,3 +210,19 @@ def test_every_other_adapter_compiles_and_matches_eager(name):
         ref = output(model(*args))
         out = output(torch.compile(model, backend="eager", dynamic=True)(*args))
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["hf-bert-padded", "hf-clip", "open_clip", "blip-itm",
+                                  "meter"])
+def test_fixed_shapes_compile_padded_and_two_stream_models_as_one_graph(name):
+    """Under `trimkit.fixed_shapes` a padded stream is trimmed in masked form, so a fixed-count
+    recipe compiles with ``fullgraph=True`` (a graph break would raise) on every adapter, and
+    computes what eager does; streams without padding are still compacted."""
+    make, args, output = _other_adapter(name)
+    model = make().eval()
+    trimkit.apply(model, "tome", r=1)
+    with torch.no_grad():
+        ref = output(model(*args))
+        with trimkit.fixed_shapes():
+            out = output(torch.compile(model, backend="eager", fullgraph=True)(*args))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)

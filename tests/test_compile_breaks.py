@@ -14,11 +14,12 @@ import torch
 from generic_models import inputs, jitter
 from open_clip.model import CLIP
 from timm.models.vision_transformer import VisionTransformer
-from trimkit.adapters.open_clip import TEXT, _text_position, _with_entry
+from trimkit.adapters.open_clip import TEXT, _text_reader, _with_entry
 
 import trimkit
 from trimkit.headskip import _LiveProjection
 from trimkit.learned import HeadTrimmer, _ensure_one
+from trimkit.rewrite import ArgumentReader
 from trimkit.sites import TrimContext
 
 
@@ -63,20 +64,26 @@ class _Tower(torch.nn.Module):
         return out / out.sum() if normalize else out.float()
 
 
-def test_text_position_is_found_once_on_the_bound_method():
+def test_argument_reader_finds_positions_once_on_the_bound_method():
     def positional(self, a, text, b=1): ...
     def keyword(self, *, text): ...
     def after_varargs(self, *rest, text=None): ...
     def absent(self, ids): ...
 
     tower = _Tower(TrimContext())
-    assert _text_position(tower.encode) == 0  # ``self`` is bound, not counted
-    assert _text_position(positional.__get__(tower)) == 1
-    assert _text_position(positional) == 2  # an unbound function counts ``self``
-    assert _text_position(keyword.__get__(tower)) is None
-    assert _text_position(after_varargs.__get__(tower)) is None
+    ids = torch.arange(3)
+    assert ArgumentReader(tower.encode, ["text"]).positions == {"text": 0}  # ``self`` bound
+    assert ArgumentReader(positional.__get__(tower), ["text"]).positions == {"text": 1}
+    assert ArgumentReader(positional, ["text"]).positions == {"text": 2}  # unbound: ``self``
+    read = ArgumentReader(positional.__get__(tower), ["text", "b"])
+    assert read((1, ids), {})["text"] is ids and "b" not in read((1, ids), {})  # no defaults
+    assert read((1,), {"text": ids, "b": 2}) == {"text": ids, "b": 2}
+    for fn in (keyword, after_varargs):  # by keyword only
+        read = ArgumentReader(fn.__get__(tower), ["text"])
+        assert read.positions == {"text": None} and read((ids,), {}) == {}
+        assert read((), {"text": ids})["text"] is ids
     with pytest.raises(TypeError, match="`text` parameter"):
-        _text_position(absent.__get__(tower))
+        _text_reader(absent.__get__(tower))
 
 
 def test_text_entry_traces_whole_after_other_state_changes():

@@ -38,7 +38,7 @@ from .persist import (
 from .recipe import Option, Recipe, SitePlan
 from .registry import register_adapter, register_recipe
 from .sites import CrossScores, Site, TokenOp, TrimContext
-from .state import TokenState
+from .state import TokenState, fixed_shapes
 from .training import Objective, TaskObjective, TrainResult, train
 
 __version__ = "0.1.0"
@@ -72,6 +72,7 @@ __all__ = [
     "describe",
     "export_onnx",
     "find_adapter",
+    "fixed_shapes",
     "flop_counter",
     "forward_stats",
     "from_pretrained",

@@ -2,20 +2,41 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import torch
 
-__all__ = ["Known", "TokenState", "static_shapes"]
+__all__ = ["Known", "TokenState", "fixed_shapes", "static_shapes"]
+
+
+#: set by `fixed_shapes` (a count, so that nested uses restore it)
+_FIXED_SHAPES = 0
 
 
 def static_shapes() -> bool:
     """Whether the forward under way must keep every tensor's shape a function of the input
     shapes and read no tensor value on the host: while exporting to ONNX, whose graph holds
-    no data-dependent shapes and bakes in whatever Python reads. Trimming then decides in
-    masked form wherever counts differ per sample (padding), and compacts only where they
-    are known (`TokenState.dead_count`); the outputs are the same."""
-    return torch.onnx.is_in_onnx_export()
+    no data-dependent shapes and bakes in whatever Python reads, and inside `fixed_shapes`.
+    Trimming then decides in masked form wherever counts differ per sample (padding), and
+    compacts only where they are known (`TokenState.dead_count`); the outputs are the same."""
+    return _FIXED_SHAPES > 0 or torch.onnx.is_in_onnx_export()
+
+
+@contextmanager
+def fixed_shapes() -> Iterator[None]:
+    """Run trimmed forwards under `static_shapes` (e.g. around a ``torch.compile``d call with
+    ``fullgraph=True``): a padded stream then keeps its slots and is trimmed in masked form,
+    so no shape depends on the data and nothing breaks the graph. That costs the padded
+    stream's savings; without it, compiled calls compact per batch, with a graph break where
+    the batch's longest survivor decides a shape."""
+    global _FIXED_SHAPES
+    _FIXED_SHAPES += 1
+    try:
+        yield
+    finally:
+        _FIXED_SHAPES -= 1
 
 
 @dataclass(frozen=True, eq=False)

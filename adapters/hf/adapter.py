@@ -34,7 +34,6 @@ protected) and ``"text"`` (BERT: CLS protected; CLIP text: EOS protected).
 
 from __future__ import annotations
 
-import inspect
 import sys
 from dataclasses import dataclass
 
@@ -52,6 +51,7 @@ from trimkit import (
 from trimkit.adapter import Undo
 from trimkit.api import UnsupportedConfigError
 from trimkit.ops import restore_positions, static_shapes
+from trimkit.rewrite import ArgumentReader
 from trimkit.sites import Site, TrimContext
 
 from .attention import Binding, route_attention
@@ -255,7 +255,7 @@ class _Entry:
 
 def _tower_hooks(tower: _Tower, ctx: TrimContext, entry: _Entry) -> list[Undo]:
     """Read the padding (and, for CLIP text, the pooled token) where the tower is called."""
-    signature = inspect.signature(tower.module.forward)
+    read = ArgumentReader(tower.module.forward, ("attention_mask", "input_ids"))
     stream = tower.kind.stream
 
     def before(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -263,7 +263,7 @@ def _tower_hooks(tower: _Tower, ctx: TrimContext, entry: _Entry) -> list[Undo]:
         entry.real, entry.in_place = None, True
         if not ctx.enabled:
             return
-        bound = signature.bind_partial(*args, **kwargs).arguments
+        bound = read(args, kwargs)
         real = padding_mask(bound.get("attention_mask"), tower.name)
         protected = None
         if real is not None:

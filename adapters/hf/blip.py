@@ -38,9 +38,7 @@ off in a whole batch skips its projections too, but they are not pruned.
 
 from __future__ import annotations
 
-import inspect
 import sys
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,12 +52,13 @@ from trimkit import (
     LayerDesc,
     ModelDescription,
     StreamDesc,
+    TokenState,
     register_adapter,
 )
 from trimkit.adapter import Undo
 from trimkit.api import UnsupportedConfigError
 from trimkit.ops import additive_mask, static_shapes
-from trimkit.rewrite import Patch
+from trimkit.rewrite import ArgumentReader, Patch
 from trimkit.sites import Site, TrimContext
 
 from ..layouts import bert_heads
@@ -180,27 +179,34 @@ def _set_forward(module: nn.Module, forward: Callable) -> Undo:
 # --------------------------------------------------------------------- outputs and key masks
 
 class _Outputs:
-    """The towers' latest outputs, by tensor identity, with their dead slots, so a decoder that
-    cross-attends to one masks them. Whether an output has dead slots is read once, when it
-    is recorded; the key bias a decoder adds is built once per tensor it reads (``generate``
-    passes the same one at every step)."""
+    """The towers' latest outputs, one per stream, with their dead slots, so a decoder that
+    cross-attends to one masks them. Outputs are found by identity (``is``, which
+    ``torch.compile`` traces, unlike ``id`` keys and weak references); the latest output of each
+    stream is held until the next one. Whether an output has dead slots is known from its
+    state or read once, when it is recorded; the key bias a decoder adds is built once per
+    tensor it reads (``generate`` passes the same one at every step)."""
 
     def __init__(self) -> None:
-        #: id -> (output, its live tokens B×N bool, or None when all are live)
-        self._by_id: dict[int, tuple[weakref.ref, torch.Tensor | None]] = {}
+        #: stream -> (its latest output, its live tokens B×N bool, or None when all are live)
+        self._latest: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.pending: torch.Tensor | None = None  # set while a decoder's generate runs
-        self._bias: tuple[weakref.ref, torch.Tensor | None] | None = None
+        self._bias: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
-    def record(self, x: torch.Tensor, live: torch.Tensor) -> None:
-        self._by_id = {k: v for k, v in self._by_id.items() if v[0]() is not None}
-        all_live = not static_shapes() and bool(live.all())  # exporting: decided in the graph
-        self._by_id[id(x)] = (weakref.ref(x), None if all_live else live)
+    def record(self, stream: str, x: torch.Tensor, state: TokenState) -> None:
+        """``x``, the output of ``stream``'s tower, laid out like ``state``."""
+        live = state.keep.detach() > 0
+        if state.dead_count == 0:  # known without a read
+            all_live = True
+        else:  # exporting or under `fixed_shapes`: decided in the graph
+            all_live = not static_shapes() and bool(live.all())
+        self._latest[stream] = (x, None if all_live else live)
 
     def find(self, x: torch.Tensor | None) -> tuple[bool, torch.Tensor | None]:
         """Whether ``x`` is a recorded output, and its live mask (``None``: all live)."""
-        got = self._by_id.get(id(x)) if x is not None else None
-        if got is not None and got[0]() is x:
-            return True, got[1]
+        if x is not None:
+            for out, live in self._latest.values():
+                if out is x:
+                    return True, live
         return False, None
 
     def key_bias(self, x: torch.Tensor | None) -> torch.Tensor | None:
@@ -209,7 +215,7 @@ class _Outputs:
         none."""
         if x is None:
             return None
-        if self._bias is not None and self._bias[0]() is x:
+        if self._bias is not None and self._bias[0] is x:
             return self._bias[1]
         found, live = self.find(x)
         p = self.pending
@@ -219,7 +225,7 @@ class _Outputs:
         bias = None
         if live is not None:
             bias = additive_mask(live.to(x.device), x.dtype)[:, None, None, :]
-        self._bias = (weakref.ref(x), bias)
+        self._bias = (x, bias)
         return bias
 
 
@@ -232,17 +238,17 @@ def _record_output(outputs: _Outputs, stream: str, ctx: TrimContext, output: Any
     state = ctx.states.get(stream)
     if x is None or state is None or state.keep.shape != x.shape[:2]:
         return
-    outputs.record(x, state.keep.detach() > 0)
+    outputs.record(stream, x, state)
 
 
 def _decoder_hooks(decoder: nn.Module, outputs: _Outputs) -> list[Undo]:
     """A decoder (not trimmed) masks the dead slots of the trimmed outputs it cross-attends to."""
     bert = decoder.bert
-    signature = inspect.signature(bert.forward)
+    read = ArgumentReader(bert.forward, ("encoder_hidden_states",))
     current: dict[str, torch.Tensor | None] = {"mask": None}
 
     def before(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        bound = signature.bind_partial(*args, **kwargs).arguments
+        bound = read(args, kwargs)
         current["mask"] = outputs.key_bias(bound.get("encoder_hidden_states"))
 
     def after(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
@@ -420,13 +426,14 @@ def _install_text(text: nn.Module, sites: dict[tuple[str, int], Site], keys: dic
     undo: list[Undo] = []
     handles = []
     call = _TextCall()
-    signature = inspect.signature(text.forward)
+    read = ArgumentReader(text.forward, ("is_decoder", "attention_mask",
+                                         "encoder_hidden_states", "encoder_attention_mask"))
 
     def before(module: nn.Module, args: tuple, kwargs: dict) -> None:
         call.keys, call.cross = None, False
         if not ctx.enabled:
             return
-        bound = signature.bind_partial(*args, **kwargs).arguments
+        bound = read(args, kwargs)
         if bound.get("is_decoder"):
             raise RuntimeError("trimkit trims BLIP's text encoder bidirectionally; it cannot "
                                "run as a causal decoder (is_decoder=True) while trimmed")
