@@ -22,6 +22,8 @@ FIXED = {
     "attn_prune-fuse": dict(keep_ratio=0.5, layers=[0, 1], fuse=True),
     "pumer": dict(),  # merge-only on a one-stream model
     "prune_heads": None,  # heads= filled in per model
+    # learned token trimmers at a fixed budget (random trimmers: the count is what matters)
+    "smarttrim-budget": dict(budget=0.5, heads=False, layers=[1]),
 }
 MODELS = ["timm", "prenorm-sdpa", "postnorm-softmax", "torch-encoder-postnorm"]
 #: the generic adapter cannot head-prune a fused attention whose output projection its graph
@@ -131,9 +133,12 @@ def test_adaptive_recipe_compiles_with_dynamic_shapes(name):
     assert varied, "the trimmers kept the same count in every sample"
 
 
-def test_inductor_matches_eager():
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+def test_inductor_matches_eager(mode):
+    """Inductor's code, and ``mode="reduce-overhead"`` (CUDA graphs on a GPU; on a CPU the
+    same code without them), computes what eager does."""
     model, kind = build("timm", "tome", FIXED["tome"])
-    compiled = torch.compile(model, fullgraph=True, dynamic=False)
+    compiled = torch.compile(model, fullgraph=True, dynamic=False, mode=mode)
     x = inputs(kind, 2)
     with torch.no_grad():
         torch.testing.assert_close(compiled(*x), model(*x), atol=1e-5, rtol=1e-5)

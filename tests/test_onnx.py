@@ -22,6 +22,7 @@ FIXED = {
     "attn_prune": dict(keep_ratio=0.5, layers=[0, 1], fuse=True),
     "pumer": dict(),  # merge-only on a one-stream model
     "prune_heads": None,  # heads= filled in per model
+    "smarttrim-budget": dict(budget=0.5, heads=False, layers=[1]),
 }
 #: a timm ViT through its own adapter, and models the generic adapter reads (for
 #: prune_heads a DeiT forced through it: the fused generic toy shows no output projection)
@@ -36,6 +37,7 @@ def test_fixed_count_recipes_export_and_match(name, recipe, tmp_path):
     x = inputs(kind, 2)
     done = trimkit.export_onnx(model, x, tmp_path / "m.onnx", check=True, atol=1e-4)
     assert done.exporter == "dynamo" and done.max_diff is not None and done.max_diff < 1e-4
+    assert done.masked_streams == ()  # every stream compacted in the graph
     assert not model.training  # left as it was
     if recipe != "prune_heads":  # the graph computes fewer tokens: it is the trimmed one
         with torch.no_grad():

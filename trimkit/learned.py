@@ -23,7 +23,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from .ops import drop_tokens, gumbel_sigmoid_st, topk_by_score
+from .ops import drop_below_top, drop_tokens, gumbel_sigmoid_st, topk_by_score
 from .sites import Site, TokenOp
 from .state import TokenState
 
@@ -194,10 +194,9 @@ class TokenTrimmer(TokenOp):
             mask = _ensure_one(mask, pi, eligible)
             keep = state.keep.to(mask.dtype) * mask
             return replace(state, keep=keep, has_dead=True, packed=False)
-        if self.budget is not None:
-            keep = topk_by_score(pi, self.budget, eligible)
-        else:
-            keep = _ensure_one(pi > 0, pi, eligible)
+        if self.budget is not None:  # a fixed count: known on the host where the layout is
+            return drop_tokens(state, *drop_below_top(state, pi, self.budget))
+        keep = _ensure_one(pi > 0, pi, eligible)
         return drop_tokens(state, eligible & ~keep)
 
 

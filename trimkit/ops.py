@@ -21,6 +21,7 @@ __all__ = [
     "attention_bias",
     "bipartite_soft_matching",
     "compact",
+    "drop_below_top",
     "drop_tokens",
     "entry_positions",
     "fuse_tokens",
@@ -379,6 +380,23 @@ def topk_by_score(scores: torch.Tensor, keep_ratio: float, eligible: torch.Tenso
     earlier position, so the choice is deterministic.
     """
     return keep_top(scores, keep_count(eligible, keep_ratio), eligible)
+
+
+def drop_below_top(state: TokenState, scores: torch.Tensor, keep_ratio: float
+                   ) -> tuple[torch.Tensor, int | None]:
+    """B×N bool: the live unprotected tokens to drop so that each sample keeps the top
+    ``ceil(keep_ratio · E)`` of its E by ``scores`` (`topk_by_score`); and how many that
+    drops per sample where the state's layout tells it without a read
+    (`TokenState.dense_prefix`: no device sync, static shapes), else ``None``."""
+    eligible = state.live & ~state.protected
+    prefix = state.dense_prefix()
+    if prefix is None:
+        return eligible & ~topk_by_score(scores, keep_ratio, eligible), None
+    e = int(eligible.shape[1]) - prefix
+    k = keep_count(e, keep_ratio)
+    kept = keep_top(scores, eligible.new_full((eligible.shape[0],), k, dtype=torch.long),
+                    eligible)
+    return eligible & ~kept, e - k
 
 
 def keep_count(eligible: torch.Tensor | int, keep_ratio: float) -> torch.Tensor | int:

@@ -6,14 +6,13 @@ import torch
 
 from .ops import (
     bipartite_soft_matching,
+    drop_below_top,
     drop_tokens,
     fuse_tokens,
-    keep_count,
     keep_top,
     merge_count,
     merge_tokens,
     prune_keep_count,
-    topk_by_score,
 )
 from .sites import CrossScores, Site, TokenOp
 from .state import TokenState
@@ -128,17 +127,7 @@ class PruneByQueryScore(TokenOp):
         if self.keep_ratio >= 1.0:
             return state
         scores = site.captured["query_scores"]
-        eligible = state.live & ~state.protected
-        prefix = state.dense_prefix()
-        count = None
-        if prefix is not None:  # counts known on the host: no device sync, static shapes
-            e = int(eligible.shape[1]) - prefix
-            k = keep_count(e, self.keep_ratio)
-            count = e - k
-            drop = eligible & ~keep_top(scores, eligible.new_full((eligible.shape[0],), k,
-                                                                  dtype=torch.long), eligible)
-        else:
-            drop = eligible & ~topk_by_score(scores, self.keep_ratio, eligible)
+        drop, count = drop_below_top(state, scores, self.keep_ratio)
         if self.fuse:
             return fuse_tokens(state, drop, scores, count)
         return drop_tokens(state, drop, count)
