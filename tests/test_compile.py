@@ -205,27 +205,35 @@ def _other_adapter(name: str) -> tuple:
                                   "meter"])
 def test_every_other_adapter_compiles_and_matches_eager(name):
     """Padded or two-stream models break the graph where the data decides a shape (per-sample
-    counts); compiled with dynamic shapes they still compute what eager does. (Per-sample
-    recipes are the same case; smarttrim is compiled on the timm and generic adapters
-    above, as dynamo is slow on these graphs.)"""
+    counts); compiled with dynamic shapes they still compute what eager does: tome on the
+    one-tower and CLIP models, smarttrim's per-instance token and head trimmers (random, so
+    that samples keep different counts) on the two VLMs."""
     make, args, output = _other_adapter(name)
     model = make().eval()
-    trimkit.apply(model, "tome", r=1)
+    if name in ("blip-itm", "meter"):
+        trimkit.apply(model, "smarttrim", init_logit=0.0)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for p in model.trimkit.parameters():
+                p.add_(torch.randn_like(p))
+    else:
+        trimkit.apply(model, "tome", r=1)
     with torch.no_grad():
         ref = output(model(*args))
         out = output(torch.compile(model, backend="eager", dynamic=True)(*args))
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["hf-bert-padded", "hf-clip", "open_clip", "blip-itm",
-                                  "meter"])
-def test_fixed_shapes_compile_padded_and_two_stream_models_as_one_graph(name):
+@pytest.mark.parametrize("name,recipe", [
+    ("hf-bert-padded", "tome"), ("hf-clip", "tome"), ("open_clip", "tome"),
+    ("blip-itm", "tome"), ("blip-itm", "pumer"), ("meter", "tome"), ("meter", "pumer")])
+def test_fixed_shapes_compile_padded_and_two_stream_models_as_one_graph(name, recipe):
     """Under `trimkit.fixed_shapes` a padded stream is trimmed in masked form, so a fixed-count
     recipe compiles with ``fullgraph=True`` (a graph break would raise) on every adapter, and
     computes what eager does; streams without padding are still compacted."""
     make, args, output = _other_adapter(name)
     model = make().eval()
-    trimkit.apply(model, "tome", r=1)
+    trimkit.apply(model, recipe, **({"r": 1} if recipe == "tome" else {}))
     with torch.no_grad():
         ref = output(model(*args))
         with trimkit.fixed_shapes():
