@@ -309,7 +309,7 @@ def _general_matching(
     pairs) instead of reading the largest sample's counts on the host; the extra pairs are
     invalid, so the merge is the same."""
     bsz, n, _ = metric.shape
-    rank = eligible.cumsum(1) - 1
+    rank = eligible.long().cumsum(1) - 1  # ONNX's CumSum takes no bool
     is_a = eligible & (rank % 2 == 0)
     is_b = eligible & (rank % 2 == 1)
     n_b = is_b.sum(1)
