@@ -5,13 +5,14 @@ computes fewer tokens. It tries the ``torch.export``-based exporter (``dynamo=Tr
 and falls back to the TorchScript one (``dynamo=False``).
 
 Only fixed-count trimming exports: every layer's token counts must follow from the input
-shapes and the padding (ToMe's ``r``, a pruning ratio, PuMer's ratios, static head pruning,
-a smarttrim ``budget``). Counts a learned threshold decides per instance, and heads gated per
-instance, are data-dependent shapes that an ONNX graph cannot hold; `export_onnx` says so
-before trying. A padded stream (an attention mask was given) has per-sample counts too, but
-they follow from the mask: while exporting (`trimkit.ops.static_shapes`) such a stream is
-trimmed in masked form and never compacted, which gives the same outputs for any padding
-pattern; the streams without padding are compacted.
+shapes and the padding (a merge count per layer, pruning or merging ratios, static head
+pruning, a learned trimmer's fixed budget). Counts a learned threshold decides per
+instance, and heads gated per instance, are data-dependent shapes that an ONNX graph cannot
+hold; `export_onnx` says so before trying. A padded stream (an attention mask was given)
+has per-sample counts too, but they follow from the mask: while exporting
+(`trimkit.ops.static_shapes`) such a stream is trimmed in masked form and never compacted,
+which gives the same outputs for any padding pattern; the streams without padding are
+compacted.
 
 The ops the trimmed forward uses while exporting are ones ONNX has: stable sorts become
 ``TopK`` (which breaks ties by the lower index, as a stable sort does), and merging is a
@@ -34,6 +35,7 @@ from torch.utils import _pytree as pytree
 
 from .api import _applied, is_applied
 from .sites import Site, TrimContext
+from .state import fixed_shapes
 
 __all__ = ["OnnxExport", "OnnxExportError", "export_onnx"]
 
@@ -69,11 +71,14 @@ def _adaptive_reason(model: nn.Module) -> str | None:
     return None
 
 
-def _masked_streams(model: nn.Module) -> list[str]:
-    """The streams whose token counts differed per sample in the forward just run (padding):
-    the graph decides them in masked form, without compacting."""
-    states = _applied(model).ctx.states
-    return sorted(name for name, state in states.items()
+def _masked_streams(model: nn.Module, trimmed: nn.Module, args: tuple) -> list[str]:
+    """The streams the graph trims in masked form: those whose counts are not known on the
+    host (padding), read from a forward under `static_shapes`, as the exporter runs it
+    (such a stream is never compacted there, so it ends with dead tokens of unknown count)."""
+    ctx = _applied(trimmed).ctx
+    with _inference(model, ctx), fixed_shapes():
+        model(*args)
+    return sorted(name for name, state in ctx.states.items()
                   if state.dead_count is None and state.has_dead)
 
 
@@ -121,10 +126,9 @@ def export_onnx(model: nn.Module, args: tuple | torch.Tensor, path: str | os.Pat
     axis), compares with the trimmed model in PyTorch, and raises `OnnxExportError` with the
     largest difference where it exceeds ``atol``.
 
-    Recipes whose token counts a learned threshold decides, and per-instance head gates (e.g.
-    smarttrim without a budget), have data-dependent shapes: `OnnxExportError` says so
-    before exporting. Padded streams are exported in masked form
-    (`OnnxExport.masked_streams`).
+    Trimmers whose token counts a learned threshold decides, and per-instance head gates,
+    have data-dependent shapes: `OnnxExportError` says so before exporting. Padded streams
+    are exported in masked form (`OnnxExport.masked_streams`).
     """
     args = args if isinstance(args, tuple) else (args,)
     path = Path(path)
@@ -138,10 +142,11 @@ def export_onnx(model: nn.Module, args: tuple | torch.Tensor, path: str | os.Pat
             raise OnnxExportError(
                 f"cannot export this trimmed model to ONNX: {why}. An ONNX graph needs "
                 f"every layer's token and head counts to follow from the input shapes and "
-                f"the padding, as with fixed-count recipes (tome, attn_prune, pumer, "
-                f"prune_heads, a smarttrim budget); use torch.compile(..., dynamic=True) "
-                f"to deploy per-instance trimming (docs/deploy.md)")
-        masked = _masked_streams(trimmed)
+                f"the padding, as with fixed-count trimming (a merge count, pruning or "
+                f"merging ratios, static head pruning, a learned trimmer's fixed budget); use "
+                f"torch.compile(..., dynamic=True) to deploy per-instance trimming "
+                f"(docs/deploy.md)")
+        masked = _masked_streams(model, trimmed, args)
     errors = []
     used = None
     for use_dynamo in [True, False] if dynamo is None else [dynamo]:

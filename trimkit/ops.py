@@ -271,9 +271,12 @@ def merge_count(eligible: torch.Tensor | int, ratio: float) -> torch.Tensor | in
     return torch.minimum(r, counts // 2)
 
 
-def prune_keep_count(eligible: torch.Tensor, prune_ratio: float) -> torch.Tensor:
+def prune_keep_count(eligible: torch.Tensor | int, prune_ratio: float) -> torch.Tensor | int:
     """B long: how many of the E eligible tokens of each sample PuMer keeps,
-    ``E − round(prune_ratio · E)``, at least 1 (0 when E is 0)."""
+    ``E − round(prune_ratio · E)``, at least 1 (0 when E is 0). ``eligible`` is the B×N
+    mask, or E itself (an int known on the host: an int comes back)."""
+    if isinstance(eligible, int):
+        return min(max(eligible - round(eligible * prune_ratio), 1), eligible)
     counts = eligible.sum(1)
     drop = torch.round(counts.to(torch.float64) * prune_ratio).long()
     return torch.minimum((counts - drop).clamp(min=1), counts)

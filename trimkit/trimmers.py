@@ -98,6 +98,20 @@ class ReduceByCrossAttention(TokenOp):
     def forward(self, state: TokenState, site: Site) -> TokenState:
         seen = cross_scores(site, self.pair, state)
         eligible = state.live & ~state.protected
+        prefix = state.dense_prefix()
+        if prefix is not None:  # counts known on the host: no device sync, static shapes
+            e = int(eligible.shape[1]) - prefix
+            k = prune_keep_count(e, self.prune_ratio) if self.prune_ratio > 0 else e
+            if k < e:
+                keep = keep_top(seen.scores, eligible.new_full((eligible.shape[0],), k,
+                                                               dtype=torch.long), eligible)
+                state = drop_tokens(state, eligible & ~keep, e - k)
+                eligible = keep
+            if self.merge_ratio > 0:  # capped at half of the survivors: every pair is valid
+                r = min(merge_count(e, self.merge_ratio), k // 2)
+                src, dst, valid = bipartite_soft_matching(seen.keys, r, eligible)
+                state = merge_tokens(state, src, dst, valid, all_valid=True)
+            return state
         r = merge_count(eligible, self.merge_ratio) if self.merge_ratio > 0 else None
         if self.prune_ratio > 0:
             keep = keep_top(seen.scores, prune_keep_count(eligible, self.prune_ratio), eligible)
