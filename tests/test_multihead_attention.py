@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 import trimkit
+from trimkit.mha import route_multihead_attention
 from trimkit.registry import ADAPTERS
-from trimkit.rewrite import RewriteError, route_multihead_attention
+from trimkit.rewrite import RewriteError
 from trimkit.testing import check_invariants
 
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from .describe import LayerDesc, ModelDescription
 from .heads import MULTIHEAD_TYPES, HeadKey, prune_heads
+from .mha import route_multihead_attention
 from .rewrite import (
     RewriteError,
     find_attention,
@@ -20,7 +21,6 @@ from .rewrite import (
     insert_after_residual,
     insert_at_input,
     patch_forward,
-    route_multihead_attention,
 )
 from .sites import Site, TrimContext
 
@@ -112,8 +112,8 @@ def install_fx_sites(model: nn.Module, desc: ModelDescription,
     Blocks must trace with `torch.fx` (their children are kept as leaves); an attention
     module is either a `torch.nn.MultiheadAttention` or a head-pruned
     `trimkit.heads.PrunedMultiheadAttention` (routed through the site's core by
-    `route_multihead_attention`), or computes one attention product (SDPA or the explicit
-    softmax chain) that the fx pass replaces.
+    `trimkit.mha.route_multihead_attention`), or computes one attention product (SDPA or
+    the explicit softmax chain) that the fx pass replaces.
     """
     undo: list[Undo] = []
     try:

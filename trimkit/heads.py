@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .describe import HeadLayout, LayerDesc, ModelDescription
-from .headskip import live_head_rows
-from .rewrite import multihead_attention_forward, route_multihead_attention
+from .mha import multihead_attention_forward, route_multihead_attention
+from .ops import live_head_rows
 
 __all__ = [
     "heads_to_keep",

@@ -13,68 +13,31 @@ layer's projections follow, from the description's `HeadLayout`s:
 - the output projection reads only the live heads' columns. The others hold the skipped
   heads' attention outputs, which the core set to zero, so leaving them out is exact.
 
-An ``nn.MultiheadAttention`` routed through a site's core (`trimkit.rewrite`) slices its
-in-projection inside the routed forward, asking the core for the rows (`linear_rows`); its
-``out_proj`` is handled here like any output projection.
+An ``nn.MultiheadAttention`` routed through a site's core (`trimkit.mha`) slices its
+in-projection inside the routed forward, asking the core for the rows
+(`trimkit.ops.linear_rows`); its ``out_proj`` is handled here like any output projection.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .describe import ModelDescription
+from .heads import KINDS, locate_heads
+from .ops import place_rows
+from .sites import Site
 
-if TYPE_CHECKING:
-    from .sites import Site
-
-__all__ = ["CACHED_HEAD_SETS", "install_head_skipping", "linear_columns", "linear_rows",
-           "live_head_rows", "place_rows"]
+__all__ = ["CACHED_HEAD_SETS", "install_head_skipping"]
 
 Undo = Callable[[], None]
 
 #: how many sets of live heads a gated projection keeps sliced weights for
 CACHED_HEAD_SETS = 4
-
-
-def live_head_rows(heads: torch.Tensor, head_dim: int, num_heads: int,
-                   sections: int = 1) -> torch.Tensor:
-    """Indices, along a projection's head-side dimension, of the heads ``heads`` (a long
-    tensor, kept on its device): head ``h`` owns ``h·d:(h+1)·d`` of each of ``sections``
-    blocks of ``num_heads · d`` (3 for a fused q/k/v projection)."""
-    one = (heads[:, None] * head_dim
-           + torch.arange(head_dim, device=heads.device)).flatten()
-    if sections == 1:
-        return one
-    starts = torch.arange(sections, device=heads.device) * (num_heads * head_dim)
-    return (starts[:, None] + one[None]).flatten()
-
-
-def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                rows: torch.Tensor, width: int) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` computed at the output ``rows`` only, the other outputs
-    of the ``width`` zero."""
-    y = F.linear(x, weight.index_select(0, rows),
-                 None if bias is None else bias.index_select(0, rows))
-    return place_rows(y, rows, width)
-
-
-def place_rows(y: torch.Tensor, rows: torch.Tensor, width: int) -> torch.Tensor:
-    """``y`` (outputs at ``rows`` only) placed in zeros of the full ``width``."""
-    out = y.new_zeros(*y.shape[:-1], width)
-    return out.index_copy_(out.dim() - 1, rows, y)
-
-
-def linear_columns(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                   cols: torch.Tensor) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` reading the input ``cols`` only: exact where the other
-    inputs are zero."""
-    return F.linear(x.index_select(x.dim() - 1, cols), weight.index_select(1, cols), bias)
 
 
 class _LiveProjection:
@@ -146,8 +109,6 @@ def install_head_skipping(model: nn.Module, desc: ModelDescription,
     uses too (weights shared across layers), and for ``nn.Linear`` subclasses with a forward
     of their own or modules that already carry a per-instance forward.
     """
-    from .heads import KINDS, locate_heads  # heads imports rewrite, which imports this module
-
     found = {}
     for stream in desc.streams.values():
         for i, layer in enumerate(stream.layers):

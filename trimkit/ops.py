@@ -1,9 +1,13 @@
-"""Pure tensor functions for trimming tokens. They know no model and no module.
+"""Pure tensor functions for trimming tokens and heads. They know no model and no module.
 
 Every decision is applied in *masked* form first: tokens stay in place, dropped ones get
 ``keep = 0`` and merged ones hand their value and size to their destination. `compact`
 then gathers the live tokens away for real. Compacted execution is therefore "masked, then
 gathered", and the two agree by construction.
+
+Heads are index arithmetic on a projection's weights: `live_head_rows` names a set of
+heads' rows, `linear_rows` / `linear_columns` compute a projection at those rows or from
+those columns only.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import math
 from dataclasses import replace
 
 import torch
+import torch.nn.functional as F
 
 from .state import TokenState, static_shapes
 
@@ -30,9 +35,13 @@ __all__ = [
     "keep_top",
     "keep_count",
     "key_attention",
+    "linear_columns",
+    "linear_rows",
+    "live_head_rows",
     "masked_softmax",
     "merge_tokens",
     "merge_count",
+    "place_rows",
     "prune_keep_count",
     "query_attention",
     "restore_positions",
@@ -601,3 +610,41 @@ def size_weighted_mean(state: TokenState | None, x: torch.Tensor, skip: int = 0
         return None
     w = (state.size * state.live)[:, skip:].to(x.dtype)[..., None]
     return (x[:, skip:] * w).sum(1) / w.sum(1).clamp_min(1e-6)
+
+
+# ---------------------------------------------------------------------------- head rows
+
+
+def live_head_rows(heads: torch.Tensor, head_dim: int, num_heads: int,
+                   sections: int = 1) -> torch.Tensor:
+    """Indices, along a projection's head-side dimension, of the heads ``heads`` (a long
+    tensor, kept on its device): head ``h`` owns ``h·d:(h+1)·d`` of each of ``sections``
+    blocks of ``num_heads · d`` (3 for a fused q/k/v projection)."""
+    one = (heads[:, None] * head_dim
+           + torch.arange(head_dim, device=heads.device)).flatten()
+    if sections == 1:
+        return one
+    starts = torch.arange(sections, device=heads.device) * (num_heads * head_dim)
+    return (starts[:, None] + one[None]).flatten()
+
+
+def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                rows: torch.Tensor, width: int) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` computed at the output ``rows`` only, the other outputs
+    of the ``width`` zero."""
+    y = F.linear(x, weight.index_select(0, rows),
+                 None if bias is None else bias.index_select(0, rows))
+    return place_rows(y, rows, width)
+
+
+def place_rows(y: torch.Tensor, rows: torch.Tensor, width: int) -> torch.Tensor:
+    """``y`` (outputs at ``rows`` only) placed in zeros of the full ``width``."""
+    out = y.new_zeros(*y.shape[:-1], width)
+    return out.index_copy_(out.dim() - 1, rows, y)
+
+
+def linear_columns(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   cols: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` reading the input ``cols`` only: exact where the other
+    inputs are zero."""
+    return F.linear(x.index_select(x.dim() - 1, cols), weight.index_select(1, cols), bias)

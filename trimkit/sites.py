@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .headskip import live_head_rows
 from .ops import (
     additive_mask,
     attention_bias,
@@ -29,6 +28,7 @@ from .ops import (
     entry_positions,
     gather_entry_mask,
     key_attention,
+    live_head_rows,
     query_attention,
 )
 from .state import TokenState
