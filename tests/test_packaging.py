@@ -9,7 +9,9 @@ repository nor an editable install can stand in for what the wheel really holds.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,6 +20,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
+
+import trimkit
+from trimkit.version import __version__
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -131,3 +136,15 @@ def test_readme_commands_are_the_ones_ci_runs() -> None:
     assert blocks[1] == "python -m pytest -q"
     ci = (ROOT / ".ci" / "run").read_text()
     assert 'pip install -e ".[dev]"' in ci and '"$py" -m pytest -q' in ci
+
+
+def test_version_is_the_one_in_pyproject() -> None:
+    """`trimkit.__version__` (from `trimkit/version.py`, which saved models record) is the
+    version the distribution is built with, and the installed one's."""
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    declared = re.search(r'^version = "([^"]+)"$', pyproject, re.MULTILINE)
+    assert declared is not None, "pyproject.toml declares no static version"
+    assert trimkit.__version__ is __version__
+    assert __version__ == declared.group(1), (
+        f"trimkit/version.py says {__version__}, pyproject.toml {declared.group(1)}")
+    assert importlib.metadata.version("trimkit") == __version__

@@ -40,10 +40,10 @@ from .registry import register_adapter, register_recipe
 from .sites import CrossScores, Site, TokenOp, TrimContext
 from .state import TokenState, fixed_shapes
 from .training import Objective, TaskObjective, TrainResult, train
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
+    "__version__",
     "Adapter",
     "ArchitectureMismatchError",
     "CrossScores",

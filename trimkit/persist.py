@@ -53,6 +53,8 @@ from .heads import (
     record_pruned,
 )
 from .registry import ADAPTERS, RECIPES, _load_builtins
+from .training import unwrap
+from .version import __version__
 
 __all__ = [
     "FORMAT",
@@ -357,9 +359,6 @@ def save(model: nn.Module, path: str | os.PathLike, *, weights: str = "model",
     ``torch.compile`` is saved as the model inside; in a multi-process run, save from the
     main process only.
     """
-    from . import __version__
-    from .training import unwrap
-
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
     return _save(unwrap(model), Path(path), weights, omit, __version__)
@@ -467,8 +466,6 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     """``trimkit.json`` of a saved directory, migrated to the current format; a
     `SaveFormatError` says why a file cannot be read (not a trimkit directory, a newer
     format, an older one that cannot be migrated)."""
-    from . import __version__
-
     path = Path(path)
     file = path / META_FILE
     if not file.is_file():
@@ -585,8 +582,6 @@ def _recipe_options(meta: dict[str, Any], given: Mapping[str, Any] | None,
                     written: str) -> dict[str, Any]:
     """The keyword options to re-apply the saved recipe with, checked against the recipe
     as this trimkit has it."""
-    from . import __version__
-
     recipe = meta["recipe"]
     name = recipe["name"]
     if name not in RECIPES:
@@ -718,9 +713,6 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, *,
     """Hugging Face style: the model's own ``save_pretrained(directory, **kwargs)`` (config
     and weights, without trimkit's sites), then trimkit's files beside them. Load it back
     with `from_pretrained` (or `load`)."""
-    from . import __version__
-    from .training import unwrap
-
     model = unwrap(model)
     if not callable(getattr(model, "save_pretrained", None)):
         raise TypeError(f"{type(model).__qualname__} has no save_pretrained method: use "
