@@ -270,7 +270,10 @@ def test_objective_comes_from_the_applied_recipe(monkeypatch):
         img_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2, num_classes=3)
     assert isinstance(objective_for(vit, mse, None, 5), TaskObjective)
     trimkit.apply(vit, "tome", r=1)
-    assert isinstance(objective_for(vit, mse, None, 5), TaskObjective)  # tome has none
+    # tome keeps `Recipe.objective`'s default: no objective of its own
+    assert type(RECIPES["tome"]).objective is trimkit.Recipe.objective
+    assert RECIPES["tome"].objective(vit, mse, None, 5, {"r": 1}) is None
+    assert isinstance(objective_for(vit, mse, None, 5), TaskObjective)
 
     made = []
 
@@ -278,7 +281,7 @@ def test_objective_comes_from_the_applied_recipe(monkeypatch):
         made.append((model is vit, loss_fn, forward, total_steps, options["r"]))
         return TaskObjective(loss_fn, forward)
 
-    monkeypatch.setattr(RECIPES["tome"], "objective", objective, raising=False)
+    monkeypatch.setattr(RECIPES["tome"], "objective", objective)
     data = TensorDataset(torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 0]))
     ce = lambda out, batch: F.cross_entropy(out, batch[-1])  # noqa: E731
     trimkit.train(vit, loader(data, 2), ce, epochs=2, **QUIET)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -76,3 +77,14 @@ class Recipe:
         """For ``transforms`` recipes: change ``model`` in place, once, and return it. It
         must raise `ValueError` for bad options before changing anything."""
         raise NotImplementedError
+
+    def objective(self, model: nn.Module, loss_fn: Callable | None, forward: Callable | None,
+                  total_steps: int, options: dict[str, Any]) -> Any:
+        """The training objective `trimkit.train` runs on a model this recipe trimmed when
+        the caller gives none: a `trimkit.Objective`, or ``None`` (this default) for the
+        task loss alone (`trimkit.TaskObjective`). Learned recipes override it (e.g.
+        self-distillation, a cost loss and a curriculum over ``total_steps`` optimizer
+        steps). ``model`` is the trimmed model, ``loss_fn(outputs, batch)`` and
+        ``forward(model, batch)`` what the caller passed to `trimkit.train`, ``options``
+        the resolved options the recipe was applied with."""
+        return None

@@ -37,7 +37,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .api import _applied, is_applied
 from .learned import param_groups
+from .registry import RECIPES
 
 __all__ = [
     "LR_SCHEDULES",
@@ -117,18 +119,16 @@ class TaskObjective(Objective):
 
 def objective_for(model: nn.Module, loss_fn: LossFn | None, forward: Forward | None,
                   total_steps: int) -> Objective:
-    """The objective `train` runs when none is given: the applied recipe's own, if it has an
-    ``objective(model, loss_fn, forward, total_steps, options)`` method (learned recipes
-    do), else `TaskObjective`."""
-    from .api import _applied, is_applied
-    from .registry import RECIPES
-
+    """The objective `train` runs when none is given: the applied recipe's own
+    (`Recipe.objective`; learned recipes have one), else `TaskObjective`."""
     base = unwrap(model)
     if is_applied(base):
         applied = _applied(base)
-        make = getattr(RECIPES.get(applied.recipe), "objective", None)
-        if callable(make):
-            return make(base, loss_fn, forward, total_steps, applied.options)
+        recipe = RECIPES.get(applied.recipe)
+        objective = None if recipe is None else recipe.objective(
+            base, loss_fn, forward, total_steps, applied.options)
+        if objective is not None:
+            return objective
     if loss_fn is None:
         raise ValueError("no loss_fn to build the task objective from")
     return TaskObjective(loss_fn, forward)
