@@ -211,14 +211,17 @@ def remove(model: nn.Module) -> nn.Module:
 
 
 def set_mode(model: nn.Module, mode: str) -> None:
-    """Switch execution: ``"masked"``, ``"compacted"`` or ``"auto"``."""
+    """Switch execution: ``"masked"``, ``"compacted"`` or ``"auto"``. A setter: it holds for
+    the model, in every thread (context managers such as `trimming_disabled` hold for the
+    calling thread only)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     _applied(model).ctx.mode = mode
 
 
 class trimming_disabled:
-    """Context manager: run ``model`` untrimmed (e.g. the self-distillation teacher)."""
+    """Context manager: run ``model`` untrimmed (e.g. the self-distillation teacher), in the
+    calling thread only: other threads' calls on the same model stay trimmed."""
 
     def __init__(self, model: nn.Module):
         self.ctx = _applied(model).ctx
@@ -231,7 +234,8 @@ class trimming_disabled:
 
 
 class recording_costs:
-    """Context manager: the forwards inside record each layer's soft token and head counts;
+    """Context manager: the calling thread's forwards inside record each layer's soft token
+    and head counts;
     `ratio` gives the last forward's achieved cost ratio per sample (`trimkit.cost`), with
     the trimmers' gradient in training. For cost losses in your own training loop::
 
@@ -270,12 +274,13 @@ class ForwardStats:
 
 
 def last_stats(model: nn.Module) -> ForwardStats:
-    """Statistics of the last forward of a trimmed model (no FLOPs: see `forward_stats`)."""
+    """Statistics of the calling thread's last forward of a trimmed model (no FLOPs: see
+    `forward_stats`)."""
     return ForwardStats(list(_applied(model).ctx.stats))
 
 
 def last_states(model: nn.Module) -> dict[str, TokenState]:
-    """Each stream's `TokenState` at the end of the last forward (``source`` needs
+    """Each stream's `TokenState` at the end of the calling thread's last forward (``source`` needs
     ``apply(..., track_source=True)``)."""
     return dict(_applied(model).ctx.states)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import operator
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -41,13 +42,33 @@ class RewriteError(RuntimeError):
     """A module's graph does not have the shape a trimming site needs."""
 
 
+#: held while fx traces: tracing flips process-wide switches (torch's fused MHA path)
+_TRACING = threading.RLock()
+
+
 class _ChildrenAsLeaves(fx.Tracer):
+    """Traces one module with its children as leaves. fx patches ``nn.Module.__call__`` and
+    ``__getattr__`` for the whole process while it traces; calls from other threads (a
+    trimmed model serving requests while one of them traces a new specialisation) pass
+    through untouched instead of landing in this graph."""
+
     def __init__(self, root: nn.Module):
         super().__init__()
         self._children = {id(m) for m in root.children()}
+        self._thread = threading.get_ident()
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return id(m) in self._children or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        if threading.get_ident() != self._thread:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:
+        if threading.get_ident() != self._thread:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
 
 def _key_of(value: object) -> object:
@@ -121,12 +142,14 @@ class _Specialised:
     def _trace_new(self, key: tuple, concrete: dict) -> fx.GraphModule:
         # torch's own layers branch on their inputs to pick a fused inference path; with
         # it off they take the plain path, which traces (and is what the graph runs)
-        fastpath = torch.backends.mha.get_fastpath_enabled()
-        torch.backends.mha.set_fastpath_enabled(False)
-        try:
-            graph = _ChildrenAsLeaves(self.module).trace(self.module, concrete_args=concrete)
-        finally:
-            torch.backends.mha.set_fastpath_enabled(fastpath)
+        with _TRACING:
+            fastpath = torch.backends.mha.get_fastpath_enabled()
+            torch.backends.mha.set_fastpath_enabled(False)
+            try:
+                graph = _ChildrenAsLeaves(self.module).trace(self.module,
+                                                             concrete_args=concrete)
+            finally:
+                torch.backends.mha.set_fastpath_enabled(fastpath)
         gm = fx.GraphModule(self.module, graph, class_name=type(self.module).__name__)
         self.edit(gm)
         gm.graph.lint()

@@ -15,6 +15,7 @@ pass (or an attention hook) calls from inside the model's own forward:
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -33,7 +34,8 @@ from .ops import (
 )
 from .state import TokenState
 
-__all__ = ["CrossScores", "LayerCost", "LayerStats", "Site", "TokenOp", "TrimContext"]
+__all__ = ["CallRecord", "CrossScores", "LayerCost", "LayerStats", "Site", "SiteCall", "TokenOp",
+           "TrimContext"]
 
 MODES = ("auto", "masked", "compacted")
 #: what a site's own attention core records for its ops (``TokenOp.needs``)
@@ -113,11 +115,103 @@ class CrossScores:
 
 
 @dataclass
+class SiteCall:
+    """What one forward computed at one site: never stored on the shared `Site`, so
+    concurrent calls do not see each other's values."""
+
+    #: what the site's attention core recorded for its ops (``TokenOp.needs``)
+    captured: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: B long: live tokens entering the layer's attention
+    tokens_in: torch.Tensor | None = None
+    #: the soft counts of `LayerCost` gathered so far (while costs are recorded)
+    cost: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: B×H per-instance gates on the heads of the self- and the cross-attention, set by this
+    #: forward's ops (``None``: every head on); a zero gate removes the head's output
+    head_gates: torch.Tensor | None = None
+    cross_head_gates: torch.Tensor | None = None
+    #: per attention (False: self, True: cross), the gates the live heads were read from, the
+    #: live heads, and their projection rows by (head width, heads, sections)
+    live: dict[bool, tuple[torch.Tensor, torch.Tensor | None, dict,
+                           tuple[int, ...] | None]] = field(default_factory=dict)
+
+
+@dataclass
+class CallRecord:
+    """What the forwards of one thread compute on one trimmed model: token states,
+    statistics, costs, captures, gates. Each thread has its own (`TrimContext.call`); it
+    outlives the forward, so `trimkit.last_stats` reads the calling thread's last one."""
+
+    states: dict[str, TokenState] = field(default_factory=dict)
+    entered: dict[tuple[str, int], TokenState] = field(default_factory=dict)
+    stats: list[LayerStats] = field(default_factory=list)
+    costs: list[LayerCost] = field(default_factory=list)
+    #: B float: each stream's real (non-padding) tokens at its entry, the full-cost reference
+    entry_counts: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: each stream's hidden states as its last layer leaves (while `TrimContext.observe`)
+    observed: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: per stream, ``(real, protected)`` B×N bool masks (or ``None``) for its next entry, which
+    #: an adapter derives from the model's own inputs (e.g. the token a pooler reads)
+    entry: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = field(
+        default_factory=dict)
+    #: streams that the forward under way does not read (e.g. a text encoder run without
+    #: the image): `TrimContext.keys_state` gives ``None`` for them, so no trimmer is guided
+    #: by a stream the outputs must not depend on
+    absent: set[str] = field(default_factory=set)
+    #: each cross-attention read of a scored stream leaves its `CrossScores` under
+    #: ``(stream, pair of the reading layer)`` until the stream restarts
+    cross_scores: dict[tuple[str, int], CrossScores] = field(default_factory=dict)
+    #: per site, keyed ``(stream, layer)``
+    sites: dict[tuple[str, int], SiteCall] = field(default_factory=dict)
+    #: per-call values of hooks and adapters, under keys they choose
+    scratch: dict[object, object] = field(default_factory=dict)
+
+
+class _PerThread(threading.local):
+    """A thread's record and switches: each thread that touches the local starts afresh."""
+
+    def __init__(self) -> None:
+        self.call = CallRecord()
+        self.enabled = True
+        self.record_costs = False
+        self.observe = False
+
+
+def _per_call(name: str, doc: str) -> property:
+    """A `TrimContext` attribute that reads and writes the calling thread's `CallRecord`."""
+
+    def get(self: TrimContext) -> object:
+        return getattr(self._local.call, name)
+
+    def set_(self: TrimContext, value: object) -> None:
+        setattr(self._local.call, name, value)
+
+    return property(get, set_, doc=doc)
+
+
+def _switch(name: str, doc: str) -> property:
+    """A `TrimContext` switch that holds for the calling thread only."""
+
+    def get(self: TrimContext) -> bool:
+        return getattr(self._local, name)
+
+    def set_(self: TrimContext, value: bool) -> None:
+        setattr(self._local, name, value)
+
+    return property(get, set_, doc=doc)
+
+
+@dataclass
 class TrimContext:
-    """What the sites of one model share during a forward."""
+    """What `trimkit.apply` decided for one model (its fields, shared by every call), and
+    the way to what the calling thread's forwards compute (`call`).
+
+    The rule: what a setter changes (`trimkit.set_mode`, the fields) holds for the model,
+    in every thread; what a context manager or a switch changes (``enabled``,
+    ``record_costs``, ``observe``: `trimkit.trimming_disabled`, `trimkit.recording_costs`)
+    holds for the calling thread only. A deep copy or an unpickled copy starts with a
+    fresh record and the switches at their defaults."""
 
     mode: str = "auto"
-    enabled: bool = True
     track_source: bool = False
     protected: dict[str, int] = field(default_factory=dict)
     parallel: bool = False
@@ -125,31 +219,41 @@ class TrimContext:
     proportional: frozenset[str] = frozenset()
     #: streams whose attention masks are given over their entry tokens (`StreamDesc.positional`)
     positional: frozenset[str] = frozenset()
-    #: per stream, ``(real, protected)`` B×N bool masks (or ``None``) for its next entry, which
-    #: an adapter derives from the model's own inputs (e.g. the token a pooler reads)
-    entry: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = field(
-        default_factory=dict)
-    states: dict[str, TokenState] = field(default_factory=dict)
-    entered: dict[tuple[str, int], TokenState] = field(default_factory=dict)
-    stats: list[LayerStats] = field(default_factory=list)
-    #: record each layer's soft token and head counts (`LayerCost`) for a cost loss
-    record_costs: bool = False
-    costs: list[LayerCost] = field(default_factory=list)
-    #: B float: each stream's real (non-padding) tokens at its entry, the full-cost reference
-    entry_counts: dict[str, torch.Tensor] = field(default_factory=dict)
-    #: record each stream's hidden states as its last layer leaves, even while disabled
-    #: (self-distillation on hidden states compares a disabled pass with a trimmed one)
-    observe: bool = False
-    observed: dict[str, torch.Tensor] = field(default_factory=dict)
-    #: streams that the forward under way does not read (an adapter sets this while, e.g.,
-    #: a text encoder runs without the image): `keys_state` gives ``None`` for them, so
-    #: no trimmer is guided by a stream the outputs must not depend on
-    absent: set[str] = field(default_factory=set)
     #: streams whose tokens are scored wherever a cross-attention reads them as keys (some
-    #: op needs ``"cross_scores"``); each read leaves its `CrossScores` under
-    #: ``(stream, pair of the reading layer)`` until the stream restarts
+    #: op needs ``"cross_scores"``)
     scored: frozenset[str] = frozenset()
-    cross_scores: dict[tuple[str, int], CrossScores] = field(default_factory=dict)
+    _local: _PerThread = field(default_factory=_PerThread, init=False, repr=False,
+                               compare=False)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        del state["_local"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._local = _PerThread()
+
+    @property
+    def call(self) -> CallRecord:
+        """The calling thread's `CallRecord`."""
+        return self._local.call
+
+    enabled = _switch("enabled", "Whether the calling thread's forwards are trimmed.")
+    record_costs = _switch("record_costs", "Whether the calling thread's forwards record each "
+                           "layer's soft token and head counts (`LayerCost`) for a cost loss.")
+    observe = _switch("observe", "Whether the calling thread's forwards record each stream's "
+                      "hidden states as its last layer leaves, even while disabled "
+                      "(self-distillation on hidden states).")
+    states = _per_call("states", "`CallRecord.states` of the calling thread.")
+    entered = _per_call("entered", "`CallRecord.entered` of the calling thread.")
+    stats = _per_call("stats", "`CallRecord.stats` of the calling thread.")
+    costs = _per_call("costs", "`CallRecord.costs` of the calling thread.")
+    entry_counts = _per_call("entry_counts", "`CallRecord.entry_counts` of the calling thread.")
+    observed = _per_call("observed", "`CallRecord.observed` of the calling thread.")
+    entry = _per_call("entry", "`CallRecord.entry` of the calling thread.")
+    absent = _per_call("absent", "`CallRecord.absent` of the calling thread.")
+    cross_scores = _per_call("cross_scores", "`CallRecord.cross_scores` of the calling thread.")
 
     def compacting(self, training: bool) -> bool:
         return self.mode == "compacted" or (self.mode == "auto" and not training)
@@ -158,11 +262,12 @@ class TrimContext:
         """A fresh state for ``stream`` at its entry (``real``: B×N bool, False on padding),
         with the stream's pending `entry` masks; that stream's statistics and remembered
         layer entries restart."""
-        self.stats = [s for s in self.stats if s.stream != stream]
-        self.costs = [c for c in self.costs if c.stream != stream]
-        self.entered = {k: v for k, v in self.entered.items() if k[0] != stream}
-        self.cross_scores = {k: v for k, v in self.cross_scores.items() if k[0] != stream}
-        extra_real, protected = self.entry.pop(stream, (None, None))
+        call = self.call
+        call.stats = [s for s in call.stats if s.stream != stream]
+        call.costs = [c for c in call.costs if c.stream != stream]
+        call.entered = {k: v for k, v in call.entered.items() if k[0] != stream}
+        call.cross_scores = {k: v for k, v in call.cross_scores.items() if k[0] != stream}
+        extra_real, protected = call.entry.pop(stream, (None, None))
         for mask in (extra_real, protected):
             if mask is not None and mask.shape != x.shape[:2]:
                 raise RuntimeError(f"trimkit: the entry masks of stream {stream!r} have shape "
@@ -173,20 +278,21 @@ class TrimContext:
         state = TokenState.start(x, num_protected=self.protected.get(stream, 0),
                                  protected=protected, padding_mask=pad,
                                  track_source=self.track_source or stream in self.positional)
-        self.states[stream] = state
+        call.states[stream] = state
         if self.record_costs:
-            self.entry_counts[stream] = state.keep.float().sum(1)
+            call.entry_counts[stream] = state.keep.float().sum(1)
         return state
 
     def keys_state(self, stream: str, pair: int) -> TokenState | None:
         """The state of ``stream`` that describes the keys a cross-attention reads: as it
         entered its layer paired with ``pair`` (side-by-side streams), else its latest;
         ``None`` while the stream is `absent`."""
-        if stream in self.absent:
+        call = self.call
+        if stream in call.absent:
             return None
-        if self.parallel and (stream, pair) in self.entered:
-            return self.entered[(stream, pair)]
-        return self.states.get(stream)
+        if self.parallel and (stream, pair) in call.entered:
+            return call.entered[(stream, pair)]
+        return call.states.get(stream)
 
 
 class _Point(nn.Module):
@@ -238,7 +344,10 @@ def _row_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
 
 
 class Site(nn.Module):
-    """The trimming site of one layer: its ops, its flags, and its three call points."""
+    """The trimming site of one layer: its ops, its flags, and its three call points.
+
+    A site holds what `trimkit.apply` decided; what a forward computes at it (captures,
+    head gates, counts) lives in the calling thread's `CallRecord` (`call`)."""
 
     def __init__(
         self,
@@ -255,24 +364,13 @@ class Site(nn.Module):
     ):
         super().__init__()
         self.stream, self.layer, self.num_heads, self.first = stream, layer, num_heads, first
+        self.key = (stream, layer)
         self.cross_stream, self.masks_are_padding = cross_stream, masks_are_padding
         self.pair = layer if pair is None else pair
         self.pre = nn.ModuleList(pre or [])
         self.post = nn.ModuleList(post or [])
         self.needs = frozenset().union(*(op.needs for op in [*self.pre, *self.post]))
-        self.captured: dict[str, torch.Tensor] = {}
         self.ctx: TrimContext = TrimContext()
-        self._tokens_in: torch.Tensor | None = None
-        self._cost: dict[str, torch.Tensor] = {}
-        #: B×H per-instance gates on the heads of the self- and the cross-attention, set
-        #: by this forward's ops (``None``: every head on); a zero gate removes the head's
-        #: output before the output projection
-        self.head_gates: torch.Tensor | None = None
-        self.cross_head_gates: torch.Tensor | None = None
-        #: per attention (False: self, True: cross), the gates the live heads were read from,
-        #: the live heads, and their projection rows by (head width, heads, sections)
-        self._live: dict[bool, tuple[torch.Tensor, torch.Tensor | None, dict,
-                                     tuple[int, ...] | None]] = {}
         object.__setattr__(self, "enter", _Enter(self))
         object.__setattr__(self, "core", _Core(self))
         object.__setattr__(self, "leave", _Leave(self))
@@ -281,10 +379,43 @@ class Site(nn.Module):
     def extra_repr(self) -> str:
         return f"stream={self.stream!r}, layer={self.layer}"
 
+    # -- this forward's values, in the calling thread's record --------------------------
+    @property
+    def call(self) -> SiteCall:
+        """What the calling thread's forward computed at this site so far."""
+        sites = self.ctx.call.sites
+        got = sites.get(self.key)
+        if got is None:
+            got = sites[self.key] = SiteCall()
+        return got
+
+    @property
+    def captured(self) -> dict[str, torch.Tensor]:
+        """What this forward's attention core recorded for the ops (``TokenOp.needs``)."""
+        return self.call.captured
+
+    @property
+    def head_gates(self) -> torch.Tensor | None:
+        """B×H gates of this forward on the self-attention's heads (``None``: all on)."""
+        return self.call.head_gates
+
+    @head_gates.setter
+    def head_gates(self, gates: torch.Tensor | None) -> None:
+        self.call.head_gates = gates
+
+    @property
+    def cross_head_gates(self) -> torch.Tensor | None:
+        """B×H gates of this forward on the cross-attention's heads (``None``: all on)."""
+        return self.call.cross_head_gates
+
+    @cross_head_gates.setter
+    def cross_head_gates(self, gates: torch.Tensor | None) -> None:
+        self.call.cross_head_gates = gates
+
     # -- the three call points -----------------------------------------------------------
     def _state(self, x: torch.Tensor, real: torch.Tensor | None = None,
                entering: bool = False) -> TokenState:
-        state = self.ctx.states.get(self.stream)
+        state = self.ctx.call.states.get(self.stream)
         if (self.first and entering) or state is None or state.keep.shape != x.shape[:2]:
             return self.ctx.start(self.stream, x, real)
         return state.with_x(x)
@@ -294,45 +425,48 @@ class Site(nn.Module):
             state = op(state, self)
         if self.ctx.compacting(self.training):
             state, _ = compact(state)
-        self.ctx.states[self.stream] = state
+        self.ctx.call.states[self.stream] = state
         return state
 
     def enter_(self, x: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
-        if not self.ctx.enabled:
+        ctx = self.ctx
+        if not ctx.enabled:
             return x
         state = self._state(x, real, entering=True)
-        self.head_gates = self.cross_head_gates = None
-        self._live.clear()
+        call = ctx.call.sites[self.key] = SiteCall()
         if self.cross_stream is not None:  # only cross-attending layers pair up
-            self.ctx.entered[(self.stream, self.pair)] = state
-        entering = _soft_count(state.keep) if self.ctx.record_costs else None
+            ctx.call.entered[(self.stream, self.pair)] = state
+        entering = _soft_count(state.keep) if ctx.record_costs else None
         state = self._run(self.pre, state)
-        self._tokens_in = state.live_counts()
+        call.tokens_in = state.live_counts()
         if entering is not None:
             ops = [*self.pre, *self.post]
-            self._cost = {"tokens_in": _soft_count(state.keep),
-                          "trimmers": sum((op.flops(entering) for op in ops), 0.0)}
-            for key, gates in (("heads", self.head_gates), ("cross_heads", self.cross_head_gates)):
+            call.cost = {"tokens_in": _soft_count(state.keep),
+                         "trimmers": sum((op.flops(entering) for op in ops), 0.0)}
+            for key, gates in (("heads", call.head_gates),
+                               ("cross_heads", call.cross_head_gates)):
                 if gates is not None:
-                    self._cost[key] = gates.float().sum(1)
+                    call.cost[key] = gates.float().sum(1)
         return state.x
 
     def leave_(self, x: torch.Tensor) -> torch.Tensor:
-        if self.ctx.observe:
-            self.ctx.observed[self.stream] = x
-        if not self.ctx.enabled:
+        ctx = self.ctx
+        if ctx.observe:
+            ctx.call.observed[self.stream] = x
+        if not ctx.enabled:
             return x
         state = self._run(self.post, self._state(x))
-        self.captured.clear()
-        tokens_in = self._tokens_in if self._tokens_in is not None else state.live_counts()
-        heads = (self.num_heads if self.head_gates is None
-                 else (self.head_gates > 0).sum(1))
-        self.ctx.stats.append(LayerStats(self.stream, self.layer, tokens_in,
+        call = self.call
+        call.captured.clear()
+        tokens_in = call.tokens_in if call.tokens_in is not None else state.live_counts()
+        heads = (self.num_heads if call.head_gates is None
+                 else (call.head_gates > 0).sum(1))
+        ctx.call.stats.append(LayerStats(self.stream, self.layer, tokens_in,
                                          state.live_counts(), heads))
-        if self.ctx.record_costs and self._cost:
-            self.ctx.costs.append(LayerCost(self.stream, self.layer,
-                                            tokens_out=_soft_count(state.keep), **self._cost))
-        self._tokens_in, self._cost = None, {}
+        if ctx.record_costs and call.cost:
+            ctx.call.costs.append(LayerCost(self.stream, self.layer,
+                                            tokens_out=_soft_count(state.keep), **call.cost))
+        call.tokens_in, call.cost = None, {}
         return state.x
 
     def live_heads(self, cross: bool = False, *, qkv: bool = False) -> torch.Tensor | None:
@@ -345,16 +479,17 @@ class Site(nn.Module):
         The answer is read once per forward (one device sync) and kept with the gates."""
         if qkv and not cross and self.needs & SELF_RECORDS:
             return None
-        gates = self.cross_head_gates if cross else self.head_gates
+        call = self.call
+        gates = call.cross_head_gates if cross else call.head_gates
         if (gates is None or gates.requires_grad or not self.ctx.enabled
                 or not self.ctx.compacting(self.training)):
             return None
-        live = self._live.get(cross)
+        live = call.live.get(cross)
         if live is None or live[0] is not gates:
             flags = (gates > 0).any(0).tolist()  # the one sync
             heads = None if all(flags) else tuple(i for i, f in enumerate(flags) if f)
             idx = None if heads is None else torch.tensor(heads, device=gates.device)
-            live = self._live[cross] = (gates, idx, {}, heads)
+            live = call.live[cross] = (gates, idx, {}, heads)
         return live[1]
 
     def live_head_set(self, cross: bool = False, *, qkv: bool = False
@@ -363,7 +498,7 @@ class Site(nn.Module):
         the projections' weights the same way), or ``None`` while every head runs."""
         if self.live_heads(cross, qkv=qkv) is None:
             return None
-        return self._live[cross][3]
+        return self.call.live[cross][3]
 
     def live_rows(self, head_dim: int, num_heads: int, sections: int = 1, *,
                   cross: bool = False, qkv: bool = False) -> torch.Tensor | None:
@@ -372,7 +507,7 @@ class Site(nn.Module):
         idx = self.live_heads(cross, qkv=qkv)
         if idx is None:
             return None
-        rows = self._live[cross][2]
+        rows = self.call.live[cross][2]
         key = (head_dim, num_heads, sections)
         if key not in rows:
             rows[key] = live_head_rows(idx, head_dim, num_heads, sections)
@@ -386,27 +521,44 @@ class Site(nn.Module):
         w = state.live.to(q.dtype)[:, None, :, None]
         return (q * w).sum(2, keepdim=True) / w.sum(2, keepdim=True).clamp_min(1.0)
 
+    # -- the attention core, in named steps ----------------------------------------------
     def attend_(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                 cross=False):
         """SDPA with the key stream's bias; records what the ops need (self-attention only)."""
-        state, keys = None, None
-        if self.ctx.enabled:
-            state = self.ctx.states.get(self.stream)
-            keys = (self.ctx.keys_state(self.cross_stream, self.pair) if cross else state)
+        state, keys = self._attention_states(k, cross)
+        if keys is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                                  dropout_p=dropout_p, is_causal=is_causal,
+                                                  scale=scale)
+        attn_mask, is_causal, positional = self._masks(q, k, attn_mask, is_causal, state,
+                                                       keys, cross)
+        self._record(q, k, attn_mask, scale, state, keys, cross, positional)
+        return self._product(q, k, v, attn_mask, dropout_p, is_causal, scale, state, cross)
+
+    def _attention_states(self, k: torch.Tensor, cross: bool
+                          ) -> tuple[TokenState | None, TokenState | None]:
+        """The query stream's state and the state of the keys this attention reads (both
+        ``None`` while trimming is off); a key count the state does not match is an error."""
+        if not self.ctx.enabled:
+            return None, None
+        state = self.ctx.call.states.get(self.stream)
+        keys = self.ctx.keys_state(self.cross_stream, self.pair) if cross else state
         if keys is not None and keys.keep.shape[1] != k.shape[-2]:
             raise RuntimeError(
                 f"trimkit: the keys of {'cross-' if cross else ''}attention in {self.stream} "
                 f"layer {self.layer} have {k.shape[-2]} tokens but the trimming state has "
                 f"{keys.keep.shape[1]}; the adapter's description does not match this forward")
-        if keys is None:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                                  dropout_p=dropout_p, is_causal=is_causal,
-                                                  scale=scale)
+        return state, keys
+
+    def _masks(self, q, k, attn_mask, is_causal, state: TokenState | None, keys: TokenState,
+               cross: bool) -> tuple[torch.Tensor | None, bool, bool]:
+        """The model's mask made to fit the trimmed keys, plus their bias (dead keys,
+        log-size): the padding mask dropped where the state carries it, positional masks
+        read at the tokens' entry positions. Also says whether the stream is positional."""
         if self.masks_are_padding:
             attn_mask = None  # the state carries (and compacts) the padding
         positional = not cross and state is not None and self.stream in self.ctx.positional
         if positional and (attn_mask is not None or is_causal):
-            # masks over the entry tokens, read at the tokens' entry positions
             positions = entry_positions(state)
             if attn_mask is not None:
                 if attn_mask.shape[-1] != state.source.shape[1]:
@@ -425,23 +577,38 @@ class Site(nn.Module):
             if is_causal:
                 mask, is_causal = _causal_mask(q, k), False
             attn_mask = bias if mask is None else additive_mask(mask, q.dtype) + bias
-        if cross and self.ctx.record_costs and self._cost:
-            self._cost["cross_keys"] = _soft_count(keys.keep)
-        if not cross:
-            if "keys" in self.needs:
-                self.captured["keys"] = k.mean(1)
-            if "query_scores" in self.needs:
-                s = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-                if not positional:
-                    rows, row_mask = self._query_row(q, state), _row_mask(attn_mask)
-                else:
-                    rows, row_mask = _scoring_rows(q, attn_mask, state)
-                self.captured["query_scores"] = query_attention(rows, k, row_mask, s)
-        gates = self.cross_head_gates if cross else self.head_gates
+        return attn_mask, is_causal, positional
+
+    def _record(self, q, k, attn_mask, scale, state: TokenState | None, keys: TokenState,
+                cross: bool, positional: bool) -> None:
+        """What the ops asked to see of this attention: the keys read across (costs), the
+        mean keys and the attention the scoring query row pays (self-attention)."""
+        call = self.call
+        if cross:
+            if self.ctx.record_costs and call.cost:
+                call.cost["cross_keys"] = _soft_count(keys.keep)
+            return
+        if "keys" in self.needs:
+            call.captured["keys"] = k.mean(1)
+        if "query_scores" in self.needs:
+            s = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+            if not positional:
+                rows, row_mask = self._query_row(q, state), _row_mask(attn_mask)
+            else:
+                rows, row_mask = _scoring_rows(q, attn_mask, state)
+            call.captured["query_scores"] = query_attention(rows, k, row_mask, s)
+
+    def _product(self, q, k, v, attn_mask, dropout_p, is_causal, scale,
+                 state: TokenState | None, cross: bool) -> torch.Tensor:
+        """The attention product under this forward's head gates: written out where the
+        keys are scored for another stream's ops, over the live heads only where a whole
+        batch gated some off, else fused."""
+        gates = self.call.cross_head_gates if cross else self.call.head_gates
+        key_stream = self.cross_stream if cross else self.stream
         if cross and key_stream in self.ctx.scored:
             out, scores = _scored_attention(q, k, v, attn_mask, dropout_p, is_causal, scale,
                                              _row_weights(state, q.shape[-2]))
-            self.ctx.cross_scores[(key_stream, self.pair)] = CrossScores(
+            self.ctx.call.cross_scores[(key_stream, self.pair)] = CrossScores(
                 scores.detach(), k.detach().mean(1))
             return out if gates is None else out * gates.to(out.dtype)[:, :, None, None]
         live = self.live_heads(cross)
