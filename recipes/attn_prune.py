@@ -11,7 +11,7 @@ tokens alive at that layer, rounded up.
 from __future__ import annotations
 
 from trimkit import ModelDescription, Option, Recipe, SitePlan, register_recipe
-from trimkit.recipe import check_ratio
+from trimkit.recipe import INTS, STREAM
 from trimkit.trimmers import PruneByQueryScore
 
 
@@ -20,14 +20,17 @@ class AttentionPrune(Recipe):
     name = "attn_prune"
     summary = "Keep the top tokens by the attention CLS pays them (training-free; EViT)."
     options = {
-        "keep_ratio": Option(0.7, "fraction of the live unprotected tokens kept at each layer"),
-        "layers": Option(None, "layer indices that prune (default: 1/4, 1/2, 3/4 of the depth)"),
-        "fuse": Option(False, "fuse the dropped tokens into one token (EViT)"),
-        "stream": Option(None, "which stream to prune (default: the only one, or 'image')"),
+        "keep_ratio": Option(0.7, "fraction of the live unprotected tokens kept at each layer",
+                             kind=float, low=0, high=1, low_open=True),
+        "layers": Option(None, "layer indices that prune (default: 1/4, 1/2, 3/4 of the depth)",
+                         kind=INTS),
+        "fuse": Option(False, "fuse the dropped tokens into one token (EViT)", kind=bool),
+        "stream": Option(None, "which stream to prune (default: the only one, or 'image')",
+                         kind=STREAM),
     }
 
     def plan(self, desc: ModelDescription, options: dict) -> dict:
-        keep = check_ratio("keep_ratio", options["keep_ratio"])
+        keep = options["keep_ratio"]
         name = options["stream"] or ("image" if "image" in desc.streams else None)
         try:
             stream = desc.stream(name)
@@ -43,8 +46,7 @@ class AttentionPrune(Recipe):
             layers = sorted({own[depth // 4], own[depth // 2], own[(3 * depth) // 4]})
         if isinstance(layers, int):
             layers = [layers]
-        bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, int)
-               or i not in own]
+        bad = [i for i in layers if i not in own]
         if bad:
             where = (f"in [0, {depth})" if own == list(range(depth))
                      else f"among the layers that attend, {own}")

@@ -11,7 +11,7 @@ a smaller plain model with no trimkit code in its forward (see ``docs/prune_head
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -32,7 +32,7 @@ from trimkit.heads import (
     record_pruned,
     select_heads,
 )
-from trimkit.recipe import check_ratio
+from trimkit.recipe import LAYERS, STREAMS
 
 _RANKING = ("ratio", "scope", "data", "scores", "loss_fn", "forward", "streams", "layers")
 
@@ -69,12 +69,12 @@ def parse_heads(heads: Any, desc: ModelDescription) -> dict[HeadKey, list[int]]:
     return out
 
 
-def _streams(value: Any, desc: ModelDescription) -> list[str]:
-    names = [value] if isinstance(value, str) else value
-    if not isinstance(names, (list, tuple)) or not names or any(
-            n not in desc.streams for n in names):
-        raise ValueError(f"streams must name some of {sorted(desc.streams)}, got {value!r}")
-    return list(names)
+def _streams(value: Any) -> list[str]:
+    """The streams of the ``streams`` option (its `Option` checks that the model has them)."""
+    names = [value] if isinstance(value, str) else list(value)
+    if not names:
+        raise ValueError(f"streams must name at least one stream, got {value!r}")
+    return names
 
 
 def _layers(value: Any, streams: list[str], desc: ModelDescription) -> dict[str, list[int]]:
@@ -94,9 +94,6 @@ def _layers(value: Any, streams: list[str], desc: ModelDescription) -> dict[str,
 
 def _scores(scores: Any, keys: list[HeadKey], desc: ModelDescription,
             heads: Mapping) -> dict[HeadKey, torch.Tensor]:
-    if not isinstance(scores, Mapping):
-        raise ValueError(f"scores must be a dict {{attention: [one score per head]}}, got "
-                         f"{type(scores).__name__}")
     given = {head_key(k, desc): v for k, v in scores.items()}
     out = {}
     for key in keys:
@@ -124,22 +121,27 @@ class PruneHeads(Recipe):
         "heads": Option(None, "heads to remove: {'image.3': [0, 2], 'text.1.cross': [1]} (or "
                               "(stream, layer[, 'cross']) keys), or a list of (stream, layer[, "
                               "'cross'], head) tuples; indices of the model's current heads. "
-                              "trimkit.pruned_heads(model) gives this form"),
+                              "trimkit.pruned_heads(model) gives this form", kind=(dict, list)),
         "ratio": Option(None, "fraction of heads kept (rounded, at least one per attention); "
-                              "needs data or scores to rank them"),
+                              "needs data or scores to rank them", kind=float, low=0, high=1,
+                        low_open=True),
         "scope": Option("layer", "'layer': ratio of every attention's heads; 'global': of all "
-                                 "heads together, ranked by scores normalised per attention"),
-        "data": Option(None, "batches (any iterable) for gradient x output importance"),
+                                 "heads together, ranked by scores normalised per attention",
+                        choices=("layer", "global")),
+        "data": Option(None, "batches (any iterable) for gradient x output importance",
+                       kind=Iterable),
         "loss_fn": Option(None, "loss_fn(output, batch) -> scalar for the importance; default: "
-                                "the output's loss, else cross-entropy against its own argmax"),
+                                "the output's loss, else cross-entropy against its own argmax",
+                          kind=callable),
         "forward": Option(None, "forward(model, batch) -> output; default model(*batch), "
-                                "model(**batch) or model(batch)"),
+                                "model(**batch) or model(batch)", kind=callable),
         "scores": Option(None, "importance per attention instead of data: {'image.3': [one "
-                               "number per head], ...}, e.g. from trimkit.head_scores"),
-        "streams": Option(None, "streams whose heads may go (default: all)"),
+                               "number per head], ...}, e.g. from trimkit.head_scores",
+                         kind=dict),
+        "streams": Option(None, "streams whose heads may go (default: all)", kind=STREAMS),
         "layers": Option(None, "layer indices whose heads may go, in every chosen stream, or "
-                               "{stream: [indices]} (default: all)"),
-        "cross": Option(True, "whether cross-attention heads may go too"),
+                               "{stream: [indices]} (default: all)", kind=LAYERS),
+        "cross": Option(True, "whether cross-attention heads may go too", kind=bool),
     }
 
     def transform(self, model: nn.Module, adapter: Adapter, desc: ModelDescription,
@@ -171,21 +173,15 @@ class PruneHeads(Recipe):
                              "(the fraction to keep) with data=... (batches to rank heads by "
                              "gradient x output importance) or scores=...; there is no "
                              "data-free default ranking")
-        ratio = check_ratio("ratio", options["ratio"])
-        if options["scope"] not in ("layer", "global"):
-            raise ValueError(f"scope must be 'layer' or 'global', got {options['scope']!r}")
+        ratio = options["ratio"]
         if (options["data"] is None) == (options["scores"] is None):
             raise ValueError("ratio= ranks heads by data=... (gradient x output importance) or "
                              "by scores=...: give exactly one of them")
         for name in ("loss_fn", "forward"):
-            if options[name] is not None and not callable(options[name]):
-                raise ValueError(f"{name} must be callable, got {options[name]!r}")
             if options[name] is not None and options["data"] is None:
                 raise ValueError(f"{name}= is used with data=... only")
-        if not isinstance(options["cross"], bool):
-            raise ValueError(f"cross must be True or False, got {options['cross']!r}")
         streams = (list(desc.streams) if options["streams"] is None
-                   else _streams(options["streams"], desc))
+                   else _streams(options["streams"]))
         if options["layers"] is None:
             keys = prunable_heads(desc, streams, cross=options["cross"])
         else:  # named layers must be prunable: locate_heads says why not

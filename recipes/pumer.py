@@ -47,7 +47,7 @@ from torch import nn
 
 from trimkit import ModelDescription, Option, Recipe, SitePlan, register_recipe
 from trimkit.describe import StreamDesc
-from trimkit.recipe import check_ratio
+from trimkit.recipe import LAYERS
 from trimkit.trimmers import MergeTokens, ReduceByCrossAttention
 
 #: the default reducing depths, as fractions of the stack
@@ -66,9 +66,11 @@ def _chosen(spec: Any, depth: int, what: str) -> list[int]:
     layers = default_layers(depth) if spec is None else spec
     if isinstance(layers, int):
         layers = [layers]
-    bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, int)
-           or not 0 <= i < depth]
-    if bad or not isinstance(layers, (list, tuple)):
+    if isinstance(layers, dict):  # a dict per stream is for models without a fusion stack
+        raise ValueError(f"layers must be indices in [0, {depth}) of {what} (a list, not a "
+                         f"dict per stream), got {spec!r}")
+    bad = [i for i in layers if not 0 <= i < depth]
+    if bad:
         raise ValueError(f"layers must be indices in [0, {depth}) of {what}, got {spec!r}")
     return sorted(set(layers))
 
@@ -101,29 +103,31 @@ class PuMer(Recipe):
         "prune_ratio": Option(None, f"fraction of the image tokens pruned at each reducing "
                                     f"layer, by the attention text pays them (default "
                                     f"{PRUNE_RATIO} where text cross-attends to the image; a "
-                                    f"model without that has nothing to guide pruning)"),
+                                    f"model without that has nothing to guide pruning)",
+                              kind=float, low=0, high=1),
         "image_merge_ratio": Option(0.2, "fraction of the image tokens merged away at each "
-                                         "reducing layer (capped at half)"),
+                                         "reducing layer (capped at half)", kind=float, low=0,
+                                    high=1),
         "text_merge_ratio": Option(0.2, "fraction of the real text tokens merged away at each "
-                                        "reducing layer (capped at half)"),
+                                        "reducing layer (capped at half)", kind=float, low=0,
+                                   high=1),
         "layers": Option(None, "reducing layers, as indices into the fusion stack (default: "
                                "0, 1/6, 2/6, 3/6 of its depth; METER 0-3), or, on a model "
                                "without one, into each stream's layers (a list, or a dict "
-                               "stream -> list)"),
+                               "stream -> list)", kind=LAYERS),
         "proportional": Option(False, "add log(size) to attention logits where merged tokens "
-                                      "are keys"),
-        "lambda_kd": Option(1.0, "trimkit.train: weight of the KL from the untrimmed model"),
-        "temperature": Option(1.0, "trimkit.train: temperature of that KL"),
+                                      "are keys", kind=bool),
+        "lambda_kd": Option(1.0, "trimkit.train: weight of the KL from the untrimmed model",
+                            kind=float, low=0),
+        "temperature": Option(1.0, "trimkit.train: temperature of that KL", kind=float, low=0,
+                              low_open=True),
         "teacher": Option("frozen", "trimkit.train: 'frozen' (the weights when training "
                                     "began) or 'self' (the model being trained, trimming "
-                                    "off)"),
+                                    "off)", choices=("frozen", "self")),
     }
 
     def plan(self, desc: ModelDescription, options: dict) -> dict:
-        m_img = check_ratio("image_merge_ratio", options["image_merge_ratio"], zero=True)
-        m_txt = check_ratio("text_merge_ratio", options["text_merge_ratio"], zero=True)
-        if options["teacher"] not in ("frozen", "self"):
-            raise ValueError(f"teacher must be 'frozen' or 'self', got {options['teacher']!r}")
+        m_img, m_txt = options["image_merge_ratio"], options["text_merge_ratio"]
         prop = bool(options["proportional"])
         stack = fusion_stack(desc)
         prune = options["prune_ratio"]
@@ -134,7 +138,7 @@ class PuMer(Recipe):
                     f"{desc.family} model has not (streams {sorted(desc.streams)}); PuMer "
                     f"merges only here: leave prune_ratio at None or 0")
             return self._merge_only(desc, options["layers"], m_img, m_txt, prop)
-        p = PRUNE_RATIO if prune is None else check_ratio("prune_ratio", prune, zero=True)
+        p = PRUNE_RATIO if prune is None else prune
         image = desc.streams[IMAGE]
         plans: dict[tuple[str, int], SitePlan] = {}
 
@@ -146,7 +150,7 @@ class PuMer(Recipe):
         for k in _chosen(options["layers"], len(stack), "the fusion stack"):
             t_idx, pair = stack[k]
             if m_txt > 0:  # after the cross-attention, before the FFN
-                add((TEXT, t_idx), [], [MergeTokens(ratio=m_txt)])
+                add((TEXT, t_idx), [], [MergeTokens(ratio=m_txt, order="original")])
             found = _image_layer(image, pair)
             if found is None:
                 raise ValueError(f"the text layer {t_idx} reads the image, but no image layer "
@@ -166,11 +170,6 @@ class PuMer(Recipe):
     def _merge_only(desc: ModelDescription, spec: Any, m_img: float, m_txt: float,
                     prop: bool) -> dict:
         plans = {}
-        if isinstance(spec, dict):
-            unknown = sorted(set(spec) - set(desc.streams))
-            if unknown:
-                raise ValueError(f"layers names streams {unknown}; this model has "
-                                 f"{sorted(desc.streams)}")
         for stream in desc.streams.values():
             ratio = m_txt if stream.name == TEXT else m_img
             own = stream.attention_layers()
@@ -189,8 +188,9 @@ class PuMer(Recipe):
                     raise ValueError(f"layer {i} of stream {stream.name!r} has no attention "
                                      f"of its own to match tokens with; layers that attend: "
                                      f"{own}")
-                plans[(stream.name, i)] = SitePlan(post=[MergeTokens(ratio=ratio)],
-                                                   proportional=prop)
+                # PuMer's own matching: over the mergeable tokens, tokens keep their slots
+                merge = MergeTokens(ratio=ratio, order="original")
+                plans[(stream.name, i)] = SitePlan(post=[merge], proportional=prop)
         return plans
 
     def objective(self, model: nn.Module, loss_fn: Callable, forward: Callable | None,

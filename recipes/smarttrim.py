@@ -27,7 +27,7 @@ from torch import nn
 
 from trimkit import ModelDescription, Option, Recipe, SitePlan, register_recipe
 from trimkit.learned import HeadTrimmer, TokenTrimmer
-from trimkit.recipe import check_ratio
+from trimkit.recipe import LAYERS, STREAMS, check_ratio
 
 
 def _default_layers(stream) -> list[int]:
@@ -49,8 +49,25 @@ def _budget(value: Any, key: tuple[str, int]) -> tuple[float | None, float | Non
         tok, head = got if isinstance(got, (tuple, list)) else (got, got)
         return (check_ratio(f"budget[{key}] tokens", tok),
                 check_ratio(f"budget[{key}] heads", head))
-    frac = check_ratio("budget", value)
-    return frac, frac
+    return value, value  # a fraction (checked by its Option)
+
+
+def _check_budget_keys(desc: ModelDescription, value: Any) -> None:
+    """A `ValueError` unless every key of a ``budget`` dict is a ``(stream, layer)`` (or
+    ``"stream:layer"``) of this model."""
+    for key in value if isinstance(value, dict) else ():
+        parts = key.split(":") if isinstance(key, str) else key
+        ok = isinstance(parts, (tuple, list)) and len(parts) == 2 and parts[0] in desc.streams
+        if ok:
+            layer = parts[1]
+            if isinstance(layer, str) and layer.isdigit():
+                layer = int(layer)
+            ok = (isinstance(layer, int) and not isinstance(layer, bool)
+                  and 0 <= layer < len(desc.streams[parts[0]].layers))
+        if not ok:
+            raise ValueError(f"budget has the key {key!r}, which is no (stream, layer) of this "
+                             f"model: keys are (stream, layer index) tuples or "
+                             f"'stream:index' strings, streams {sorted(desc.streams)}")
 
 
 @register_recipe
@@ -60,46 +77,54 @@ class SmartTrim(Recipe):
                "self-distillation, cost loss, curriculum).")
     options = {
         "ratio": Option(0.5, "target cost ratio (trimmed / untrimmed FLOPs of the described "
-                             "layers), e.g. 0.5 or 0.33"),
+                             "layers), e.g. 0.5 or 0.33", kind=float, low=0, high=1,
+                        low_open=True),
         "tokens": Option(True, "place token trimmers (True, False, or the streams to place "
-                               "them in)"),
+                               "them in)", kind=(bool, STREAMS)),
         "heads": Option(True, "place head trimmers (True, False, or the streams to place "
-                              "them in)"),
-        "streams": Option(None, "streams to trim (default: all)"),
+                              "them in)", kind=(bool, STREAMS)),
+        "streams": Option(None, "streams to trim (default: all)", kind=STREAMS),
         "layers": Option(None, "layer indices (a list for every trimmed stream, or a dict "
                                "stream -> list); default: the cross-modal layers, else the "
-                               "layers after the first quarter"),
-        "hidden": Option(None, "width of the trimmers' MLPs (default: width / 4)"),
-        "rank": Option(None, "rank of the bilinear global score (default: width / 4)"),
-        "tau": Option(1.0, "Gumbel-sigmoid temperature in training"),
+                               "layers after the first quarter", kind=LAYERS),
+        "hidden": Option(None, "width of the trimmers' MLPs (default: width / 4)", kind=int,
+                         low=1),
+        "rank": Option(None, "rank of the bilinear global score (default: width / 4)",
+                       kind=int, low=1),
+        "tau": Option(1.0, "Gumbel-sigmoid temperature in training", kind=float, low=0,
+                      low_open=True),
         "anneal_noise": Option(True, "scale the Gumbel noise linearly from 1 to 0 over "
                                      "training, so the last steps train the decisions (and "
-                                     "the cost) that inference makes"),
-        "stable_init": Option(True, "start with every keep logit at init_logit (all kept)"),
-        "init_logit": Option(4.0, "the starting keep logit under stable_init"),
+                                     "the cost) that inference makes", kind=bool),
+        "stable_init": Option(True, "start with every keep logit at init_logit (all kept)",
+                              kind=bool),
+        "init_logit": Option(4.0, "the starting keep logit under stable_init", kind=float),
         "span": Option(6.0, "how far a trimmer's input-dependent score may move a logit from "
-                            "its layer's threshold (logit = threshold + span·tanh(score/span))"),
+                            "its layer's threshold (logit = threshold + span·tanh(score/span))",
+                       kind=float, low=0, low_open=True),
         "warmup": Option(0.5, "fraction of the training steps over which the target goes "
-                              "linearly from 1 to ratio (0: no scheduler)"),
-        "lambda_sd": Option(1.0, "weight of the self-distillation KL"),
-        "temperature": Option(1.0, "temperature of the self-distillation KL"),
+                              "linearly from 1 to ratio (0: no scheduler)", kind=float, low=0,
+                         high=1),
+        "lambda_sd": Option(1.0, "weight of the self-distillation KL", kind=float, low=0),
+        "temperature": Option(1.0, "temperature of the self-distillation KL", kind=float,
+                              low=0, low_open=True),
         "lambda_cost": Option(1000.0, "weight of the cost loss (ratio - target)^2; large, so "
-                                      "the achieved ratio lands on the target"),
-        "lambda_hidden": Option(0.0, "weight of the hidden-state distillation MSE"),
+                                      "the achieved ratio lands on the target", kind=float,
+                              low=0),
+        "lambda_hidden": Option(0.0, "weight of the hidden-state distillation MSE", kind=float,
+                                low=0),
         "teacher_loss": Option(True, "the untrimmed pass also gets its task loss and "
-                                     "gradients (shared weights)"),
+                                     "gradients (shared weights)", kind=bool),
         "budget": Option(None, "fixed-budget inference: a fraction of tokens and heads kept "
                                "at every trimmed layer, or a dict (stream, layer) -> "
-                               "(token fraction, head fraction); default: learned thresholds"),
+                               "(token fraction, head fraction); default: learned thresholds",
+                         kind=(float, dict), low=0, high=1, low_open=True),
     }
 
     def _layers(self, desc: ModelDescription, options: dict) -> dict[str, list[int]]:
         names = options["streams"] or list(desc.streams)
         if isinstance(names, str):
             names = [names]
-        unknown = [n for n in names if n not in desc.streams]
-        if unknown:
-            raise ValueError(f"streams must be among {sorted(desc.streams)}, got {unknown!r}")
         chosen = {}
         for name in names:
             stream = desc.streams[name]
@@ -110,8 +135,7 @@ class SmartTrim(Recipe):
             if isinstance(layers, int):
                 layers = [layers]
             depth = len(stream.layers)
-            bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, int)
-                   or not 0 <= i < depth]
+            bad = [i for i in layers if not 0 <= i < depth]
             if bad:
                 raise ValueError(f"layers of stream {name!r} must be indices in [0, {depth}), "
                                  f"got {bad!r}")
@@ -119,20 +143,14 @@ class SmartTrim(Recipe):
         return chosen
 
     def plan(self, desc: ModelDescription, options: dict) -> dict:
-        check_ratio("ratio", options["ratio"])
-        tau = options["tau"]
-        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or tau <= 0:
-            raise ValueError(f"tau must be a positive number, got {tau!r}")
         if not (options["tokens"] or options["heads"]):
             raise ValueError("smarttrim needs tokens=True or heads=True (or both)")
-        tokens = _stream_set(desc, "tokens", options["tokens"])
-        heads = _stream_set(desc, "heads", options["heads"])
-        init = float(options["init_logit"]) if options["stable_init"] else None
-        span = options["span"]
-        if isinstance(span, bool) or not isinstance(span, (int, float)) or span <= 0:
-            raise ValueError(f"span must be a positive number, got {span!r}")
-        common = dict(hidden=options["hidden"], init_logit=init, tau=float(tau),
-                      span=float(span))
+        _check_budget_keys(desc, options["budget"])
+        tokens = _stream_set(desc, options["tokens"])
+        heads = _stream_set(desc, options["heads"])
+        init = options["init_logit"] if options["stable_init"] else None
+        common = dict(hidden=options["hidden"], init_logit=init, tau=options["tau"],
+                      span=options["span"])
         plans = {}
         for name, layers in self._layers(desc, options).items():
             for i in layers:
@@ -165,10 +183,7 @@ class SmartTrim(Recipe):
             SelfDistillationObjective,
         )
 
-        warmup = float(options["warmup"])
-        if not 0 <= warmup <= 1:
-            raise ValueError(f"warmup must be a fraction of the steps in [0, 1], got {warmup!r}")
-        schedule = RatioSchedule(options["ratio"], round(warmup * total_steps))
+        schedule = RatioSchedule(options["ratio"], round(options["warmup"] * total_steps))
         return SelfDistillationObjective(
             model, loss_fn, schedule=schedule, forward=forward,
             lambda_sd=options["lambda_sd"], temperature=options["temperature"],
@@ -178,19 +193,12 @@ class SmartTrim(Recipe):
             else None)
 
 
-def _stream_set(desc: ModelDescription, option: str, value: Any) -> set[str]:
-    """The streams an on/off-or-streams option (``tokens``, ``heads``) names."""
+def _stream_set(desc: ModelDescription, value: Any) -> set[str]:
+    """The streams an on/off-or-streams option (``tokens``, ``heads``) names (checked by
+    its `Option`)."""
     if isinstance(value, bool):
         return set(desc.streams) if value else set()
-    names = [value] if isinstance(value, str) else value
-    if not isinstance(names, (list, tuple, set)) or not all(isinstance(n, str) for n in names):
-        raise ValueError(f"{option} must be True, False or a list of stream names, got "
-                         f"{value!r}")
-    unknown = sorted(set(names) - set(desc.streams))
-    if unknown:
-        raise ValueError(f"{option} names streams {unknown}; this model has "
-                         f"{sorted(desc.streams)}")
-    return set(names)
+    return {value} if isinstance(value, str) else set(value)
 
 
 def _paired_dim(desc: ModelDescription, layer) -> int:

@@ -28,10 +28,17 @@ adapter's `Adapter.prune_heads`, Hugging Face models are recognised by their
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import hashlib
 import json
 import math
 import os
+import re
+import shutil
+import sys
 import types
+import uuid
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -72,13 +79,19 @@ __all__ = [
 ]
 
 #: the file format this trimkit writes; it reads this one and migrates older ones
-FORMAT = 1
+FORMAT = 2
 META_FILE = "trimkit.json"
 TRIMMERS_FILE = "trimmers.safetensors"
 MODEL_FILE = "model.safetensors"
 #: the sharded checkpoint index a Hugging Face ``save_pretrained`` may write instead
 INDEX_FILE = "model.safetensors.index.json"
 WEIGHTS = ("model", "trimmers")
+#: the field of ``trimkit.json`` with the sha256 of every tensor file (format 2 on)
+CHECKSUMS = "sha256"
+#: tensor files a save writes or replaces (trimkit's, and Hugging Face checkpoints' weights
+#: and shard indices): an earlier save's are never carried into a new one
+_TENSOR_FILE = re.compile(r"(trimmers\.safetensors|(model|pytorch_model)(-\d+-of-\d+)?"
+                          r"\.(safetensors|bin)(\.index\.json)?)")
 _TAGS = ("__tuple__", "__set__", "__dict__", "__float__")
 
 
@@ -361,7 +374,8 @@ def save(model: nn.Module, path: str | os.PathLike, *, weights: str = "model",
     """
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
-    return _save(unwrap(model), Path(path), weights, omit, __version__)
+    model = unwrap(model)
+    return _atomic(Path(path), lambda tmp: _save(model, tmp, weights, omit, __version__))
 
 
 def _save(model: nn.Module, path: Path, weights: str, omit: Iterable[str],
@@ -390,8 +404,6 @@ def _save(model: nn.Module, path: Path, weights: str, omit: Iterable[str],
     if adapter not in ADAPTERS:
         notes.append(f"the adapter {adapter!r} is not registered: pass it to trimkit.load "
                      f"as adapter=")
-    path.mkdir(parents=True, exist_ok=True)
-    (path / META_FILE).unlink(missing_ok=True)  # an earlier save's, naming other tensors
     meta: dict[str, Any] = {
         "format": FORMAT,
         "trimkit_version": version,
@@ -407,11 +419,137 @@ def _save(model: nn.Module, path: Path, weights: str, omit: Iterable[str],
         meta["model"] = {"file": MODEL_FILE,
                          "aliases": _write_tensors(_base_state(model), path / MODEL_FILE)}
     meta["architecture"] = architecture(desc, pruned)
+    meta[CHECKSUMS] = {f.name: _sha256(f) for f in sorted(path.iterdir())
+                       if _TENSOR_FILE.fullmatch(f.name) and f.is_file()}
     meta["notes"] = notes
-    tmp = path / (META_FILE + ".tmp")  # written last: a directory without it is incomplete
-    tmp.write_text(_dumps(meta) + "\n")
-    tmp.replace(path / META_FILE)
+    _write_text(path / META_FILE, _dumps(meta) + "\n")  # last: without it, no save
     return path
+
+
+def _write_text(file: Path, text: str) -> None:
+    """Write ``text`` to ``file`` (one place, so tests can make it fail like a full disk)."""
+    file.write_text(text)
+
+
+def _sha256(file: Path) -> str:
+    """The hex sha256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _atomic(target: Path, write: Callable[[Path], Any]) -> Path:
+    """Run ``write(folder)`` on a new folder beside ``target``, then swap it in for
+    ``target`` in one step and return ``target``: an error or a crash at any point leaves
+    either the old directory or the new one at ``target``, whole.
+
+    Entries of an old ``target`` that the new save does not write (a tokenizer, notes, a
+    folder of checkpoints) are kept, as hard links where the file system allows; an earlier
+    save's tensor files are not. Where the system cannot swap two directories atomically
+    (``renameat2`` on Linux), the old one is renamed aside for the instant the new one is
+    renamed in."""
+    real = Path(os.path.realpath(target))  # a link to a directory: save where it points
+    if real.exists() and not real.is_dir():
+        raise NotADirectoryError(f"{target} exists and is not a directory")
+    real.parent.mkdir(parents=True, exist_ok=True)
+    staging = real.parent / f".{real.name}.trimkit-{uuid.uuid4().hex[:12]}"
+    staging.mkdir()
+    try:
+        if real.exists():
+            shutil.copymode(real, staging)
+        write(staging)
+        if real.exists():
+            _carry_over(real, staging)
+        _fsync(staging)
+        cwd = os.getcwd()
+        if real.exists():
+            if _exchange(staging, real):  # staging now holds the old directory
+                shutil.rmtree(staging, ignore_errors=True)
+            else:
+                old = real.parent / f".{real.name}.trimkit-old-{uuid.uuid4().hex[:12]}"
+                os.rename(real, old)
+                try:
+                    os.rename(staging, real)
+                except BaseException:
+                    os.rename(old, real)
+                    raise
+                shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(staging, real)
+        _fsync(real.parent, files=False)
+        if cwd == str(real) or cwd.startswith(str(real) + os.sep):
+            try:  # the process was inside the old directory: enter the new one
+                os.chdir(cwd)
+            except OSError:
+                pass
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def _carry_over(old: Path, new: Path) -> None:
+    """Link (or copy) into ``new`` the entries of ``old`` that ``new`` lacks, except tensor
+    files of an earlier save."""
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    for entry in old.iterdir():
+        dest = new / entry.name
+        if dest.exists() or dest.is_symlink() or _TENSOR_FILE.fullmatch(entry.name) \
+                or entry.name in (META_FILE, META_FILE + ".tmp"):
+            continue
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry), dest)
+        elif entry.is_dir():
+            shutil.copytree(entry, dest, symlinks=True, copy_function=link)
+        else:
+            link(str(entry), str(dest))
+
+
+def _fsync(path: Path, files: bool = True) -> None:
+    """Flush ``path``'s files (with ``files``) and the directory itself to disk, so a power
+    loss after the swap cannot leave a directory of empty files."""
+    if files:
+        for f in path.iterdir():
+            if f.is_file() and not f.is_symlink():
+                with open(f, "rb") as handle:
+                    os.fsync(handle.fileno())
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # a system that cannot open directories (Windows)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); ``False`` where the
+    system or the file system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                          ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def _dumps(data: Any, indent: str = "") -> str:
@@ -458,8 +596,20 @@ def _migrate_0(meta: dict[str, Any], path: Path) -> dict[str, Any]:
     return out
 
 
+def _migrate_1(meta: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Format 1 to 2: format 2 adds the sha256 of every tensor file (``"sha256"``); a
+    format-1 file has none, so its tensors load unchecked."""
+    out = dict(meta)
+    out[CHECKSUMS] = {}
+    out["notes"] = [*out.get("notes", []), "migrated from format 1: the file has no "
+                    "checksums, so its tensor files are not verified"]
+    out["format"] = 2
+    return out
+
+
 #: format n -> the function that turns a format-n file into format n + 1
-MIGRATIONS: dict[int, Callable[[dict[str, Any], Path], dict[str, Any]]] = {0: _migrate_0}
+MIGRATIONS: dict[int, Callable[[dict[str, Any], Path], dict[str, Any]]] = {
+    0: _migrate_0, 1: _migrate_1}
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
@@ -515,15 +665,60 @@ def _check_meta(meta: dict[str, Any], file: Path) -> None:
     need(recipe is None or isinstance(recipe, dict) and isinstance(recipe.get("name"), str)
          and isinstance(recipe.get("options"), dict) and isinstance(recipe.get("mode"), str),
          "'recipe' must be null or hold 'name', 'options' and 'mode'")
-    need(isinstance(meta.get("pruned_heads", {}), dict), "'pruned_heads' must be an object")
+    omitted = (recipe or {}).get("omitted", [])
+    need(isinstance(omitted, list) and all(isinstance(k, str) for k in omitted),
+         f"'recipe.omitted' must be a list of option names, got {omitted!r}")
+    pruned = meta.get("pruned_heads", {})
+    need(isinstance(pruned, dict), "'pruned_heads' must be an object")
+    for name, idx in pruned.items():
+        need(isinstance(idx, list) and all(_is_int(i) for i in idx),
+             f"'pruned_heads.{name}' must be a list of head indices, got {idx!r}")
     for part in ("trimmers", "model") if meta["weights"] == "model" else ("trimmers",):
         entry = meta.get(part)
         need(isinstance(entry, dict) and isinstance(entry.get("file"), str)
-             and isinstance(entry.get("aliases", {}), dict),
-             f"{part!r} must hold 'file' and 'aliases'")
+             and isinstance(entry.get("aliases", {}), dict)
+             and all(isinstance(v, str) for v in entry.get("aliases", {}).values()),
+             f"{part!r} must hold 'file' and 'aliases' (names to names)")
     arch = meta.get("architecture")
-    need(arch is None or isinstance(arch, dict) and isinstance(arch.get("streams"), dict),
-         "'architecture' must be null or hold 'streams'")
+    need(arch is None or isinstance(arch, dict) and isinstance(arch.get("streams"), dict)
+         and isinstance(arch.get("family"), str),
+         "'architecture' must be null or hold 'family' and 'streams'")
+    for name, stream in (arch or {}).get("streams", {}).items():
+        at = f"'architecture.streams.{name}"
+        need(isinstance(stream, dict) and _is_int(stream.get("layers"))
+             and stream["layers"] >= 0, f"{at}.layers' must be a number of layers")
+        n = stream["layers"]
+        for field_, none_ok in (("dims", False), ("heads", False), ("cross_heads", True)):
+            got = stream.get(field_)
+            need(isinstance(got, list) and len(got) == n
+                 and all(_is_int(v) or none_ok and v is None for v in got),
+                 f"{at}.{field_}' must be a list of {n} "
+                 f"{'ints or nulls' if none_ok else 'ints'}, one per layer, got {got!r}")
+    sums = meta.get(CHECKSUMS)
+    need(isinstance(sums, dict) and all(
+        isinstance(k, str) and isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v)
+        for k, v in sums.items()),
+         f"'{CHECKSUMS}' must map file names to hex sha256 digests")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _verify(path: Path, meta: dict[str, Any]) -> None:
+    """A `SaveFormatError` naming the first tensor file in ``path`` that is missing or
+    whose sha256 differs from the one ``trimkit.json`` records."""
+    for name, digest in meta[CHECKSUMS].items():
+        file = path / name
+        if not file.is_file():
+            raise SaveFormatError(f"{file} is missing (trimkit.json records its checksum)")
+        got = _sha256(file)
+        if got != digest:
+            raise SaveFormatError(
+                f"{file} is corrupted: its sha256 is {got[:16]}…, trimkit.json records "
+                f"{digest[:16]}… for it (it changed after it was saved: a bad copy, a disk "
+                f"error, an edit). Save the model again; trimkit.load(..., verify=False) "
+                f"skips the check")
 
 
 # ---------------------------------------------------------------------------- load
@@ -531,7 +726,7 @@ def _check_meta(meta: dict[str, Any], file: Path) -> None:
 
 def load(model_or_factory: nn.Module | Callable[[], nn.Module], path: str | os.PathLike, *,
          strict: bool = True, adapter: str | Adapter | None = None,
-         options: Mapping[str, Any] | None = None) -> nn.Module:
+         options: Mapping[str, Any] | None = None, verify: bool = True) -> nn.Module:
     """Rebuild a saved trimmed model from a freshly built, untrimmed one (or a zero-argument
     factory that builds it) and return it.
 
@@ -542,10 +737,14 @@ def load(model_or_factory: nn.Module | Callable[[], nn.Module], path: str | os.P
     when the file has them: ``weights="trimmers"`` files keep the model's own). ``strict``
     requires the tensors' names to match the model's exactly, as in ``load_state_dict``;
     shapes must match always. Any error leaves the model as it was given. ``adapter``
-    overrides the saved adapter (needed when it was an unregistered instance).
+    overrides the saved adapter (needed when it was an unregistered instance). ``verify``
+    checks every tensor file against the sha256 in ``trimkit.json`` first (a
+    `SaveFormatError` names a corrupted file); ``False`` skips that for speed.
     """
     path = Path(path)
     meta = read_meta(path)
+    if verify:
+        _verify(path, meta)
     model = model_or_factory if isinstance(model_or_factory, nn.Module) else model_or_factory()
     if not isinstance(model, nn.Module):
         raise TypeError(f"the factory must return an nn.Module, got {type(model).__name__}")
@@ -649,7 +848,7 @@ def _load_into(model: nn.Module, path: Path, meta: dict[str, Any], strict: bool,
     snapshot = _snapshot(model)
     try:
         if saved_pruned and not have:
-            _prune(model, found, desc, saved_pruned)
+            _prune(model, found, desc, saved_pruned, path / META_FILE)
         if recipe is not None:
             apply(model, recipe["name"], mode=recipe["mode"],
                   track_source=bool(recipe.get("track_source", False)), adapter=found, **kw)
@@ -674,14 +873,16 @@ def _load_into(model: nn.Module, path: Path, meta: dict[str, Any], strict: bool,
 
 
 def _prune(model: nn.Module, adapter: Adapter, desc: ModelDescription,
-           saved: Mapping[str, list[int]]) -> None:
-    """Remove the saved original heads from a freshly built model, as head pruning did."""
-    keys = {head_key(name, desc): list(idx) for name, idx in saved.items()}
-    heads = locate_heads(model, desc, keys)
+           saved: Mapping[str, list[int]], file: Path) -> None:
+    """Remove the saved original heads from a freshly built model, as head pruning did
+    (``file``: the ``trimkit.json`` they come from, for errors)."""
     try:
+        keys = {head_key(name, desc): list(idx) for name, idx in saved.items()}
+        heads = locate_heads(model, desc, keys)
         keep = {k: v for k, v in heads_to_keep(heads, keys).items() if keys[k]}
     except ValueError as err:
-        raise ArchitectureMismatchError(f"the file's pruned_heads do not fit: {err}") from None
+        raise ArchitectureMismatchError(f"{file}: 'pruned_heads' do not fit this model: "
+                                        f"{err}") from None
     adapter.prune_heads(model, desc, keep)
     record_pruned(model, heads, keep)
 
@@ -717,22 +918,28 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, *,
     if not callable(getattr(model, "save_pretrained", None)):
         raise TypeError(f"{type(model).__qualname__} has no save_pretrained method: use "
                         f"trimkit.save(model, path)")
-    directory = Path(directory)
-    model.save_pretrained(directory, state_dict=_base_state(model), **kwargs)
-    return _save(model, directory, "pretrained", omit, __version__)
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder, state_dict=_base_state(model), **kwargs)
+        _save(model, folder, "pretrained", omit, __version__)
+
+    return _atomic(Path(directory), write)
 
 
 def from_pretrained(model_class_or_factory: Any, directory: str | os.PathLike, *,
                     strict: bool = True, adapter: str | Adapter | None = None,
-                    options: Mapping[str, Any] | None = None, **kwargs: Any) -> nn.Module:
+                    options: Mapping[str, Any] | None = None, verify: bool = True,
+                    **kwargs: Any) -> nn.Module:
     """Load what `save_pretrained` wrote. A class with ``from_pretrained`` (a Hugging Face
     model class) loads itself: ``cls.from_pretrained(directory, **kwargs)``, or, for a model
     with heads removed (whose config still counts every head), ``cls(config)`` built at full
     size from ``cls.config_class.from_pretrained(directory, **kwargs)``, pruned, and given
     the checkpoint's weights. A zero-argument factory builds the full-size model itself
-    and gets the checkpoint's weights. Then trimkit's files are applied as by `load`."""
+    and gets the checkpoint's weights. Then trimkit's files are applied as by `load`
+    (``verify``: the tensor files' checksums first, as there)."""
     directory = Path(directory)
     meta = read_meta(directory)
+    if verify:
+        _verify(directory, meta)
     if meta["weights"] != "pretrained":
         raise SaveFormatError(f"{directory} was written by trimkit.save, not "
                               f"trimkit.save_pretrained: use trimkit.load")
