@@ -250,6 +250,8 @@ class HeadTrimmer(TokenOp):
         return _ensure_one(logits > 0, logits, every).to(logits.dtype)
 
     def forward(self, state: TokenState, site: Site) -> TokenState:
+        if state.x.shape[0] == 0:  # an empty batch has no instance to gate heads for
+            return state
         c = pooled_token(state, site.ctx.protected.get(site.stream, 0) > 0)
         logits = _bounded(self.bias, self.mlp(c), self.span)
         site.head_gates = self._gates(logits[:, :self.heads], site.training)

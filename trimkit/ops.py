@@ -330,7 +330,7 @@ def _general_matching(
         r_top = min(r, (n + 1) // 2) if n > 1 else 0
         n_a_max, n_b_max = (n + 1) // 2, n // 2
     else:
-        r_top = int(r_each.max()) if r > 0 else 0
+        r_top = int(r_each.max()) if r > 0 and bsz > 0 else 0
     if r_top <= 0:
         empty = torch.zeros(bsz, 0, dtype=torch.long, device=metric.device)
         return empty, empty, empty.bool()
