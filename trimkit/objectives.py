@@ -119,6 +119,12 @@ class SelfDistillationObjective(Objective):
     objective was built (a copy of its weights, kept in checkpoints), run untrimmed under
     ``no_grad``; ``lambda_cost = 0`` drops the cost loss (fixed-count trimmers)."""
 
+    term_names = {"task": "the trimmed pass's task loss",
+                  "full": "the untrimmed pass's task loss",
+                  "sd": "the self-distillation KL", "hidden": "the hidden-state distillation",
+                  "cost": "the cost loss", "ratio": "the achieved cost ratio",
+                  "target": "the target cost ratio"}
+
     def __init__(self, model: nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor], *,
                  schedule: RatioSchedule | None = None,
                  forward: Callable[[nn.Module, Any], Any] | None = None,
@@ -216,6 +222,6 @@ class SelfDistillationObjective(Objective):
             ratio = costs.ratio()
             cost = cost_loss(ratio, target)
             total = total + self.lambda_cost * cost
-            logs.update(ratio=ratio.detach().mean(), target=target)
+            logs.update(cost=cost.detach(), ratio=ratio.detach().mean(), target=target)
             ctx.costs = []
         return total, logs

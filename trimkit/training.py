@@ -43,6 +43,8 @@ from .registry import RECIPES
 
 __all__ = [
     "LR_SCHEDULES",
+    "CheckpointError",
+    "NonFiniteLossError",
     "Objective",
     "TaskObjective",
     "TrainResult",
@@ -55,6 +57,7 @@ __all__ = [
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
+ON_NONFINITE = ("raise", "skip")
 STATE_FILE = "trainer_state.json"
 OBJECTIVE_FILE = "objective.pt"
 
@@ -80,9 +83,28 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
     return model(batch)
 
 
+class CheckpointError(ValueError):
+    """A training checkpoint cannot be resumed into this run: its ``trainer_state.json`` is
+    damaged, or it was saved from another model (raised before anything is loaded)."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """`train` met a loss, or a gradient, that is NaN or infinite: ``step`` (0-based
+    optimizer step), ``terms`` (each logged term of the step's micro-batches that was not
+    finite, with its value) and ``checkpoint`` (the last one saved, intact; ``None``)."""
+
+    def __init__(self, message: str, step: int, terms: dict[str, float],
+                 checkpoint: Path | None):
+        super().__init__(message)
+        self.step, self.terms, self.checkpoint = step, terms, checkpoint
+
+
 class Objective:
     """Computes the loss of one micro-batch. Subclasses: `TaskObjective` here; a learned
     recipe's objective (self-distillation + cost loss + curriculum) comes from the recipe."""
+
+    #: what each logged term is, in words, for errors ("sd": "the self-distillation KL")
+    term_names: dict[str, str] = {}
 
     def __call__(self, model: nn.Module, batch: Any, step: int
                  ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -106,6 +128,8 @@ class TaskObjective(Objective):
 
     ``forward`` defaults to `default_forward` (a dict batch gives keyword arguments without
     ``"labels"``; a tuple / list batch gives all its elements but the last, the target)."""
+
+    term_names = {"loss": "the task loss"}
 
     def __init__(self, loss_fn: LossFn, forward: Forward | None = None):
         self.loss_fn = loss_fn
@@ -143,6 +167,8 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     evals: list[dict] = field(default_factory=list)
     step: int = 0
+    #: optimizer steps skipped for a non-finite loss or gradient (``on_nonfinite="skip"``)
+    skipped: list[int] = field(default_factory=list)
 
 
 def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
@@ -170,7 +196,8 @@ def train(model: nn.Module, train_loader: DataLoader, loss_fn: LossFn | None = N
           eval_every: int | None = None, checkpoint_dir: str | os.PathLike | None = None,
           save_every: int | None = None, resume: bool | str | os.PathLike = False,
           progress: bool = True, log_every: int = 1, seed: int | None = None,
-          cpu: bool = False, ddp_kwargs: dict | None = None) -> TrainResult:
+          cpu: bool = False, ddp_kwargs: dict | None = None,
+          on_nonfinite: str = "raise") -> TrainResult:
     """Train ``model`` in place on ``train_loader`` and return what happened.
 
     Give exactly one of ``loss_fn(outputs, batch)`` (the task loss; the objective is then
@@ -182,10 +209,17 @@ def train(model: nn.Module, train_loader: DataLoader, loss_fn: LossFn | None = N
     is only fine-tuned, train at ``trimmer_lr`` and their thresholds at ``threshold_lr``
     (default 10 × ``trimmer_lr``; see `trimkit.learned.param_groups`). See
     docs/training.md for every argument, checkpoints and multi-process launches.
+
+    A step whose loss (any term of it) or gradient is NaN or infinite stops the run with a
+    `NonFiniteLossError` naming the step and the terms, before the optimizer moves, so the
+    model and the last checkpoint hold the last good step (``on_nonfinite="raise"``); with
+    ``"skip"`` the step is dropped instead (no update; `TrainResult.skipped` lists it).
     """
     _check_args(train_loader, loss_fn, objective, steps, epochs, grad_accum, lr_schedule,
                 warmup_steps, mixed_precision, eval_loader, eval_every, checkpoint_dir,
                 save_every, resume, log_every)
+    if on_nonfinite not in ON_NONFINITE:
+        raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {on_nonfinite!r}")
     accelerator = _accelerator(grad_accum, mixed_precision, cpu, ddp_kwargs)
     if accelerator.num_processes == 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # launched as several processes (torchrun) where accelerate found no GPU to join
@@ -198,7 +232,9 @@ def train(model: nn.Module, train_loader: DataLoader, loss_fn: LossFn | None = N
         set_seed(seed)
 
     ckpt = _resume_point(resume, checkpoint_dir)
-    meta = json.loads((ckpt / STATE_FILE).read_text()) if ckpt is not None else None
+    meta = _read_state(ckpt) if ckpt is not None else None
+    if ckpt is not None:
+        _check_resumable(ckpt, meta, unwrap(model))
     # the shuffling seed must be the same on every process (each takes its shard of one
     # permutation) and across a resume (the remaining batches are the same ones)
     if meta is not None:
@@ -247,7 +283,10 @@ def train(model: nn.Module, train_loader: DataLoader, loss_fn: LossFn | None = N
 
         step, epoch, position = 0, 0, 0
         if ckpt is not None:
-            accelerator.load_state(str(ckpt))
+            try:
+                accelerator.load_state(str(ckpt))
+            except (RuntimeError, KeyError, ValueError) as err:  # checked above, mostly
+                raise CheckpointError(f"cannot resume from {ckpt}: {err}") from err
             # the saved LRs follow the saved run's schedule; this run's may differ (more steps)
             for group, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
                 group["lr"] = base * scheduler.lr_lambdas[0](scheduler.last_epoch)
@@ -259,6 +298,7 @@ def train(model: nn.Module, train_loader: DataLoader, loss_fn: LossFn | None = N
                 state = torch.load(ckpt / meta["objective_file"], weights_only=False)
             objective.load_state_dict(state or {})
         saved_at = step if ckpt is not None else None
+        last_ckpt = ckpt
 
         result = TrainResult(step=step)
         main = accelerator.is_main_process
@@ -275,14 +315,20 @@ def train(model: nn.Module, train_loader: DataLoader, loss_fn: LossFn | None = N
                 bar.write(f"eval at step {step}: " + _fmt(metrics))
 
         def save() -> None:
-            _save(accelerator, Path(checkpoint_dir) / f"step_{step}", objective, {
+            nonlocal last_ckpt
+            last_ckpt = Path(checkpoint_dir) / f"step_{step}"
+            base = unwrap(model)
+            _save(accelerator, last_ckpt, objective, {
                 "step": step, "epoch": epoch, "position": position, "data_seed": data_seed,
-                "total_steps": total})
+                "total_steps": total,
+                "recipe": _applied(base).recipe if is_applied(base) else None})
 
         sums: dict[str, Any] = {}
         counts: dict[str, int] = {}
         micro = 0
         trainable = [p for p in wrapped.parameters() if p.requires_grad]
+        names = {id(p): n for n, p in unwrap(model).named_parameters()}
+        pending: list[tuple[torch.Tensor, Mapping[str, Any]]] = []  # this step's micro-batches
         while step < total:
             start = position
             for batch in _epoch_batches(accelerator, train_dl, epoch, position):
@@ -291,7 +337,7 @@ def train(model: nn.Module, train_loader: DataLoader, loss_fn: LossFn | None = N
                     accelerator.backward(loss)
                 micro += 1
                 position += 1
-                _add_terms(sums, counts, terms)
+                pending.append((loss.detach(), terms))
                 if not accelerator.sync_gradients:
                     continue
                 if micro < grad_accum:
@@ -299,13 +345,31 @@ def train(model: nn.Module, train_loader: DataLoader, loss_fn: LossFn | None = N
                     for p in trainable:
                         if p.grad is not None:
                             p.grad.mul_(grad_accum / micro)
-                if max_grad_norm is not None:
-                    norm = accelerator.clip_grad_norm_(trainable, max_grad_norm)
-                    _add_terms(sums, counts, {"grad_norm": norm})
+                # fp16 loss scaling makes overflowing gradients on purpose, and skips them
+                bad = _not_finite(accelerator, pending, trainable,
+                                  grads=accelerator.scaler is None)
                 lr_now = opt.param_groups[0]["lr"]
-                opt.step()
-                if not accelerator.optimizer_step_was_skipped:
-                    scheduler.step()
+                if bad is None:
+                    for _, t in pending:
+                        _add_terms(sums, counts, t)
+                    if max_grad_norm is not None:
+                        norm = accelerator.clip_grad_norm_(trainable, max_grad_norm)
+                        _add_terms(sums, counts, {"grad_norm": norm})
+                    opt.step()
+                    if not accelerator.optimizer_step_was_skipped:
+                        scheduler.step()
+                else:
+                    message, values = _describe_not_finite(
+                        bad, pending, trainable, names, objective, step, grad_accum,
+                        last_ckpt)
+                    if on_nonfinite == "raise":
+                        raise NonFiniteLossError(
+                            message + " Pass on_nonfinite='skip' to skip such steps instead.",
+                            step, values, last_ckpt)
+                    result.skipped.append(step)
+                    if not bar.disable:
+                        bar.write(f"skipped: {message}")
+                pending = []
                 opt.zero_grad(set_to_none=True)
                 step, micro = step + 1, 0
                 bar.update(1)
@@ -406,6 +470,142 @@ def _resume_point(resume: bool | str | os.PathLike, checkpoint_dir) -> Path | No
     if found is None:
         raise FileNotFoundError(f"no trimkit checkpoint at or under {path}")
     return found
+
+
+def _read_state(ckpt: Path) -> dict[str, Any]:
+    """A checkpoint's ``trainer_state.json``, checked: a `CheckpointError` names the file and
+    the first field that is missing or wrong."""
+    file = ckpt / STATE_FILE
+    hint = ("the checkpoint is damaged or was edited; resume from another one "
+            "(resume=<path>) or start afresh")
+    try:
+        meta = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{file} is not valid JSON ({err}): {hint}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{file} must hold a JSON object, got {type(meta).__name__}: "
+                              f"{hint}")
+    for key in ("step", "epoch", "position", "data_seed"):
+        if key not in meta:
+            raise CheckpointError(f"{file}: field {key!r} is missing: {hint}")
+        value = meta[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise CheckpointError(f"{file}: field {key!r} must be an int >= 0, got {value!r}: "
+                                  f"{hint}")
+    if not isinstance(meta.get("objective") or {}, dict):
+        raise CheckpointError(f"{file}: field 'objective' must be an object or null: {hint}")
+    extra = meta.get("objective_file")
+    if extra is not None and not (isinstance(extra, str) and (ckpt / extra).is_file()):
+        raise CheckpointError(f"{file}: field 'objective_file' must name a file of the "
+                              f"checkpoint, got {extra!r}: {hint}")
+    if not isinstance(meta.get("recipe"), (str, type(None))):
+        raise CheckpointError(f"{file}: field 'recipe' must be a recipe name or null: {hint}")
+    return meta
+
+
+def _check_resumable(ckpt: Path, meta: dict[str, Any], model: nn.Module) -> None:
+    """A `CheckpointError`, before anything is loaded, where the checkpoint was saved from
+    another model: another recipe (its ``trainer_state.json`` field ``recipe``), or weights
+    whose names or shapes differ (its ``model.safetensors``)."""
+    have = _applied(model).recipe if is_applied(model) else None
+    why = ""
+    if "recipe" in meta and meta["recipe"] != have:
+        why = (f" It was saved from a model with recipe {meta['recipe']!r} (field 'recipe' "
+               f"of {ckpt / STATE_FILE}); this model has "
+               f"{'recipe ' + repr(have) if have else 'no recipe'}: apply the same recipe, "
+               f"with the same options, before resuming.")
+    file = ckpt / "model.safetensors"
+    if not file.is_file():
+        if why:
+            raise CheckpointError(f"cannot resume from {ckpt}.{why}")
+        return
+    from safetensors import safe_open
+
+    with safe_open(str(file), "pt") as f:
+        saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    own = model.state_dict()
+    kept = {(t.device, t.untyped_storage().data_ptr()) for k, t in own.items() if k in saved}
+    missing = [k for k, t in own.items() if k not in saved
+               and (t.device, t.untyped_storage().data_ptr()) not in kept]  # tied: written once
+    unexpected = [k for k in saved if k not in own]
+    shapes = [f"{k} ({saved[k]} in the file, {tuple(own[k].shape)} in the model)"
+              for k in saved if k in own and saved[k] != tuple(own[k].shape)]
+    problems = [f"{what} {', '.join(names[:3])}{' and more' if len(names) > 3 else ''}"
+                for what, names in (("missing", missing), ("unexpected", unexpected),
+                                    ("other shapes:", shapes)) if names]
+    if problems or why:
+        raise CheckpointError(f"cannot resume from {ckpt}: {file.name} does not fit this "
+                              f"model ({'; '.join(problems) or 'its recipe differs'}).{why}")
+
+
+def _not_finite(accelerator: Accelerator, pending: list[tuple[torch.Tensor, Any]],
+                params: list[nn.Parameter], *, grads: bool) -> str | None:
+    """What in this step is NaN or infinite: ``"loss"`` (of a micro-batch), ``"gradient"``,
+    ``"another process"`` (which must stop this one too, under DDP), or ``None``; one
+    device sync."""
+    loss_ok = torch.isfinite(torch.stack([loss.float().sum() for loss, _ in pending])).all()
+    flags = [~loss_ok]
+    have = [p.grad for p in params if p.grad is not None]
+    if grads and have:
+        flags.append(~torch.isfinite(torch.nn.utils.get_total_norm(have)).to(loss_ok.device))
+    local = torch.stack(flags).float()
+    both = accelerator.reduce(local, reduction="sum") if accelerator.num_processes > 1 \
+        else local
+    mine, anywhere = local.tolist(), both.tolist()
+    if mine[0]:
+        return "loss"
+    if len(mine) > 1 and mine[1]:
+        return "gradient"
+    return "another process" if any(anywhere) else None
+
+
+def _describe_not_finite(what: str, pending: list[tuple[torch.Tensor, Any]],
+                         params: list[nn.Parameter], names: dict[int, str],
+                         objective: Objective, step: int, grad_accum: int,
+                         checkpoint: Path | None) -> tuple[str, dict[str, float]]:
+    """The error for `_not_finite`'s finding: the step, the micro-batch, each term that is
+    not finite (named as the objective names it), and the checkpoint that is intact."""
+    words = getattr(objective, "term_names", {})
+
+    def word(k: str) -> str:
+        return f"{k} ({words[k]})" if k in words else k
+
+    bad: dict[str, float] = {}
+    good: dict[str, float] = {}
+    where = ""
+    for i, (loss, terms) in enumerate(pending):
+        values = {k: float(v) for k, v in terms.items()}
+        total = float(loss.float().sum())
+        if not math.isfinite(total) and not where:
+            where = f" (micro-batch {i + 1} of {len(pending)})" if grad_accum > 1 else ""
+            bad["loss"] = total
+        for k, v in values.items():
+            (good if math.isfinite(v) else bad).setdefault(k, v)
+    fine = ", ".join(f"{k} = {v:.4g}" for k, v in good.items() if k not in bad) or "none"
+    if what == "loss":
+        parts = {k: v for k, v in bad.items() if k != "loss" or "loss" in words}
+        if not parts and not good:  # an objective that logs no terms
+            head = f"the loss is {bad['loss']} at step {step}{where}."
+        elif parts:
+            head = (f"the loss is not finite at step {step}{where}: "
+                    + ", ".join(f"{word(k)} = {v}" for k, v in parts.items())
+                    + f" (finite: {fine}).")
+        else:
+            head = (f"the loss is {bad['loss']} at step {step}{where} while each logged term "
+                    f"is finite ({fine}): a weight times a term, or their sum, overflowed.")
+    elif what == "gradient":
+        params_bad = [names.get(id(p), "?") for p in params
+                      if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+        more = f" and {len(params_bad) - 3} more" if len(params_bad) > 3 else ""
+        head = (f"the gradient is not finite at step {step}, in {', '.join(params_bad[:3])}"
+                f"{more}, while the loss and its terms are finite ({fine}).")
+        bad = {f"grad:{n}": math.nan for n in params_bad}
+    else:
+        head = f"another process met a non-finite loss or gradient at step {step}."
+    kept = (f"the last checkpoint, {checkpoint}, is intact" if checkpoint is not None
+            else "no checkpoint was saved before it")
+    return (f"trimkit.train: {head} The optimizer did not step, so the model holds the last "
+            f"good step, and {kept}.", bad)
 
 
 def _lr_factor(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
