@@ -22,10 +22,10 @@ from transformers import BertConfig, BertModel
 import trimkit
 import trimkit.objectives
 import trimkit.persist
+from trimkit import CheckpointError, NonFiniteLossError
 from trimkit.persist import read_meta
 from trimkit.recipe import Option
 from trimkit.registry import RECIPES
-from trimkit.training import CheckpointError, NonFiniteLossError
 
 
 @pytest.fixture(autouse=True, scope="module")

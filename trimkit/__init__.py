@@ -39,18 +39,27 @@ from .recipe import Option, Recipe, SitePlan
 from .registry import register_adapter, register_recipe
 from .sites import CrossScores, Site, TokenOp, TrimContext
 from .state import TokenState, fixed_shapes
-from .training import Objective, TaskObjective, TrainResult, train
+from .training import (
+    CheckpointError,
+    NonFiniteLossError,
+    Objective,
+    TaskObjective,
+    TrainResult,
+    train,
+)
 from .version import __version__
 
 __all__ = [
     "__version__",
     "Adapter",
     "ArchitectureMismatchError",
+    "CheckpointError",
     "CrossScores",
     "ForwardStats",
     "HeadLayout",
     "LayerDesc",
     "ModelDescription",
+    "NonFiniteLossError",
     "Objective",
     "OnnxExport",
     "OnnxExportError",
