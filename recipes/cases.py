@@ -9,8 +9,14 @@ from typing import Any
 
 from trimkit.describe import ModelDescription
 from trimkit.heads import KINDS, head_key_name, prunable_heads
-from trimkit.testing.cases import Case, Trial, _hypothesis, layer_subsets, register_case
-from trimkit.testing.invariants import _head_count
+from trimkit.testing import (
+    Case,
+    Trial,
+    head_count,
+    layer_subsets,
+    register_case,
+    require_hypothesis,
+)
 
 
 def _attending(desc: ModelDescription) -> list[str]:
@@ -48,7 +54,7 @@ def _tome(desc: ModelDescription, entry: Mapping[str, int]) -> Any:
     """``r`` feasible in the chosen stream at every layer: at most E/(2L) merges per layer
     (constant schedule) or E/(3L) (the decreasing one starts at 1.5·r), E the fewest
     unprotected entry tokens, L the stream's self-attention layers."""
-    st = _hypothesis().strategies
+    st = require_hypothesis().strategies
     streams = _tome_streams(desc, entry)
 
     @st.composite
@@ -63,7 +69,7 @@ def _tome(desc: ModelDescription, entry: Mapping[str, int]) -> Any:
 
 
 def _attn_prune(desc: ModelDescription, entry: Mapping[str, int]) -> Any:
-    st = _hypothesis().strategies
+    st = require_hypothesis().strategies
 
     @st.composite
     def trial(draw: Callable) -> Trial:
@@ -79,7 +85,7 @@ def _smarttrim(desc: ModelDescription, entry: Mapping[str, int]) -> Any:
     """Random (not stable) initialisation, so the learned trimmers drop for real; stable
     initialisation keeps everything, so it is the zero case. Token trimmers may sit at
     keys-only layers too (they trim the keys there)."""
-    st = _hypothesis().strategies
+    st = require_hypothesis().strategies
     names = [n for n, s in desc.streams.items() if s.layers]
 
     @st.composite
@@ -109,7 +115,7 @@ def _text_reads_image(desc: ModelDescription) -> int:
 def _pumer(desc: ModelDescription, entry: Mapping[str, int]) -> Any:
     """With a fusion stack: prune and merge ratios at a subset of its layers; without one,
     the merging half in every stream at a subset of its self-attention layers."""
-    st = _hypothesis().strategies
+    st = require_hypothesis().strategies
     stack = _text_reads_image(desc)
 
     @st.composite
@@ -147,8 +153,8 @@ def _prune_heads_fits(desc: ModelDescription, entry: Mapping[str, int]) -> str |
 def _prune_heads(desc: ModelDescription, entry: Mapping[str, int]) -> Any:
     """A kept fraction of every prunable attention's heads, ranked by drawn scores (a
     permutation per attention, so there are no ties); ratio 1 keeps every head."""
-    st = _hypothesis().strategies
-    counts = {head_key_name(k): _head_count(desc.streams[k[0]].layers[k[1]], k[2])
+    st = require_hypothesis().strategies
+    counts = {head_key_name(k): head_count(desc.streams[k[0]].layers[k[1]], k[2])
               for k in prunable_heads(desc)}
     scores = st.fixed_dictionaries({
         name: st.permutations(range(h)).map(lambda p: [float(v) for v in p])

@@ -1,5 +1,5 @@
-"""The generic adapter: discovery from fx graphs, DESIGN.md's invariants on families with no
-hand-written adapter, head pruning where it is safe, and errors that say what is missing."""
+"""The generic adapter: discovery from fx graphs, the invariants (docs/architecture.md) on families
+with no hand-written adapter, head pruning where it is safe, and errors that say what is missing."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""DESIGN.md's invariants as hypothesis properties over tiny random BLIP models, through each
-task's real code path: VQA answers from ``generate``, image-text matching (ITM) and the
-contrastive path (ITC) of ``BlipForImageTextRetrieval``, and captions from ``generate``
-(greedy and beam search)."""
+"""The invariants (docs/architecture.md) as hypothesis properties over tiny random BLIP models,
+through each task's real code path: VQA answers from ``generate``, image-text matching (ITM) and the
+contrastive path (ITC) of ``BlipForImageTextRetrieval``, and captions from ``generate`` (greedy and
+beam search)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""DESIGN.md's invariants as hypothesis properties over tiny random Hugging Face models: CLIP
-vision and text towers, the full CLIP, BERT (bare and with a classification head) and ViT
-(bare and with a classification head), under eager and SDPA attention, with padded text."""
+"""The invariants (docs/architecture.md) as hypothesis properties over tiny random Hugging Face
+models: CLIP vision and text towers, the full CLIP, BERT (bare and with a classification head) and
+ViT (bare and with a classification head), under eager and SDPA attention, with padded text."""
 
 from __future__ import annotations
 

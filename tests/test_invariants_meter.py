@@ -1,6 +1,6 @@
-"""DESIGN.md's invariants as hypothesis properties over random tiny METER variants,
-with text padding, batch sizes 1–4, and trimming in either stream (the image stream from
-the CLIP tower's blocks on)."""
+"""The invariants (docs/architecture.md) as hypothesis properties over random tiny METER variants,
+with text padding, batch sizes 1–4, and trimming in either stream (the image stream from the CLIP
+tower's blocks on)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""DESIGN.md's invariants as hypothesis properties over random tiny timm ViTs."""
+"""The invariants (docs/architecture.md) as hypothesis properties over random tiny timm ViTs."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""The open_clip adapter: DESIGN.md's invariants as hypothesis properties over tiny random
-CLIP / CustomTextCLIP models and standalone towers, for both streams; the text pooler's
-token kept and found wherever it sits; the family's API after `apply`; clear refusals."""
+"""The open_clip adapter: the invariants (docs/architecture.md) as hypothesis properties over tiny
+random CLIP / CustomTextCLIP models and standalone towers, for both streams; the text pooler's token
+kept and found wherever it sits; the family's API after `apply`; clear refusals."""
 
 from __future__ import annotations
 

@@ -148,3 +148,15 @@ def test_version_is_the_one_in_pyproject() -> None:
     assert __version__ == declared.group(1), (
         f"trimkit/version.py says {__version__}, pyproject.toml {declared.group(1)}")
     assert importlib.metadata.version("trimkit") == __version__
+
+
+def test_the_docs_the_code_points_to_exist() -> None:
+    """Messages and docstrings point users to files under ``docs/`` that the repository
+    ships, never to a design document it does not (``DESIGN.md``)."""
+    for folder in ("trimkit", "adapters", "recipes", "benchmarks"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            text = path.read_text()
+            assert "DESIGN.md" not in text, f"{path.relative_to(ROOT)} points to DESIGN.md"
+            for match in re.finditer(r"docs/([\w-]+\.md)", text):
+                assert (ROOT / "docs" / match.group(1)).is_file(), (
+                    f"{path.relative_to(ROOT)} points to {match.group(0)}, which is not shipped")

@@ -1,4 +1,4 @@
-"""Conformance checks for adapted models: DESIGN.md's invariants as code.
+"""Conformance checks for adapted models: the invariants of docs/architecture.md as code.
 
 Two entry points:
 
@@ -14,9 +14,11 @@ Two entry points:
   get a property of their own). It returns a `ConformanceReport` (what was checked, what
   was skipped and why) and raises `ConformanceError` listing every failing recipe with its
   smallest failing options and batch size, the invariant broken, and what in an adapter
-  usually causes it. A third-party recipe becomes checkable with `register_case`.
+  usually causes it. A third-party recipe becomes checkable with `register_case`: its
+  `Case` draws options with hypothesis (`require_hypothesis`), e.g. over `layer_subsets`
+  of a stream or `head_count` heads of a layer, and returns a `Trial`.
 
-The invariants (DESIGN.md):
+The invariants (docs/architecture.md, "Invariants"):
 
 1. zero trimming is the identity;
 2. protected tokens are never dropped or merged;
@@ -33,7 +35,7 @@ Hypothesis is needed by `check_adapter` only (``pip install hypothesis``); it is
 when called.
 """
 
-from .cases import CASES, Case, layer_subsets, register_case
+from .cases import CASES, Case, Trial, layer_subsets, register_case, require_hypothesis
 from .conformance import (
     HINTS,
     ConformanceError,
@@ -47,6 +49,7 @@ from .invariants import (
     check_invariants,
     check_transform,
     first_tensor,
+    head_count,
     slice_batch,
 )
 
@@ -59,11 +62,14 @@ __all__ = [
     "Failure",
     "InvariantError",
     "RecipeResult",
+    "Trial",
     "check_adapter",
     "check_invariants",
     "check_transform",
     "first_tensor",
+    "head_count",
     "layer_subsets",
     "register_case",
+    "require_hypothesis",
     "slice_batch",
 ]

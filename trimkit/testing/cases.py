@@ -9,11 +9,16 @@ from typing import Any
 
 from ..describe import ModelDescription
 
+__all__ = ["CASES", "Case", "Trial", "layer_subsets", "register_case", "require_hypothesis"]
+
 #: ``(options, zero_options, merges_only)``: what a `Case` strategy draws
 Trial = tuple[dict[str, Any], dict[str, Any], bool]
 
 
-def _hypothesis() -> Any:
+def require_hypothesis() -> Any:
+    """The ``hypothesis`` module, imported now; an `ImportError` that says how to install it
+    if it is missing. `Case` strategies draw with it (``require_hypothesis().strategies``),
+    so trimkit needs hypothesis only when an adapter is checked."""
     try:
         import hypothesis
     except ImportError:
@@ -61,7 +66,7 @@ def layer_subsets(desc: ModelDescription, stream: str, *, attention_only: bool =
     """Hypothesis strategy: a sorted non-empty list of distinct layer indices of ``stream``,
     among the layers with a self-attention of their own (`StreamDesc.attention_layers`),
     or among all its layers without ``attention_only`` (`LayerDesc.keys_only` ones too)."""
-    st = _hypothesis().strategies
+    st = require_hypothesis().strategies
     s = desc.streams[stream]
     layers = s.attention_layers() if attention_only else list(range(len(s.layers)))
     if not layers:

@@ -21,7 +21,7 @@ from ..describe import ModelDescription, StreamDesc
 from ..recipe import Recipe
 from ..registry import RECIPES, _load_builtins
 from ..rewrite import RewriteError
-from .cases import CASES, Case, Trial, _hypothesis
+from .cases import CASES, Case, Trial, require_hypothesis
 from .invariants import (
     InvariantError,
     _close,
@@ -260,7 +260,8 @@ class ConformanceError(AssertionError):
         names = ", ".join(f.recipe for f in failures)
         many = len(failures) != 1
         head = (f"adapter {report.adapter!r}: {len(failures)} recipe{'s' if many else ''} "
-                f"{'fail' if many else 'fails'} DESIGN.md's invariants on this model "
+                f"{'fail' if many else 'fails'} trimkit's invariants (docs/architecture.md, "
+                f"'Invariants') on this model "
                 f"({names}). Each with the smallest failing example hypothesis found:")
         body = "\n\n".join(str(f) for f in failures)
         return cls(f"{head}\n\n{body}\n\n{report.summary()}", report, failures)
@@ -504,7 +505,7 @@ def _run_case(name: str, case: Case, desc: ModelDescription, entry: Mapping[str,
               shrink: bool) -> RecipeResult:
     """One recipe's property, run by hypothesis; the last example it ran before raising is
     the one it shrank to (hypothesis replays the minimal failing example last)."""
-    hyp = _hypothesis()
+    hyp = require_hypothesis()
     st, Phase = hyp.strategies, hyp.Phase
     transforms = RECIPES[name].transforms
     seen: dict[str, Any] = {"examples": 0, "last": None}
@@ -551,7 +552,7 @@ def check_adapter(
     shrink: bool = True,
 ) -> ConformanceReport:
     """Check an adapter on the model ``make_model()`` builds: structure first, then
-    DESIGN.md's invariants for every recipe that fits, as hypothesis properties.
+    the invariants (docs/architecture.md) for every recipe that fits, as hypothesis properties.
 
     ``make_model`` returns a fresh model (random weights are fine; it is put in eval mode);
     ``make_inputs(b)`` returns the positional arguments of a batch of ``b``, batch first;
@@ -567,7 +568,7 @@ def check_adapter(
     with nothing trimmed that does not give the model back), else after every recipe ran,
     listing each failing recipe with its smallest failing example and a hint.
     """
-    _hypothesis()
+    require_hypothesis()
     batch_sizes = tuple(batch_sizes)
     if not batch_sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1
                               for b in batch_sizes):

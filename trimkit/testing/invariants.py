@@ -1,5 +1,6 @@
-"""DESIGN.md's invariants 1–9 checked on one recipe, one set of options and one batch
-(`check_invariants`), and those that apply to one-shot recipes (`check_transform`)."""
+"""trimkit's invariants 1–9 (docs/architecture.md, "Invariants") checked on one recipe, one
+set of options and one batch (`check_invariants`), and those that apply to one-shot recipes
+(`check_transform`)."""
 
 from __future__ import annotations
 
@@ -59,7 +60,8 @@ def check_invariants(
     atol: float = 1e-5,
     adapter: str | Adapter | None = None,
 ) -> None:
-    """Check DESIGN.md's invariants 1–9 for ``recipe`` on the model ``make_model()`` builds.
+    """Check the invariants 1–9 (docs/architecture.md) for ``recipe`` on the model
+    ``make_model()`` builds.
 
     ``inputs`` is a tuple of positional arguments with the batch first; ``options`` trims
     for real, ``zero_options`` makes the same recipe trim nothing; ``merges_only`` says the
@@ -161,7 +163,10 @@ def check_invariants(
             raise InvariantError("invariant 9: state_dict after remove differs from the original")
 
 
-def _head_count(layer: LayerDesc, kind: str) -> int:
+def head_count(layer: LayerDesc, kind: str) -> int:
+    """How many heads ``layer``'s self-attention (``kind="self"``) or cross-attention
+    (``"cross"``) has, as described: what a `Case` for a head-pruning recipe draws scores
+    for, and what `check_transform` checks against after pruning."""
     return layer.num_heads if kind == "self" else (layer.cross_num_heads or layer.num_heads)
 
 
@@ -207,12 +212,12 @@ def check_transform(
                     if layer.keys_only or kind == "cross" and layer.cross_attention is None:
                         continue
                     name = head_key_name((s.name, i, kind))
-                    want = _head_count(layer, kind) - len(gone.get(name, ()))
-                    got = _head_count(after.streams[s.name].layers[i], kind)
+                    want = head_count(layer, kind) - len(gone.get(name, ()))
+                    got = head_count(after.streams[s.name].layers[i], kind)
                     if got != want:
                         raise InvariantError(
                             f"{recipe}: after pruning, describe() says {name} has {got} "
-                            f"heads; it had {_head_count(layer, kind)} and "
+                            f"heads; it had {head_count(layer, kind)} and "
                             f"{len(gone.get(name, ()))} were removed (trimkit.pruned_heads), "
                             f"so {want} are expected")
         batch = out.shape[0]
