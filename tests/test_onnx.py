@@ -168,6 +168,19 @@ def test_a_dynamic_batch_axis_runs_other_batch_sizes(dynamo, tmp_path):
     assert done.max_diff < 1e-4
 
 
+@pytest.mark.parametrize("dynamo", [True, False])
+def test_another_batch_size_on_a_static_graph_is_explained(dynamo, tmp_path):
+    """A graph traced at batch 2 without a dynamic axis cannot run batch 3: the check says
+    so (`OnnxExportError`), instead of onnxruntime's own error."""
+    model, kind = build("timm", "tome", FIXED["tome"])
+    with pytest.raises(trimkit.OnnxExportError,
+                       match=r"an input of shape \(3, 3, 32, 32\) \(input 0, '.*'\): axis 0 is "
+                             r"fixed at 2 in the graph, as traced\. Export with that axis "
+                             r"dynamic \(dynamic_shapes="):
+        trimkit.export_onnx(model, inputs(kind, 2), tmp_path / "m.onnx", check=True,
+                            check_inputs=[inputs(kind, 3)], dynamo=dynamo)
+
+
 def test_the_torchscript_exporter_holds_other_padding_too(tmp_path):
     """The TorchScript exporter bakes in whatever Python reads: the masked form reads
     nothing, so its graph holds for another padding pattern as well."""

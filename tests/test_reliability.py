@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -536,3 +539,74 @@ def test_an_empty_batch_runs_with_every_recipe(recipe, options, training):
     out = model(torch.randn(0, 3, 32, 32))
     assert out.shape == (0, 5)
 
+
+
+# ---------------------------------------------------------------------------- command line
+
+TINY = "timm:vit_tiny_patch16_224?img_size=32&depth=1"
+FAST = ["--batch-size", "1", "--repeats", "1", "--warmup", "0", "--no-memory", "--no-resize",
+        "--json"]
+BENCH = ["bench", "--model", TINY, "--recipe", "tome", "--r", "1"]
+
+
+@pytest.mark.parametrize("argv, match", [
+    ([*BENCH, *FAST, "--threads", "-1"], r"threads must be an int >= 1"),
+    ([*BENCH, *FAST, "--threads", "0"], r"threads must be an int >= 1"),
+    ([*BENCH, *FAST, "--compile", "bogusmode"], r"compile mode must be one of default, "),
+    ([*BENCH, *FAST, "--device", "bogus"], r"device must be 'cpu', 'cuda' or 'cuda:N'"),
+    ([*BENCH, *FAST, "--device", "cuda:99"], r"device 'cuda:99': "),
+    ([*BENCH, *FAST, "--batch-size", "0"], r"--batch-size and --repeats must be >= 1"),
+    ([*BENCH, *FAST, "--repeats", "0"], r"--batch-size and --repeats must be >= 1"),
+    ([*BENCH, *FAST, "--warmup", "-1"], r"--warmup >= 0"),
+    ([*BENCH, "--batch-size", "abc"], r"argument --batch-size: invalid int value: 'abc' "
+                                      r"\(see trimkit bench --help\)"),
+    ([*BENCH, *FAST, "stray"], r"unexpected argument 'stray'"),
+    (["bench", "--model", "nospec", "--recipe", "tome", *FAST], r"model spec must look like"),
+    (["bench", "--model", "nosuch:thing", "--recipe", "tome", *FAST], r"unknown model kind"),
+    (["bench", "--model", TINY, "--recipe", "nope", *FAST], r"unknown recipe 'nope'"),
+    (["bench", "--model", TINY, "--recipe", "tome", "--r", "nan", *FAST],
+     r"r must be an int >= 0 or a list of them, got nan"),
+    (["bench", "--model", TINY, "--recipe", "tome", "--frobnicate", "1", *FAST],
+     r"recipe 'tome' has no option 'frobnicate'"),
+    (["stats", "--model", TINY, "--recipe", "tome", "--batch-size", "0"],
+     r"--batch-size must be >= 1"),
+    (["stats", "--model", TINY, "--recipe", "tome", "--device", "bogus"], r"device must be"),
+    (["stats", "--model", TINY, "--recipe", "smarttrim", "--layers", '{"bogus": [1]}'],
+     r"layers names stream 'bogus'"),
+    (["recipes", "--extra"], r"unrecognized arguments: --extra"),
+    (["frobnicate"], r"argument COMMAND: invalid choice: 'frobnicate'"),
+])
+def test_every_command_line_error_is_one_line_with_status_2(capsys, argv, match):
+    from trimkit.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    assert "Traceback" not in err
+    assert re.search(match, err), err
+
+
+def test_an_unexpected_failure_is_one_line_too(capsys, monkeypatch):
+    from trimkit import bench
+    from trimkit.cli import main
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("something inside\nbroke")
+
+    monkeypatch.setattr(bench, "benchmark", broken)
+    monkeypatch.delenv("TRIMKIT_TRACEBACK", raising=False)
+    assert main([*BENCH, *FAST]) == 1
+    err = capsys.readouterr().err
+    assert err == ("error: RuntimeError: something inside broke (TRIMKIT_TRACEBACK=1 shows "
+                   "where)\n")
+    monkeypatch.setenv("TRIMKIT_TRACEBACK", "1")
+    with pytest.raises(RuntimeError, match="something inside"):
+        main([*BENCH, *FAST])
+
+
+def test_the_installed_command_prints_no_traceback():
+    out = subprocess.run([sys.executable, "-m", "trimkit.cli", *BENCH, *FAST, "--threads",
+                          "-1"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == [
+        "error: threads must be an int >= 1 (or None: torch's default), got -1"]

@@ -78,6 +78,7 @@ __all__ = [
     "Row",
     "benchmark",
     "build_model",
+    "check_run_args",
     "format_layer_stats",
     "format_table",
     "layer_stats",
@@ -242,6 +243,7 @@ def layer_stats(spec: str, recipe: str, options: dict[str, Any] | None = None,
     inputs at ``batch_size``): per-layer live tokens and heads (`trimkit.last_stats`), and
     the FLOPs per example of the untrimmed and the trimmed model. Setup errors are a
     `BenchSetupError`, as in `benchmark`."""
+    check_run_args(batch_sizes=[batch_size], device=device)
     try:
         model, make_inputs, tasks = build_with_tasks(spec, device)
     except (ValueError, RuntimeError, TypeError) as e:
@@ -610,10 +612,11 @@ def benchmark(
 
     ``compile``: a ``torch.compile`` mode (``"default"``, ``"reduce-overhead"``,
     ``"max-autotune"``…) under which every timed model runs (see the module docstring)."""
+    check_run_args(batch_sizes, warmup, repeats, threads, device, compile)
     options = dict(options or {})
     say = progress or (lambda _msg: None)
     old_threads = torch.get_num_threads()
-    if threads:
+    if threads is not None:
         torch.set_num_threads(threads)
     try:
         try:  # unknown kind, unknown model name, bad constructor keywords
@@ -638,6 +641,43 @@ def benchmark(
                 trimkit.remove(trim)
     finally:
         torch.set_num_threads(old_threads)
+
+
+def check_run_args(batch_sizes: Any = (1,), warmup: Any = 0, repeats: Any = 1,
+                   threads: Any = None, device: Any = "cpu", compile: Any = None) -> None:
+    """A `BenchSetupError` naming the first argument of `benchmark` / `layer_stats` that
+    cannot work, before any model is built: batch sizes and repeats ``>= 1``, warm-up
+    ``>= 0``, threads ``>= 1`` (or ``None``), a device that exists here, a known
+    ``torch.compile`` mode (or ``None``)."""
+    def count(value: Any, least: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+    if not isinstance(batch_sizes, (list, tuple)) or not batch_sizes or not all(
+            count(n, 1) for n in batch_sizes):
+        raise BenchSetupError(f"batch sizes must be ints >= 1, got {batch_sizes!r}")
+    for name, value, least in (("warmup", warmup, 0), ("repeats", repeats, 1)):
+        if not count(value, least):
+            raise BenchSetupError(f"{name} must be an int >= {least}, got {value!r}")
+    if threads is not None and not count(threads, 1):
+        raise BenchSetupError(f"threads must be an int >= 1 (or None: torch's default), got "
+                              f"{threads!r}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise BenchSetupError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") \
+            from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BenchSetupError(f"device {device!r}: no CUDA device is available here")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise BenchSetupError(f"device {device!r}: there are {torch.cuda.device_count()} CUDA "
+                              f"devices here")
+    if compile is not None:
+        from torch._inductor import list_mode_options
+
+        modes = sorted(list_mode_options())
+        if compile not in modes:
+            raise BenchSetupError(f"compile mode must be one of {', '.join(modes)}, got "
+                                  f"{compile!r}")
 
 
 #: per task: FLOPs per example and seconds per call of base, trim (and resize)

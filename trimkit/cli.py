@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import textwrap
-from typing import Any
+from typing import Any, NoReturn
 
 __all__ = ["main", "parse_overrides"]
 
@@ -61,6 +62,18 @@ class _UsageError(Exception):
     pass
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one ``error:`` line (exit status 2), as the
+    command's other errors are, instead of the usage text and the error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
 def parse_overrides(tokens: list[str]) -> dict[str, Any]:
     """``["--r", "13", "--keep-ratio=0.5", "--fuse"]`` → ``{"r": 13, "keep_ratio": 0.5,
     "fuse": True}``: dashes become underscores, values go through `bench.parse_value`,
@@ -100,7 +113,7 @@ def _bench_epilog() -> str:
 
 def _parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="trimkit", formatter_class=fmt, allow_abbrev=False,
         description="Token pruning, merging and head trimming for existing transformers.",
         epilog="examples:\n  trimkit recipes\n  trimkit adapters\n"
@@ -218,6 +231,8 @@ def _recipes() -> int:
         print(f"{name}: {rec.summary}{_from('recipe', name)}")
         for opt, o in rec.options.items():
             head = f"  --{opt.replace('_', '-')} (default {o.default!r})"
+            if o.kind is not None or o.choices:
+                head += f": {o.describe()}"
             print(head)
             for line in textwrap.wrap(o.help, 88):
                 print(f"      {line}")
@@ -237,7 +252,22 @@ def _adapters() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the ``trimkit`` command; returns the exit status (2 for usage and option errors)."""
+    """Run the ``trimkit`` command; returns the exit status: 2 for usage and option errors,
+    1 for other failures, each reported as one ``error:`` line on stderr."""
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # not the input's fault: one line too, the traceback on request
+        if os.environ.get("TRIMKIT_TRACEBACK"):
+            raise
+        print(f"error: {type(e).__name__}: {_one_line(e)} (TRIMKIT_TRACEBACK=1 shows where)",
+              file=sys.stderr)
+        return 1
+
+
+def _run(argv: list[str] | None) -> int:
     parser = _parser()
     try:
         args, extra = parser.parse_known_args(argv)
@@ -261,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command].run(args)
     except (_UsageError, BenchSetupError) as e:
         # bad usage, or trimkit.apply's ValueError for the recipe and its options
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
 
 

@@ -107,8 +107,24 @@ def _run_onnx(path: Path, args: tuple) -> list:
     if len(names) != len(tensors):
         raise OnnxExportError(f"the ONNX graph takes {len(names)} inputs, the call gave "
                               f"{len(tensors)} tensors: cannot check it")
+    for i, (graph_input, t) in enumerate(zip(session.get_inputs(), tensors, strict=True)):
+        want = graph_input.shape  # ints where the graph is static, names or None where not
+        fixed = [a for a, w in enumerate(want) if isinstance(w, int)
+                 and (a >= t.dim() or w != t.shape[a])]
+        if len(want) != t.dim() or fixed:
+            where = (f"axis {fixed[0]} is fixed at {want[fixed[0]]} in the graph" if fixed
+                     else f"the graph takes {len(want)} dimensions")
+            raise OnnxExportError(
+                f"cannot check the ONNX graph on an input of shape {tuple(t.shape)} "
+                f"(input {i}, {graph_input.name!r}): {where}, as traced. Export with that "
+                f"axis dynamic (dynamic_shapes= for the dynamo exporter, dynamic_axes= for "
+                f"TorchScript), or check on inputs of the traced shape")
     feed = {n: t.detach().cpu().numpy() for n, t in zip(names, tensors, strict=True)}
-    return session.run(None, feed)
+    try:
+        return session.run(None, feed)
+    except Exception as err:  # onnxruntime's own error types
+        raise OnnxExportError(f"onnxruntime could not run the ONNX graph on inputs of shapes "
+                              f"{[tuple(t.shape) for t in tensors]}: {err}") from err
 
 
 def export_onnx(model: nn.Module, args: tuple | torch.Tensor, path: str | os.PathLike, *,
