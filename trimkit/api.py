@@ -195,16 +195,16 @@ def apply(model: nn.Module, recipe: str = "tome", *, mode: str = "auto",
         raise
     container = nn.ModuleDict({f"{s}_{i}": site for (s, i), site in sites.items()})
     container.train(model.training)
+    floats = [p for p in model.parameters() if p.is_floating_point()]
+    if floats:  # the trimmers take the model's dtype and device, as its submodules have
+        same = all(p.device == floats[0].device for p in floats)
+        container.to(dtype=floats[0].dtype, device=floats[0].device if same else None)
     model.add_module(SITES_ATTR, container)
     model.__dict__[STATE_ATTR] = Applied(recipe, options, adapter.name, desc, ctx, undo)
     return model
 
 
 def remove(model: nn.Module) -> nn.Module:
-    floats = [p for p in model.parameters() if p.is_floating_point()]
-    if floats:  # the trimmers take the model's dtype and device, as its submodules have
-        same = all(p.device == floats[0].device for p in floats)
-        container.to(dtype=floats[0].dtype, device=floats[0].device if same else None)
     """Undo `apply`: the original forward, submodules and ``state_dict``, bit for bit."""
     applied = _applied(model)
     for u in reversed(applied.undo):
