@@ -132,6 +132,6 @@ register_builder("timm", bench_model, resize="img_size", examples=[
     "--model timm:vit_base_patch16_224 --recipe tome --r 13   # resize baseline, batch 1 16",
     "--model timm:deit_small_patch16_224 --recipe attn_prune --keep-ratio 0.5 "
     "--layers 3,6,9 --fuse true --batch-size 1 8 32",
-    '--model "timm:vit_tiny_patch16_224?img_size=64&depth=2" --r 2 --json',
+    '--model "timm:vit_tiny_patch16_224?img_size=64&depth=2" --recipe tome --r 2 --json',
     "--model timm:vit_small_patch16_224 --recipe tome --r 8 --batch-size 64 --no-resize",
 ])

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from trimkit.api import list_recipes
 from trimkit.bench import (
     build_model,
     format_table,
@@ -46,8 +47,8 @@ def test_parse_spec_and_build():
 
 
 def test_bench_json(capsys):
-    code = main(["bench", "--model", TINY, "--r", "2", "--batch-size", "2", "--repeats", "1",
-                 "--warmup", "0", "--json", "--no-memory"])
+    code = main(["bench", "--model", TINY, "--recipe", "tome", "--r", "2", "--batch-size", "2",
+                 "--repeats", "1", "--warmup", "0", "--json", "--no-memory"])
     assert code == 0
     rows = json.loads(capsys.readouterr().out)
     assert len(rows) == 1
@@ -74,8 +75,8 @@ def test_bench_table(capsys):
 
 
 def test_unknown_recipe_option(capsys):
-    code = main(["bench", "--model", TINY, "--r", "2", "--bogus-knob", "3", "--batch-size", "1",
-                 "--no-memory"])
+    code = main(["bench", "--model", TINY, "--recipe", "tome", "--r", "2", "--bogus-knob", "3",
+                 "--batch-size", "1", "--no-memory"])
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "bogus_knob" in err
@@ -83,12 +84,23 @@ def test_unknown_recipe_option(capsys):
 
 
 def test_bad_option_value_and_recipe(capsys):
-    assert main(["bench", "--model", TINY, "--r", "100", "--no-memory"]) == 2
+    assert main(["bench", "--model", TINY, "--recipe", "tome", "--r", "100", "--no-memory"]) == 2
     assert "r=100" in capsys.readouterr().err
     assert main(["bench", "--model", TINY, "--recipe", "nope", "--no-memory"]) == 2
     assert "unknown recipe 'nope'" in capsys.readouterr().err
-    assert main(["bench", "--model", "bogus", "--no-memory"]) == 2
+    assert main(["bench", "--model", "bogus", "--recipe", "tome", "--no-memory"]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["bench", "stats"])
+def test_recipe_is_required(capsys, command):
+    """The engine favours no recipe, and neither does the command: without --recipe it says
+    which recipes there are, before building anything."""
+    assert main([command, "--model", TINY]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --recipe NAME is required")
+    assert all(name in err for name in list_recipes())
+    assert "Traceback" not in err
 
 
 def test_recipes_and_adapters(capsys):
@@ -111,8 +123,8 @@ def test_help_has_examples(capsys, command):
 def test_usage_errors(capsys):
     assert main([]) == 2
     assert main(["recipes", "--extra"]) == 2
-    assert main(["bench", "--model", TINY, "--batch-size", "0"]) == 2
-    assert main(["bench", "--model", TINY, "stray"]) == 2
+    assert main(["bench", "--model", TINY, "--recipe", "tome", "--batch-size", "0"]) == 2
+    assert main(["bench", "--model", TINY, "--recipe", "tome", "stray"]) == 2
     capsys.readouterr()
 
 
@@ -152,8 +164,8 @@ def test_stats_per_layer(capsys):
 def test_bench_json_resize_keys_and_default_batch_sizes(capsys):
     """By default bench times batch 1 (latency) and 16 (throughput) with the resize baseline;
     --no-resize leaves its keys None."""
-    args = ["bench", "--model", TINY, "--r", "2", "--repeats", "1", "--warmup", "0", "--json",
-            "--no-memory"]
+    args = ["bench", "--model", TINY, "--recipe", "tome", "--r", "2", "--repeats", "1",
+            "--warmup", "0", "--json", "--no-memory"]
     assert main(args) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["batch_size"] for r in rows] == [1, 16]

@@ -159,9 +159,9 @@ def test_bench_compile_flag_compiles_all_timed_models_and_marks_rows(monkeypatch
         return original(self, backend="eager")
 
     monkeypatch.setattr(torch.nn.Module, "compile", compile)
-    code = main(["bench", "--model", "timm:vit_tiny_patch16_224?img_size=64&depth=2", "--r",
-                 "2", "--batch-size", "2", "--repeats", "1", "--warmup", "1", "--json",
-                 "--compile", "--no-memory"])
+    code = main(["bench", "--model", "timm:vit_tiny_patch16_224?img_size=64&depth=2",
+                 "--recipe", "tome", "--r", "2", "--batch-size", "2", "--repeats", "1",
+                 "--warmup", "1", "--json", "--compile", "--no-memory"])
     assert code == 0
     rows = json.loads(capsys.readouterr().out)
     assert modes == ["default"] * 3  # base, trim, and the resize baseline

@@ -138,10 +138,13 @@ def _applied(model: nn.Module) -> Applied:
     return model.__dict__[STATE_ATTR]
 
 
-def apply(model: nn.Module, recipe: str = "tome", *, mode: str = "auto",
+def apply(model: nn.Module, recipe: str, *, mode: str = "auto",
           track_source: bool = False, adapter: str | Adapter | None = None,
           **overrides: Any) -> nn.Module:
     """Insert ``recipe``'s trimmers into ``model`` (in place) and return it.
+
+    ``recipe`` names a registered recipe (`list_recipes`); it has no default, the engine
+    favours none.
 
     ``mode`` is ``"auto"`` (masked in training, compacted in eval), ``"masked"`` or
     ``"compacted"``; ``track_source`` records which input tokens each token covers (for

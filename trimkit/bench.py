@@ -590,7 +590,7 @@ def _resizer(spec: str, base: nn.Module, make_inputs: MakeInputs, device: torch.
 
 def benchmark(
     spec: str,
-    recipe: str = "tome",
+    recipe: str,
     options: dict[str, Any] | None = None,
     batch_sizes: list[int] | tuple[int, ...] = (1, 16),
     warmup: int = 2,

@@ -180,19 +180,32 @@ def _model_and_recipe(p: argparse.ArgumentParser) -> None:
     """The ``--model`` and ``--recipe`` arguments that ``bench`` and ``stats`` share."""
     p.add_argument("--model", required=True, metavar="SPEC",
                    help="model spec <kind>:<name>[?key=value&...] or an alias")
-    p.add_argument("--recipe", default="tome", help="recipe name (default: tome)")
+    p.add_argument("--recipe", metavar="NAME",
+                   help="recipe name, required: trimkit recipes lists them with their options")
+
+
+def _recipe(args: argparse.Namespace) -> str:
+    """``--recipe``, which has no default (the engine favours no recipe); its absence is a
+    usage error that lists the recipes to choose from."""
+    if args.recipe is None:
+        from .api import list_recipes
+
+        raise _UsageError(f"--recipe NAME is required, one of: {', '.join(list_recipes())} "
+                          f"(trimkit recipes shows their options)")
+    return args.recipe
 
 
 def _bench(args: argparse.Namespace, extra: list[str]) -> int:
     from .bench import benchmark, format_table
 
+    recipe = _recipe(args)
     options = parse_overrides(extra)
     bad = [n for n in args.batch_size if n < 1]
     if bad or args.repeats < 1 or args.warmup < 0:
         raise _UsageError("--batch-size and --repeats must be >= 1, --warmup >= 0")
     progress = None if args.quiet or args.json else (
         lambda msg: print(msg, file=sys.stderr, flush=True))
-    rows = benchmark(args.model, args.recipe, options, args.batch_size, warmup=args.warmup,
+    rows = benchmark(args.model, recipe, options, args.batch_size, warmup=args.warmup,
                      repeats=args.repeats, threads=args.threads, memory=not args.no_memory,
                      resize=not args.no_resize, device=args.device, progress=progress,
                      compile=args.compile)
@@ -206,9 +219,10 @@ def _bench(args: argparse.Namespace, extra: list[str]) -> int:
 def _stats(args: argparse.Namespace, extra: list[str]) -> int:
     from .bench import format_layer_stats, layer_stats
 
+    recipe = _recipe(args)
     if args.batch_size < 1:
         raise _UsageError("--batch-size must be >= 1")
-    stats = layer_stats(args.model, args.recipe, parse_overrides(extra), args.batch_size,
+    stats = layer_stats(args.model, recipe, parse_overrides(extra), args.batch_size,
                         args.device)
     print(json.dumps(stats, indent=2) if args.json else format_layer_stats(stats))
     return 0
