@@ -30,11 +30,10 @@ import types
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
-if TYPE_CHECKING:
-    from .adapter import Adapter
-    from .recipe import Recipe
+from .adapter import Adapter
+from .recipe import Recipe
 
 __all__ = ["ADAPTERS", "ADAPTER_GROUP", "COMMANDS", "RECIPES", "RECIPE_GROUP", "Command",
            "RegistrationWarning", "origin", "register_adapter", "register_command",
@@ -132,8 +131,6 @@ def _register(kind: str, table: dict[str, Any], cls: type, base: type) -> None:
 def register_adapter(cls: type[T]) -> type[T]:
     """Class decorator: make an `Adapter` subclass known to `trimkit.apply` by its ``name``
     (a name already taken by another class warns and keeps that one)."""
-    from .adapter import Adapter
-
     _register("adapter", ADAPTERS, cls, Adapter)
     return cls
 
@@ -141,8 +138,6 @@ def register_adapter(cls: type[T]) -> type[T]:
 def register_recipe(cls: type[T]) -> type[T]:
     """Class decorator: make a `Recipe` subclass known to `trimkit.apply` by its ``name``
     (a name already taken by another class warns and keeps that one)."""
-    from .recipe import Recipe
-
     _register("recipe", RECIPES, cls, Recipe)
     return cls
 
@@ -172,9 +167,6 @@ def _describe_entry_point(ep: importlib.metadata.EntryPoint) -> tuple[str, str]:
 
 def _load_entry_point(kind: str, ep: importlib.metadata.EntryPoint) -> None:
     """Load one entry point of the ``kind`` group; warn and return on any failure."""
-    from .adapter import Adapter
-    from .recipe import Recipe
-
     table, base = (ADAPTERS, Adapter) if kind == "adapter" else (RECIPES, Recipe)
     what, dist = _describe_entry_point(ep)
     before = {name: type(obj) for name, obj in table.items()}
