@@ -9,8 +9,13 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from timm.models.vision_transformer import VisionTransformer
 
+import trimkit
+from trimkit.ops import drop_tokens, fuse_tokens
 from trimkit.packed import Segments, length_groups, pack, segment_attention, unpack
+from trimkit.registry import RECIPES
+from trimkit.testing import check_invariants
 
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True)
 lengths = st.lists(st.integers(0, 20), min_size=1, max_size=8).filter(lambda ls: max(ls) > 0)
@@ -97,3 +102,112 @@ def test_segment_attention_refuses_mismatched_segments():
         assert "2 query segments but 1 key ones" in str(e)
     else:
         raise AssertionError("mismatched segments were accepted")
+
+
+# -- packed execution of a whole model ---------------------------------------------------
+
+class _KeepCounts(trimkit.TokenOp):
+    """Keeps ``counts[j]`` unprotected tokens (the largest first feature) of the sample whose
+    CLS token is nearest ``refs[j]`` (so a sample keeps its count alone or in any batch),
+    merging the rest into one token when ``merge`` (sizes follow), and gates one head per
+    sample when ``gate``: ragged decisions of any shape on demand."""
+
+    def __init__(self, counts: list[int], refs: torch.Tensor, merge: bool, gate: bool):
+        super().__init__()
+        self.counts, self.refs, self.merge, self.gate = counts, refs, merge, gate
+
+    def forward(self, state, site):
+        b, n = state.keep.shape
+        which = torch.cdist(state.x[:, 0], self.refs).argmin(1)
+        eligible = state.live & ~state.protected
+        score = state.x[..., 0].masked_fill(~eligible, float("-inf"))
+        order = score.argsort(1, descending=True)
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(n).expand(b, n))
+        drop = eligible & (rank >= torch.tensor(self.counts)[which][:, None])
+        if self.gate:
+            gates = torch.ones(b, site.num_heads)
+            gates[torch.arange(b), which % site.num_heads] = 0
+            site.head_gates = gates
+        if not self.merge:
+            return drop_tokens(state, drop)
+        return fuse_tokens(state, drop, drop.float())
+
+
+class _Ragged(trimkit.Recipe):
+    name = "_ragged"
+    options = {"counts": trimkit.Option([], "kept per sample"),
+               "refs": trimkit.Option(None, "each sample's CLS entering layer 1"),
+               "merge": trimkit.Option(False, "fuse the dropped tokens"),
+               "gate": trimkit.Option(False, "gate a head per sample"),
+               "on": trimkit.Option(True, "trim or not")}
+
+    def plan(self, desc, options):
+        s = desc.stream()
+        op = _KeepCounts(options["counts"], options["refs"], options["merge"], options["gate"])
+        return {(s.name, 1): trimkit.SitePlan(pre=[op] if options["on"] else [])}
+
+
+def _refs(x: torch.Tensor) -> torch.Tensor:
+    """Each sample's CLS token entering the untrimmed model's layer 1."""
+    got = []
+    model = _vit()
+    model.blocks[1].register_forward_pre_hook(lambda m, a: got.append(a[0][:, 0]))
+    with torch.no_grad():
+        model(x)
+    return got[0]
+
+
+def _vit() -> VisionTransformer:
+    torch.manual_seed(0)
+    m = VisionTransformer(img_size=32, patch_size=8, embed_dim=16, depth=3, num_heads=2,
+                          num_classes=5)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return m.eval()
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(st.lists(st.integers(1, 16), min_size=2, max_size=5), st.booleans(), st.booleans())
+def test_packed_execution_equals_masked_and_compacted(counts, merge, gate):
+    """A sample with 1 live token, one with all 16 kept, merged tokens with sizes, head
+    gates per sample: the invariants, with packed execution among the forms compared,
+    and the stream really packed between its layers."""
+    RECIPES["_ragged"] = _Ragged()
+    try:
+        x = torch.randn(len(counts), 3, 32, 32, generator=torch.Generator().manual_seed(1))
+        options = dict(counts=counts, refs=_refs(x), merge=merge, gate=gate)
+        check_invariants(_vit, (x,), "_ragged", options, dict(on=False),
+                         merges_only=merge)
+        model = trimkit.apply(_vit(), "_ragged", mode="packed", **options)
+        seen = []
+        model.blocks[2].register_forward_pre_hook(
+            lambda m, a: seen.append(trimkit.api._applied(model).ctx.call.states["image"]))
+        with torch.no_grad():
+            model(x)
+        assert seen[0].segments is not None
+        # the CLS, the kept tokens, and the fused one where something was fused
+        lengths = tuple(1 + c + (merge and c < 16) for c in counts)
+        assert seen[0].segments.lengths == lengths
+        assert seen[0].x.shape[:2] == (1, sum(lengths))
+        assert trimkit.last_states(model)["image"].segments is None  # one row per sample again
+    finally:
+        del RECIPES["_ragged"]
+
+
+def test_auto_packs_only_where_padding_is_wasted():
+    RECIPES["_ragged"] = _Ragged()
+    try:
+        x = torch.randn(4, 3, 32, 32)
+        lengths = {}
+        for counts in ([16, 16, 15, 16], [1, 16, 2, 3]):
+            model = trimkit.apply(_vit(), "_ragged", counts=counts, refs=_refs(x))
+            model.blocks[2].register_forward_pre_hook(
+                lambda m, a, model=model, c=tuple(counts): lengths.__setitem__(
+                    c, trimkit.api._applied(model).ctx.call.states["image"].segments))
+            with torch.no_grad():
+                model(x)
+        assert lengths[(16, 16, 15, 16)] is None  # 63 of 68 slots live: padded
+        assert lengths[(1, 16, 2, 3)].lengths == (2, 17, 3, 4)
+    finally:
+        del RECIPES["_ragged"]

@@ -146,8 +146,9 @@ def apply(model: nn.Module, recipe: str, *, mode: str = "auto",
     ``recipe`` names a registered recipe (`list_recipes`); it has no default, the engine
     favours none.
 
-    ``mode`` is ``"auto"`` (masked in training, compacted in eval), ``"masked"`` or
-    ``"compacted"``; ``track_source`` records which input tokens each token covers (for
+    ``mode`` is ``"auto"`` (masked in training; in eval compacted, and packed where a
+    ragged batch would waste padding), ``"masked"``, ``"compacted"`` or ``"packed"``
+    (docs/architecture.md); ``track_source`` records which input tokens each token covers (for
     pictures); ``adapter`` (a registered name or an `Adapter` instance) overrides the
     detected one, e.g. ``adapter="generic"``. Every recipe default can be overridden by
     keyword. Nothing is changed unless everything checks out: errors leave the model as it
@@ -182,6 +183,7 @@ def apply(model: nn.Module, recipe: str, *, mode: str = "auto",
         for i, layer in enumerate(stream.layers):
             p = plan.get((stream.name, i))
             site = Site(stream.name, i, layer.num_heads, first=(i == 0),
+                        last=(i == len(stream.layers) - 1),
                         pre=p.pre if p else None, post=p.post if p else None,
                         cross_stream=layer.cross_stream,
                         masks_are_padding=layer.masks_are_padding, pair=layer.pair)
@@ -189,6 +191,7 @@ def apply(model: nn.Module, recipe: str, *, mode: str = "auto",
             sites[(stream.name, i)] = site
     ctx.scored = frozenset(site.stream for site in sites.values()
                            if "cross_scores" in site.needs)
+    ctx.packable = _packable(desc)
     undo = adapter.install(model, desc, sites, ctx)
     try:  # projections skip the heads a whole batch gated off (inference only)
         undo += install_head_skipping(model, desc, sites)
@@ -207,6 +210,19 @@ def apply(model: nn.Module, recipe: str, *, mode: str = "auto",
     return model
 
 
+def _packable(desc: ModelDescription) -> frozenset[str]:
+    """Streams that may run packed: they attend only to themselves, no other stream reads
+    them across, and their masks are not positional (a packed stream's model code sees one
+    1×ΣN sequence between its layers; `trimkit.packed`)."""
+    if desc.parallel:
+        return frozenset()
+    crossing = {layer.cross_stream for s in desc.streams.values() for layer in s.layers}
+    return frozenset(
+        name for name, s in desc.streams.items()
+        if not s.positional and name not in crossing
+        and all(layer.cross_stream is None for layer in s.layers))
+
+
 def remove(model: nn.Module) -> nn.Module:
     """Undo `apply`: the original forward, submodules and ``state_dict``, bit for bit."""
     applied = _applied(model)
@@ -218,9 +234,9 @@ def remove(model: nn.Module) -> nn.Module:
 
 
 def set_mode(model: nn.Module, mode: str) -> None:
-    """Switch execution: ``"masked"``, ``"compacted"`` or ``"auto"``. A setter: it holds for
-    the model, in every thread (context managers such as `trimming_disabled` hold for the
-    calling thread only)."""
+    """Switch execution: ``"masked"``, ``"compacted"``, ``"packed"`` or ``"auto"``. A
+    setter: it holds for the model, in every thread (context managers such as
+    `trimming_disabled` hold for the calling thread only)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     _applied(model).ctx.mode = mode

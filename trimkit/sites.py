@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -32,12 +32,13 @@ from .ops import (
     live_head_rows,
     query_attention,
 )
-from .state import TokenState
+from .packed import Segments, segment_attention, unpack
+from .state import TokenState, static_shapes
 
 __all__ = ["CallRecord", "CrossScores", "LayerCost", "LayerStats", "Site", "SiteCall", "TokenOp",
            "TrimContext"]
 
-MODES = ("auto", "masked", "compacted")
+MODES = ("auto", "masked", "compacted", "packed")
 #: what a site's own attention core records for its ops (``TokenOp.needs``)
 SELF_RECORDS = frozenset({"keys", "query_scores"})
 
@@ -222,6 +223,9 @@ class TrimContext:
     #: streams whose tokens are scored wherever a cross-attention reads them as keys (some
     #: op needs ``"cross_scores"``)
     scored: frozenset[str] = frozenset()
+    #: streams that may run packed (`trimkit.packed`): read by no cross-attention, with no
+    #: positional masks; others stay padded whatever the mode
+    packable: frozenset[str] = frozenset()
     _local: _PerThread = field(default_factory=_PerThread, init=False, repr=False,
                                compare=False)
 
@@ -256,7 +260,14 @@ class TrimContext:
     cross_scores = _per_call("cross_scores", "`CallRecord.cross_scores` of the calling thread.")
 
     def compacting(self, training: bool) -> bool:
-        return self.mode == "compacted" or (self.mode == "auto" and not training)
+        return self.mode in ("compacted", "packed") or (self.mode == "auto" and not training)
+
+    def packing(self, stream: str, training: bool) -> bool:
+        """Whether ``stream``'s ragged batches may be packed: ``"packed"`` mode, or
+        ``"auto"`` in eval (where `pays` decides per batch); never while shapes must stay
+        static (export, `trimkit.fixed_shapes`)."""
+        return (stream in self.packable and self.compacting(training)
+                and self.mode != "compacted" and not static_shapes())
 
     def start(self, stream: str, x: torch.Tensor, real: torch.Tensor | None = None) -> TokenState:
         """A fresh state for ``stream`` at its entry (``real``: B×N bool, False on padding),
@@ -356,6 +367,7 @@ class Site(nn.Module):
         num_heads: int,
         *,
         first: bool = False,
+        last: bool = False,
         pre: list[TokenOp] | None = None,
         post: list[TokenOp] | None = None,
         cross_stream: str | None = None,
@@ -364,6 +376,9 @@ class Site(nn.Module):
     ):
         super().__init__()
         self.stream, self.layer, self.num_heads, self.first = stream, layer, num_heads, first
+        #: the stream's last layer: a packed stream leaves it one row per sample again, as
+        #: the model's own code after the layers expects
+        self.last = last
         self.key = (stream, layer)
         self.cross_stream, self.masks_are_padding = cross_stream, masks_are_padding
         self.pair = layer if pair is None else pair
@@ -420,11 +435,16 @@ class Site(nn.Module):
             return self.ctx.start(self.stream, x, real)
         return state.with_x(x)
 
-    def _run(self, ops: nn.ModuleList, state: TokenState) -> TokenState:
+    def _run(self, ops: nn.ModuleList, state: TokenState, last: bool = False) -> TokenState:
+        if state.segments is not None and (len(ops) or last):
+            state = unpack_state(state)  # ops decide over one row per sample
         for op in ops:
             state = op(state, self)
         if self.ctx.compacting(self.training):
             state, _ = compact(state)
+            if (not last and state.segments is None and self.ctx.packing(self.stream,
+                                                                         self.training)):
+                state = pack_state(state, force=self.ctx.mode == "packed")
         self.ctx.call.states[self.stream] = state
         return state
 
@@ -455,7 +475,7 @@ class Site(nn.Module):
             ctx.call.observed[self.stream] = x
         if not ctx.enabled:
             return x
-        state = self._run(self.post, self._state(x))
+        state = self._run(self.post, self._state(x), last=self.last)
         call = self.call
         call.captured.clear()
         tokens_in = call.tokens_in if call.tokens_in is not None else state.live_counts()
@@ -530,6 +550,8 @@ class Site(nn.Module):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                                   dropout_p=dropout_p, is_causal=is_causal,
                                                   scale=scale)
+        if keys.segments is not None and not cross:
+            return self._attend_packed(q, k, v, attn_mask, is_causal, scale, keys)
         attn_mask, is_causal, positional = self._masks(q, k, attn_mask, is_causal, state,
                                                        keys, cross)
         self._record(q, k, attn_mask, scale, state, keys, cross, positional)
@@ -598,6 +620,38 @@ class Site(nn.Module):
                 rows, row_mask = _scoring_rows(q, attn_mask, state)
             call.captured["query_scores"] = query_attention(rows, k, row_mask, s)
 
+    def _attend_packed(self, q, k, v, attn_mask, is_causal, scale, state: TokenState
+                       ) -> torch.Tensor:
+        """Self-attention of a packed stream (q, k, v: 1×H×ΣN×d): each sample's tokens
+        attend to their own segment only, under the stream's log-size bias and this
+        forward's head gates; what the ops need is recorded one row per sample."""
+        if (attn_mask is not None and not self.masks_are_padding) or is_causal:
+            raise RuntimeError(
+                f"trimkit: {self.stream} layer {self.layer} got an attention mask while its "
+                f"stream runs packed; set_mode(model, 'compacted') runs it padded")
+        segs = state.segments
+        if self.needs & SELF_RECORDS:
+            padded = unpack_state(state)
+            qp, kp = (unpack(t.transpose(1, 2), segs)[0].transpose(1, 2) for t in (q, k))
+            bias = attention_bias(padded, q.dtype, self.stream in self.ctx.proportional)
+            self._record(qp, kp, bias, scale, padded, padded, False, False)
+        key_bias = None
+        if self.stream in self.ctx.proportional and state.sized:
+            key_bias = torch.log(state.size[0].float())
+        live, gates = self.live_heads(False), self.call.head_gates
+        heads = q.shape[1]
+        if live is not None:
+            q, k, v = q[:, live], k[:, live], v[:, live]
+        out = segment_attention(q, k, v, segs, key_bias=key_bias, scale=scale)
+        if gates is not None:
+            per_token = gates.to(out.dtype)[segs.ids(out.device)]  # ΣN×H
+            if live is not None:
+                per_token = per_token[:, live]
+            out = out * per_token.t()[None, :, :, None]
+        if live is not None:
+            out = out.new_zeros(1, heads, *out.shape[2:]).index_copy(1, live, out)
+        return out
+
     def _product(self, q, k, v, attn_mask, dropout_p, is_causal, scale,
                  state: TokenState | None, cross: bool) -> torch.Tensor:
         """The attention product under this forward's head gates: written out where the
@@ -620,6 +674,39 @@ class Site(nn.Module):
         if gates is not None:
             out = out * gates.to(out.dtype)[:, :, None, None]
         return out
+
+
+#: ``"auto"`` packs a ragged batch when padding it to its longest survivor would fill at
+#: most this share of the slots with live tokens (the rest is waste worth a gather)
+PACK_FILL = 0.85
+
+
+def pack_state(state: TokenState, force: bool = False) -> TokenState:
+    """A compacted state in packed form (`TokenState.segments`), when packing pays: more
+    than one sample, hard decisions, and live tokens filling at most `PACK_FILL` of the
+    padded slots (``force``: whenever there is more than one sample)."""
+    b, m = state.keep.shape
+    if b <= 1 or state.keep.dtype != torch.bool or not (state.has_dead or force):
+        return state
+    live = state.keep
+    counts = live.sum(1).tolist()
+    if not force and sum(counts) > PACK_FILL * b * m:
+        return state
+    return replace(state, x=state.x[live][None], keep=live[live][None],
+                   size=state.size[live][None], protected=state.protected[live][None],
+                   has_dead=False, known=None, segments=Segments.from_lengths(counts))
+
+
+def unpack_state(state: TokenState) -> TokenState:
+    """A packed state one row per sample again, as `trimkit.ops.compact` leaves a ragged
+    batch: live tokens first, padded to the longest, the padding dead and of size 1."""
+    segs = state.segments
+    x, real = unpack(state.x, segs)
+    size = unpack(state.size, segs, fill=1.0)[0]
+    protected = unpack(state.protected, segs)[0]
+    return replace(state, x=x, keep=real, size=size, protected=protected,
+                   has_dead=min(segs.lengths, default=0) < real.shape[1], known=None,
+                   segments=None)
 
 
 def _scoring_rows(q: torch.Tensor, mask: torch.Tensor | None, state: TokenState

@@ -8,6 +8,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .packed import Segments
+
 __all__ = ["Known", "TokenState", "fixed_shapes", "static_shapes"]
 
 
@@ -73,6 +75,10 @@ class TokenState:
     - ``known``: what is known about ``keep`` and ``protected`` without reading them
       (`Known`), so that fixed-count decisions need no device sync and keep static shapes
       under ``torch.compile``; read it through `dead_count` and `protected_prefix`.
+    - ``segments``: set in packed execution, where ``x``, ``keep``, ``size`` and
+      ``protected`` hold the live tokens of the whole batch as one 1×ΣN sequence and
+      `trimkit.packed.Segments` says where each sample's lie (``source`` stays B×N0, its
+      slots counted within each sample's segment). ``None``: one row per sample.
     """
 
     x: torch.Tensor
@@ -84,6 +90,7 @@ class TokenState:
     has_dead: bool = False
     packed: bool = False
     known: Known | None = None
+    segments: Segments | None = None
 
     @classmethod
     def start(
@@ -132,6 +139,8 @@ class TokenState:
 
     def live_counts(self) -> torch.Tensor:
         """B long: live tokens per sample."""
+        if self.segments is not None:
+            return torch.tensor(self.segments.lengths, device=self.keep.device)
         return self.live.sum(1)
 
     @property

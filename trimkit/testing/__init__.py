@@ -24,7 +24,7 @@ The invariants (docs/architecture.md, "Invariants"):
 2. protected tokens are never dropped or merged;
 3. live counts never grow layer to layer;
 4. padding never becomes live (and, with ``perturb_padding``, never changes the output);
-5. masked and compacted execution agree;
+5. masked, compacted and packed execution agree;
 6. a sample's output does not depend on its batch;
 7. every live token's ``size`` equals the number of entry tokens it covers (and, for
    recipes that only merge, sizes sum to the entry's live count);

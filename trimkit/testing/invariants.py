@@ -138,9 +138,13 @@ def check_invariants(
                 raise InvariantError(f"invariant 3: live tokens grew at {s.stream} layer {s.layer}")
             prev[s.stream] = s.tokens_out
 
-        # 5. masked and compacted agree
-        api.set_mode(model, "masked")
-        _close("invariant 5 (masked vs compacted)", output(model(*inputs)), out, atol)
+        # 5. masked, compacted and packed agree
+        api.set_mode(model, "compacted")
+        compacted = output(model(*inputs))
+        for mode in ("masked", "packed"):
+            api.set_mode(model, mode)
+            _close(f"invariant 5 ({mode} vs compacted)", output(model(*inputs)), compacted,
+                   atol)
         api.set_mode(model, "compacted")
 
         # 6. batch independence
