@@ -21,11 +21,11 @@ becomes size-weighted over live tokens; ``forward_intermediates`` runs untrimmed
 
 from __future__ import annotations
 
-import functools
 import sys
-import types
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,11 +38,10 @@ from trimkit import (
     StreamDesc,
     register_adapter,
 )
-from trimkit.adapter import Undo
-from trimkit.api import UnsupportedConfigError
+from trimkit.api import UnsupportedConfigError, trimming_disabled
 from trimkit.bench import register_builder
-from trimkit.ops import restore_positions, size_weighted_mean
-from trimkit.rewrite import ArgumentReader
+from trimkit.hooks import ArgumentReader, Entry, MethodPatch, Patches, Restore, Undo
+from trimkit.ops import size_weighted_mean
 from trimkit.sites import Site, TrimContext
 
 IMAGE, TEXT = "image", "text"
@@ -188,28 +187,31 @@ def entry_masks(text: torch.Tensor, settings: dict) -> tuple[torch.Tensor, torch
     return real, protected
 
 
-def _set(obj: object, name: str, value: object, undo: list[Undo]) -> None:
-    """Set an instance attribute that shadows a class method; `remove` deletes it again."""
-    if name in obj.__dict__:
-        raise RuntimeError(f"{type(obj).__name__}.{name} is already patched on this instance")
-    obj.__dict__[name] = value
+class _Untrimmed(MethodPatch):
+    """A method run with trimming off (its per-layer outputs need every token in place)."""
 
-    def unset() -> None:  # only ours: a later patch of the same name stays
-        if obj.__dict__.get(name) is value:
-            del obj.__dict__[name]
-    undo.append(unset)
+    def __init__(self, owner: nn.Module, name: str, model: nn.Module):
+        super().__init__(owner, name)
+        self.model = model
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with trimming_disabled(self.model):
+            return self.original(*args, **kwargs)
 
 
-def _untrimmed(fn: Callable, ctx: TrimContext) -> Callable:
-    """``fn`` run with trimming off (its per-layer outputs need every token in place)."""
-    @functools.wraps(fn)
-    def run(*args, **kwargs):
-        was, ctx.enabled = ctx.enabled, False
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            ctx.enabled = was
-    return run
+class _SizeWeightedPool(MethodPatch):
+    """``vit._global_pool`` whose average is weighted by size over live patch tokens."""
+
+    def __init__(self, vit: nn.Module, ctx: TrimContext):
+        super().__init__(vit, "_global_pool")
+        self.ctx = ctx
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.owner.pool_type == "avg" and self.ctx.enabled:
+            mean = size_weighted_mean(self.ctx.states.get(IMAGE), x, 1)
+            if mean is not None:
+                return mean, x[:, 1:]
+        return self.original(x)
 
 
 def _text_reader(fn: Callable) -> ArgumentReader:
@@ -222,26 +224,20 @@ def _text_reader(fn: Callable) -> ArgumentReader:
     return read
 
 
-def _with_entry(fn: Callable, owner: nn.Module, ctx: TrimContext) -> Callable:
-    """``fn`` (it receives the token ids as ``text``) with the text stream's entry masks set.
+def _text_masks(owner: nn.Module, fn_name: str, arguments: dict, module: nn.Module
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    text = arguments.get("text")
+    if text is None:
+        raise TypeError(f"{fn_name}() missing its `text` argument (the token ids)")
+    return entry_masks(text, _text_settings(owner))
 
-    The ids are read at the position of ``text`` found once here, not by binding the call's
-    arguments to the signature each time: `torch.compile` traces that lookup, and ``inspect``'s
-    binding would break the graph at the tower's entry."""
+
+def text_entry(ctx: TrimContext, owner: nn.Module, fn: Callable) -> Entry:
+    """The text stream's entry at calls of ``fn`` (a bound method receiving the token ids as
+    ``text``), for ``owner`` (a CLIP or a TextTransformer). The ids are read at the position
+    of ``text`` found once here (`ArgumentReader`), which `torch.compile` traces."""
     read = _text_reader(fn)
-
-    @functools.wraps(fn)
-    def run(*args, **kwargs):
-        if ctx.enabled:
-            text = read(args, kwargs).get("text")
-            if text is None:
-                raise TypeError(f"{read.fn_name}() missing its `text` argument (the token ids)")
-            ctx.entry[TEXT] = entry_masks(text, _text_settings(owner))
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            ctx.entry.pop(TEXT, None)
-    return run
+    return Entry(ctx, TEXT, read, partial(_text_masks, owner, read.fn_name))
 
 
 @register_adapter
@@ -291,56 +287,23 @@ class OpenClipAdapter(Adapter):
                 ctx: TrimContext) -> list[Undo]:
         """The fx sites, then the per-instance patches: text entry masks and restored
         positions, size-weighted average pooling, untrimmed ``forward_intermediates``."""
-        undo = super().install(model, desc, sites, ctx)
-        try:
+        with Patches() as patches:
+            patches.add(*super().install(model, desc, sites, ctx))
             towers = _towers(model, _types())
             # per-layer outputs need every token in place: these run untrimmed
-            owners = [model] + [t.owner for t in towers if t.owner is not model]
-            for module in owners:
+            for module in [model] + [t.owner for t in towers if t.owner is not model]:
                 if hasattr(module, "forward_intermediates"):
-                    _set(module, "forward_intermediates",
-                         _untrimmed(module.forward_intermediates, ctx), undo)
+                    patches.set(module, "forward_intermediates",
+                                _Untrimmed(module, "forward_intermediates", model))
             for tower in towers:
                 if tower.stream == IMAGE:
-                    _set(tower.owner, "_global_pool", _size_weighted_pool(tower.owner, ctx), undo)
-                else:
-                    _install_text(tower, ctx, undo)
-        except Exception:
-            for u in reversed(undo):
-                u()
-            raise
-        return undo
-
-
-def _install_text(tower: _Tower, ctx: TrimContext, undo: list[Undo]) -> None:
-    """Entry masks from the ids where they come in; entry positions back as the text
-    transformer returns."""
-    method = getattr(tower.ids_module, tower.ids_method)
-    _set(tower.ids_module, tower.ids_method, _with_entry(method, tower.owner, ctx), undo)
-
-    def restore(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
-        state = ctx.states.get(TEXT)
-        if (not ctx.enabled or state is None or state.source is None
-                or state.keep.shape != out.shape[:2]):
-            return None
-        return restore_positions(state, out)
-
-    handle = tower.owner.transformer.register_forward_hook(restore)
-    undo.append(handle.remove)
-
-
-def _size_weighted_pool(vit: nn.Module, ctx: TrimContext) -> Callable:
-    """``vit._global_pool`` whose average is weighted by size over live patch tokens."""
-    original = vit._global_pool
-
-    def pool(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.pool_type == "avg" and ctx.enabled:
-            mean = size_weighted_mean(ctx.states.get(IMAGE), x, 1)
-            if mean is not None:
-                return mean, x[:, 1:]
-        return original(x)
-
-    return types.MethodType(pool, vit)
+                    patches.set(tower.owner, "_global_pool", _SizeWeightedPool(tower.owner, ctx))
+                    continue
+                method = getattr(tower.ids_module, tower.ids_method)
+                text_entry(ctx, tower.owner, method).install(patches, tower.ids_module,
+                                                             tower.ids_method)
+                patches.hook(tower.owner.transformer, Restore(ctx, TEXT))
+        return patches.undo
 
 
 def bench_model(name: str, tower: str = "both", text_len: int = 16,

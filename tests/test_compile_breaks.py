@@ -14,12 +14,12 @@ import torch
 from generic_models import inputs, jitter
 from open_clip.model import CLIP
 from timm.models.vision_transformer import VisionTransformer
-from trimkit.adapters.open_clip import TEXT, _text_reader, _with_entry
+from trimkit.adapters.open_clip import TEXT, _text_reader, text_entry
 
 import trimkit
 from trimkit.headskip import _LiveProjection
+from trimkit.hooks import ArgumentReader, EntryMethod
 from trimkit.learned import HeadTrimmer, _ensure_one
-from trimkit.rewrite import ArgumentReader
 from trimkit.sites import TrimContext
 
 
@@ -92,7 +92,8 @@ def test_text_entry_traces_whole_after_other_state_changes():
     then clears, the masks as in eager, with the ids given by position or by keyword."""
     ctx = TrimContext()
     owner = oc.tiny_clip()  # CLIP, causal, pooled at the argmax (EOT)
-    run = _with_entry(_Tower(ctx).encode, owner, ctx)
+    tower = _Tower(ctx)
+    run = EntryMethod(tower, "encode", text_entry(ctx, owner, tower.encode))
 
     def forward(ids: torch.Tensor) -> torch.Tensor:
         ctx.observed["image"] = ids  # what the image stream's sites do first

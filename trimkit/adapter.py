@@ -6,13 +6,14 @@ A family whose blocks trace with `torch.fx` needs only `detect` and `describe`: 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch.fx as fx
 from torch import nn
 
 from .describe import LayerDesc, ModelDescription
 from .heads import MULTIHEAD_TYPES, HeadKey, prune_heads
+from .hooks import Patches, Undo
 from .mha import route_multihead_attention
 from .rewrite import (
     RewriteError,
@@ -25,8 +26,6 @@ from .rewrite import (
 from .sites import Site, TrimContext
 
 __all__ = ["Adapter", "Undo", "install_fx_sites"]
-
-Undo = Callable[[], None]
 
 
 class Adapter:
@@ -65,14 +64,19 @@ class Adapter:
         prune_heads(model, desc, keep)
 
 
-def _route_attention(core: nn.Module) -> Callable[[fx.GraphModule], None]:
-    def edit(gm: fx.GraphModule) -> None:
+class _RouteAttention:
+    """Graph edit: the module's one attention product becomes a call of ``core``."""
+
+    def __init__(self, core: nn.Module):
+        self.core = core
+
+    def __call__(self, gm: fx.GraphModule) -> None:
         found = find_attention(gm)
         if len(found) != 1:
             raise RewriteError(f"expected one attention product in {type(gm).__name__}, "
                                f"found {len(found)}")
         spec = found[0]
-        gm.add_submodule("trimkit_core", core)
+        gm.add_submodule("trimkit_core", self.core)
         dropout = spec["dropout"]
         if isinstance(dropout, str):
             mod = gm.get_submodule(dropout)
@@ -88,13 +92,19 @@ def _route_attention(core: nn.Module) -> Callable[[fx.GraphModule], None]:
             if not node.users:
                 gm.graph.erase_node(node)
         gm.graph.eliminate_dead_code()
-    return edit
 
 
-def _route_block(site: Site, layer: LayerDesc) -> Callable[[fx.GraphModule], None]:
-    def edit(gm: fx.GraphModule) -> None:
-        gm.add_submodule("trimkit_enter", site.enter)
-        gm.add_submodule("trimkit_leave", site.leave)
+class _RouteBlock:
+    """Graph edit: the block's stream input goes through the site's enter, the residual sum
+    after its attention (or a child's output) through its leave."""
+
+    def __init__(self, site: Site, layer: LayerDesc):
+        self.site, self.layer = site, layer
+
+    def __call__(self, gm: fx.GraphModule) -> None:
+        layer = self.layer
+        gm.add_submodule("trimkit_enter", self.site.enter)
+        gm.add_submodule("trimkit_leave", self.site.leave)
         extra = () if layer.mask_arg is None else (layer.mask_arg,)
         insert_at_input(gm, "trimkit_enter", layer.stream_arg, extra)
         after = layer.leave_after or layer.attention.split(".")[0]
@@ -102,7 +112,6 @@ def _route_block(site: Site, layer: LayerDesc) -> Callable[[fx.GraphModule], Non
             insert_after_residual(gm, after, "trimkit_leave")
         else:
             insert_after_output(gm, after, "trimkit_leave")
-    return edit
 
 
 def install_fx_sites(model: nn.Module, desc: ModelDescription,
@@ -115,8 +124,7 @@ def install_fx_sites(model: nn.Module, desc: ModelDescription,
     `trimkit.mha.route_multihead_attention`), or computes one attention product (SDPA or
     the explicit softmax chain) that the fx pass replaces.
     """
-    undo: list[Undo] = []
-    try:
+    with Patches() as patches:
         for stream in desc.streams.values():
             for i, layer in enumerate(stream.layers):
                 site = sites[(stream.name, i)]
@@ -127,12 +135,8 @@ def install_fx_sites(model: nn.Module, desc: ModelDescription,
                 for path, core in attns:
                     module = block.get_submodule(path)
                     if isinstance(module, MULTIHEAD_TYPES):
-                        undo.append(route_multihead_attention(module, core).undo)
+                        patches.add(route_multihead_attention(module, core).undo)
                     else:
-                        undo.append(patch_forward(module, _route_attention(core)).undo)
-                undo.append(patch_forward(block, _route_block(site, layer)).undo)
-    except Exception:
-        for u in reversed(undo):
-            u()
-        raise
-    return undo
+                        patches.add(patch_forward(module, _RouteAttention(core)).undo)
+                patches.add(patch_forward(block, _RouteBlock(site, layer)).undo)
+    return patches.undo

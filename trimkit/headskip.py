@@ -21,7 +21,6 @@ in-projection inside the routed forward, asking the core for the rows
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -29,12 +28,11 @@ from torch import nn
 
 from .describe import ModelDescription
 from .heads import KINDS, locate_heads
+from .hooks import Patches, Undo
 from .ops import place_rows
 from .sites import Site
 
 __all__ = ["CACHED_HEAD_SETS", "install_head_skipping"]
-
-Undo = Callable[[], None]
 
 #: how many sets of live heads a gated projection keeps sliced weights for
 CACHED_HEAD_SETS = 4
@@ -133,8 +131,7 @@ def install_head_skipping(model: nn.Module, desc: ModelDescription,
             projections[key] = [(lin, side, sections)
                                 for lin, side, sections in heads.linears.values()]
     uses = Counter(id(m) for projs in projections.values() for m, _, _ in projs)
-    undo: list[Undo] = []
-    try:
+    with Patches() as patches:
         for key, projs in projections.items():
             stream, i, kind = key
             site = sites[(stream, i)]
@@ -146,19 +143,7 @@ def install_head_skipping(model: nn.Module, desc: ModelDescription,
                         or not isinstance(module, nn.Linear)
                         or type(module).forward is not nn.Linear.forward):
                     continue
-                forward = _LiveProjection(module, site, kind == "cross", side, sections,
-                                          heads.head_dim, heads.num_heads)
-                module.__dict__["forward"] = forward
-                undo.append(_undo(module, forward))
-    except Exception:
-        for u in reversed(undo):
-            u()
-        raise
-    return undo
-
-
-def _undo(module: nn.Module, forward: _LiveProjection) -> Undo:
-    def undo() -> None:
-        if module.__dict__.get("forward") is forward:
-            del module.__dict__["forward"]
-    return undo
+                patches.set(module, "forward", _LiveProjection(
+                    module, site, kind == "cross", side, sections, heads.head_dim,
+                    heads.num_heads))
+    return patches.undo

@@ -114,11 +114,20 @@ def route_multihead_attention(mha: nn.Module, core: nn.Module) -> Patch:
     if "forward" in mha.__dict__:
         raise RewriteError("nn.MultiheadAttention already has a per-instance forward")
 
-    def forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
-                average_attn_weights=True, is_causal=False):
-        return multihead_attention_forward(mha, core, query, key, value, key_padding_mask,
-                                           need_weights, attn_mask, average_attn_weights,
-                                           is_causal)
-
+    forward = _Routed(mha, core)
     mha.__dict__["forward"] = forward
     return Patch(mha, forward)
+
+
+class _Routed:
+    """The forward `route_multihead_attention` installs (an object, so that a deep copy of
+    the model routes the copy's module through the copy's core, and pickling works)."""
+
+    def __init__(self, mha: nn.Module, core: nn.Module):
+        self.mha, self.core = mha, core
+
+    def __call__(self, query, key, value, key_padding_mask=None, need_weights=True,
+                 attn_mask=None, average_attn_weights=True, is_causal=False):
+        return multihead_attention_forward(self.mha, self.core, query, key, value,
+                                           key_padding_mask, need_weights, attn_mask,
+                                           average_attn_weights, is_causal)

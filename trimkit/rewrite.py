@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import operator
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +23,6 @@ from torch import nn
 
 __all__ = [
     "ADDITIVE_MASK_FUNCTIONS",
-    "ArgumentReader",
     "Patch",
     "RewriteError",
     "find_attention",
@@ -161,42 +160,6 @@ class _Specialised:
         gm, pos, kw = self.trace(args, kwargs)
         # positional: fx renames specialised parameters, so keywords would not match
         return gm(*pos, **kw)
-
-
-class ArgumentReader:
-    """Reads some named arguments of calls to ``fn`` (a bound method, or a function whose
-    first parameter a hook does not see) from a call's ``args`` and ``kwargs``.
-
-    The positions are found once, here: binding every call to the signature with `inspect`
-    breaks a ``torch.compile`` graph (dynamo cannot trace ``Signature.bind``), while this
-    lookup is plain indexing that it traces. Like ``bind_partial(...).arguments``, an
-    argument the call does not pass is absent (no defaults are filled in)."""
-
-    def __init__(self, fn: Callable, names: Iterable[str]):
-        params = list(inspect.signature(fn).parameters.values())
-        self.fn_name = getattr(fn, "__qualname__", repr(fn))
-        self.positions: dict[str, int | None] = {}
-        for name in names:
-            self.positions[name] = None
-            for i, p in enumerate(params):
-                if p.name != name or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-                    continue
-                positional = p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-                after_star = any(q.kind is q.VAR_POSITIONAL for q in params[:i])
-                self.positions[name] = i if positional and not after_star else None
-                break
-        #: the names ``fn`` has as parameters (the others can only come through ``**kwargs``)
-        self.known = frozenset(p.name for p in params)
-
-    def __call__(self, args: tuple, kwargs: dict) -> dict[str, Any]:
-        """The named arguments this call passes, by name."""
-        found = {}
-        for name, pos in self.positions.items():
-            if name in kwargs:
-                found[name] = kwargs[name]
-            elif pos is not None and pos < len(args):
-                found[name] = args[pos]
-        return found
 
 
 @dataclass

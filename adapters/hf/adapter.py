@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -48,10 +49,8 @@ from trimkit import (
     StreamDesc,
     register_adapter,
 )
-from trimkit.adapter import Undo
 from trimkit.api import UnsupportedConfigError
-from trimkit.ops import restore_positions, static_shapes
-from trimkit.rewrite import ArgumentReader
+from trimkit.hooks import ArgumentReader, Patches, Tower, Undo, install_tower
 from trimkit.sites import Site, TrimContext
 
 from .attention import Binding, route_attention
@@ -215,147 +214,22 @@ def padding_mask(mask: torch.Tensor | None, owner: str) -> torch.Tensor | None:
     return mask.to(torch.bool)
 
 
-def _in_place_flag(src: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
-    """0-d bool: whether every real entry token still sits in its own slot, alone (``src``:
-    B×N0 source of a state of N0 slots)."""
-    expected = torch.arange(src.shape[1], device=src.device).expand_as(src)
-    if real is not None:
-        expected = expected.masked_fill(~real.to(src.device), -1)
-    return (src == expected).all()
+def _entry_masks(tower: str, arguments: dict, module: nn.Module
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The padding from the tower's 2D ``attention_mask``; for CLIP text, the token its
+    pooler reads, protected wherever the ids put it."""
+    protected, ids = None, arguments.get("input_ids")
+    if tower == "CLIPTextModel" and ids is not None:
+        ids = ids.view(-1, ids.shape[-1])
+        pos = pooled_positions(ids, module.eos_token_id)
+        protected = torch.arange(ids.shape[1], device=ids.device)[None] == pos[:, None]
+    return padding_mask(arguments.get("attention_mask"), tower), protected
 
 
-def _in_place(src: torch.Tensor, real: torch.Tensor | None) -> bool:
-    """`_in_place_flag` read on the host."""
-    return bool(_in_place_flag(src, real))
-
-
-@dataclass
-class _Entry:
-    """A tower's view of the forward under way: is it inside the tower, how did its stream
-    enter (``real``: B×N bool or ``None``), and do its tokens still sit where they entered
-    (``None``: not known yet)."""
-
-    stream: str
-    ctx: TrimContext
-    active: int = 0
-    real: torch.Tensor | None = None
-    in_place: bool | None = True
-
-    def untouched(self) -> bool:
-        """Whether the stream is laid out as it entered, for layers no op has acted before
-        (padding compacted away at the entry moves tokens only when a shorter sample is not
-        padded at its end, or no sample is full-length)."""
-        if self.in_place is None:
-            state = self.ctx.states.get(self.stream)
-            self.in_place = (state is not None and state.source is not None
-                             and state.keep.shape == state.source.shape
-                             and _in_place(state.source, self.real))
-        return self.in_place
-
-
-def _tower_hooks(tower: _Tower, ctx: TrimContext, entry: _Entry) -> list[Undo]:
-    """Read the padding (and, for CLIP text, the pooled token) where the tower is called."""
-    read = ArgumentReader(tower.module.forward, ("attention_mask", "input_ids"))
-    stream = tower.kind.stream
-
-    def before(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        entry.active += 1
-        entry.real, entry.in_place = None, True
-        if not ctx.enabled:
-            return
-        bound = read(args, kwargs)
-        real = padding_mask(bound.get("attention_mask"), tower.name)
-        protected = None
-        if real is not None:
-            entry.real = real
-            if (ctx.compacting(module.training) and not static_shapes()
-                    and not bool(real.all())):
-                entry.in_place = None  # known once the padding was compacted
-        ids = bound.get("input_ids")
-        if tower.name == "CLIPTextModel" and ids is not None:
-            ids = ids.view(-1, ids.shape[-1])
-            pos = pooled_positions(ids, module.eos_token_id)
-            protected = torch.arange(ids.shape[1], device=ids.device)[None] == pos[:, None]
-        if real is not None or protected is not None:
-            ctx.entry[stream] = (real, protected)
-
-    def after(module: nn.Module, args: tuple, kwargs: dict, out: object) -> None:
-        entry.active -= 1
-        ctx.entry.pop(stream, None)
-
-    handles = [tower.module.register_forward_pre_hook(before, with_kwargs=True),
-               tower.module.register_forward_hook(after, with_kwargs=True, always_call=True)]
-    return [h.remove for h in handles]
-
-
-def _restore(x: torch.Tensor, stream: str, ctx: TrimContext, entry: _Entry) -> torch.Tensor:
-    """The stream's output back at its entry positions, or ``x`` itself when nothing moved."""
-    state = ctx.states.get(stream)
-    if state is None or state.source is None or state.keep.shape != x.shape[:2]:
-        return x
-    src = state.source
-    real = entry.real if entry.real is not None and entry.real.shape == src.shape else None
-    if x.shape[1] != src.shape[1]:
-        return restore_positions(state, x)
-    if static_shapes():  # decided in the graph, not read on the host
-        return torch.where(_in_place_flag(src, real), x, restore_positions(state, x))
-    return x if _in_place(src, real) else restore_positions(state, x)
-
-
-def replace_first_output(output: object, x: torch.Tensor) -> object:
-    """A module's output with its hidden states (the first element of a tuple) replaced."""
-    if isinstance(output, tuple):
-        return (x, *output[1:])
-    return x
-
-
-def first_output(output: object) -> torch.Tensor:
-    """A module's hidden states: the output itself, or the first element of a tuple."""
-    return output[0] if isinstance(output, tuple) else output
-
-
-def _layer_hooks(tower: _Tower, layer_index: int, layer: nn.Module, site: Site, last: bool,
-                 ctx: TrimContext, entry: _Entry) -> list[Undo]:
-    """enter before the layer; leave after it (or after its attention block); the stream's
-    output restored after the last layer. Runs before any other hook on the layer, so
-    transformers' ``output_hidden_states`` records what the next layer receives."""
-    kind = tower.kind
-    handles = []
-
-    def enter(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        if not ctx.enabled:
-            return None
-        if module.training and getattr(module, "gradient_checkpointing", False):
-            raise RuntimeError("trimkit cannot trim a layer under gradient checkpointing (its "
-                               "backward pass re-runs attention); turn it off while trimmed")
-        if layer_index == 0 and not entry.active:
-            raise RuntimeError(f"trimkit: call the {tower.name} (or the model around it), not "
-                               f"its encoder layers directly, so padding reaches the trimmers")
-        if args:
-            return (site.enter(args[0]), *args[1:]), kwargs
-        kwargs = dict(kwargs, hidden_states=site.enter(kwargs["hidden_states"]))
-        return args, kwargs
-
-    handles.append(layer.register_forward_pre_hook(enter, with_kwargs=True, prepend=True))
-
-    if not kind.residual:
-        def leave_child(module: nn.Module, args: tuple, output: object) -> object:
-            return replace_first_output(output, site.leave(first_output(output)))
-
-        child = layer.get_submodule(kind.leave_after)
-        handles.append(child.register_forward_hook(leave_child, prepend=True))
-
-    if kind.residual or last:
-        def leave(module: nn.Module, args: tuple, output: object) -> object:
-            x = first_output(output)
-            if kind.residual:
-                x = site.leave(x)
-            if last and ctx.enabled:
-                x = _restore(x, kind.stream, ctx, entry)
-            return replace_first_output(output, x)
-
-        handles.append(layer.register_forward_hook(leave, prepend=True))
-    return [h.remove for h in handles]
+def _no_checkpointing(layer: nn.Module) -> None:
+    if layer.training and getattr(layer, "gradient_checkpointing", False):
+        raise RuntimeError("trimkit cannot trim a layer under gradient checkpointing (its "
+                           "backward pass re-runs attention); turn it off while trimmed")
 
 
 @register_adapter
@@ -400,27 +274,21 @@ class HFAdapter(Adapter):
                 ctx: TrimContext) -> list[Undo]:
         # outputs go back to their entry positions, which needs every token's source
         ctx.track_source = True
-        undo: list[Undo] = []
-        try:
+        with Patches() as patches:
             bindings: dict[nn.Module, Binding] = {}
             for tower in _towers(model):
-                stream = tower.kind.stream
-                entry = _Entry(stream, ctx)
-                undo.extend(_tower_hooks(tower, ctx, entry))
-                layers = tower.layers()
+                kind, layers = tower.kind, tower.layers()
+                own = [sites[(kind.stream, i)] for i in range(len(layers))]
+                install_tower(patches, ctx, Tower(
+                    kind.stream, tower.module, layers,
+                    leave_after=None if kind.residual else kind.leave_after,
+                    read=ArgumentReader(tower.module.forward, ("attention_mask", "input_ids")),
+                    masks=partial(_entry_masks, tower.name), restore="zeros", exact=True,
+                    guard=_no_checkpointing, name=tower.name), own)
                 acted = False  # some op of this stream acts at or before this layer's attention
-                for i, layer in enumerate(layers):
-                    site = sites[(stream, i)]
+                for site, layer in zip(own, layers, strict=True):
                     acted = acted or bool(len(site.pre)) or bool(site.needs)
-                    bindings[layer.get_submodule(tower.kind.attention)] = Binding(
-                        site, plain=not acted, untouched=entry.untouched)
+                    bindings[layer.get_submodule(kind.attention)] = Binding(site, not acted)
                     acted = acted or bool(len(site.post))
-                    undo.extend(_layer_hooks(tower, i, layer, site, i == len(layers) - 1, ctx,
-                                             entry))
-            undo.append(route_attention(model, bindings))
-        except Exception:
-            for u in reversed(undo):
-                u()
-            raise
-        return undo
-
+            patches.add(route_attention(model, bindings))
+        return patches.undo

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from trimkit.adapter import Undo
+from trimkit.hooks import Undo, untouched
 from trimkit.sites import Site
 
 __all__ = ["ATTN_IMPLEMENTATION", "Binding", "original_implementation", "route_attention",
@@ -43,18 +43,14 @@ ATTN_IMPLEMENTATION = "trimkit"
 
 @dataclass
 class Binding:
-    """What one attention module of a trimmed model runs.
-
-    ``site``: the layer's site. ``plain``: no op of the stream acts before this attention
-    (in this or an earlier layer) and the site records nothing from it, so while the stream
-    is still laid out as it entered (``untouched()``), the model's own implementation and
-    mask give the same result. ``untouched``: whether the stream's tokens still sit where
-    they entered in this forward (no padding was compacted away).
-    """
+    """What one attention module of a trimmed model runs: its layer's ``site``; ``plain``:
+    no op of the stream acts before this attention (in this or an earlier layer) and the
+    site records nothing from it, so while the stream is still laid out as it entered this
+    call (`trimkit.hooks.untouched`), the model's own implementation and mask give the
+    same result."""
 
     site: Site
     plain: bool
-    untouched: Callable[[], bool]
 
 
 #: where an attention module keeps its `Binding`: in its own instance ``__dict__`` (a global
@@ -64,11 +60,16 @@ _BINDING = "_trimkit_binding"
 _CONFIGS: dict[int, list[Any]] = {}
 
 
+def _recorded(config: Any) -> list[Any] | None:
+    entry = _CONFIGS.get(id(config))
+    return entry if entry is not None and entry[0] is config else None
+
+
 def original_implementation(config: Any) -> str:
     """The attention implementation ``config`` had before trimkit routed it (its current one
     when trimkit never did)."""
-    entry = _CONFIGS.get(id(config))
-    name = entry[1] if entry is not None and entry[0] is config else config._attn_implementation
+    entry = _recorded(config)
+    name = entry[1] if entry is not None else config._attn_implementation
     if name == ATTN_IMPLEMENTATION:
         raise RuntimeError(f"a {type(config).__name__} names trimkit's attention implementation "
                            f"but no trimmed model owns it")
@@ -99,16 +100,17 @@ def trimkit_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     by the core: the trimming state carries padding and dead tokens per layer, and a causal
     mask is rebuilt from the tokens' entry positions (`trimkit.sites`)."""
     binding = module.__dict__.get(_BINDING)
-    if binding is None or not binding.site.ctx.enabled or (binding.plain
-                                                           and binding.untouched()):
+    site = None if binding is None else binding.site
+    if site is None or not site.ctx.enabled or (binding.plain
+                                                and untouched(site.ctx, site.stream)):
         fn = _function(module, original_implementation(module.config))
         return fn(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                   **kwargs)
     causal = kwargs.get("is_causal")
     if causal is None:
         causal = getattr(module, "is_causal", False)
-    out = binding.site.core(query, key, value, attn_mask=None, dropout_p=dropout,
-                            is_causal=bool(causal), scale=scaling)
+    out = site.core(query, key, value, attn_mask=None, dropout_p=dropout,
+                    is_causal=bool(causal), scale=scaling)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -142,17 +144,17 @@ def _configs(model: nn.Module) -> list[Any]:
     return list(seen.values())
 
 
-def _claim(config: Any) -> None:
-    entry = _CONFIGS.get(id(config))
-    if entry is not None and entry[0] is config:
+def _claim(config: Any, original: str | None) -> None:
+    entry = _recorded(config)
+    if entry is not None:
         entry[2] += 1
     else:
-        _CONFIGS[id(config)] = [config, config.__dict__.get("_attn_implementation_internal"), 1]
+        _CONFIGS[id(config)] = [config, original, 1]
 
 
 def _release(config: Any) -> None:
-    entry = _CONFIGS.get(id(config))
-    if entry is None or entry[0] is not config:
+    entry = _recorded(config)
+    if entry is None:
         return
     entry[2] -= 1
     if entry[2] == 0:
@@ -160,10 +162,7 @@ def _release(config: Any) -> None:
         del _CONFIGS[id(config)]
 
 
-def route_attention(model: nn.Module, bindings: dict[nn.Module, Binding]) -> Undo:
-    """Register trimkit's attention function, set it on ``model`` and bind each attention
-    module to its site; return what undoes all of it (the implementations come back as they
-    were, bit for bit, once no trimmed model shares their config)."""
+def _register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
@@ -171,16 +170,40 @@ def route_attention(model: nn.Module, bindings: dict[nn.Module, Binding]) -> Und
         AttentionInterface.register(ATTN_IMPLEMENTATION, trimkit_attention)
     if ATTN_IMPLEMENTATION not in AttentionMaskInterface._global_mapping:
         AttentionMaskInterface.register(ATTN_IMPLEMENTATION, trimkit_mask)
-    configs = _configs(model)
-    for config in configs:
-        _claim(config)
 
-    def undo() -> None:
-        for module in bindings:
+
+class _Route:
+    """Undoes `route_attention`: unbinds the modules and releases the configs. A deep copy
+    or an unpickled copy of the model claims its own copies of the configs (with the
+    implementations they had before trimkit), so either model can be removed alone."""
+
+    def __init__(self, modules: list[nn.Module], configs: list[Any]):
+        self.modules, self.configs = modules, configs
+        self.originals = [e[1] if (e := _recorded(c)) is not None
+                          else c.__dict__.get("_attn_implementation_internal") for c in configs]
+        self._claim()
+
+    def _claim(self) -> None:
+        _register()
+        for config, original in zip(self.configs, self.originals, strict=True):
+            _claim(config, original)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._claim()
+
+    def __call__(self) -> None:
+        for module in self.modules:
             module.__dict__.pop(_BINDING, None)
-        for config in configs:
+        for config in self.configs:
             _release(config)
 
+
+def route_attention(model: nn.Module, bindings: dict[nn.Module, Binding]) -> Undo:
+    """Register trimkit's attention function, set it on ``model`` and bind each attention
+    module to its site; return what undoes all of it (the implementations come back as they
+    were, bit for bit, once no trimmed model shares their config)."""
+    undo = _Route(list(bindings), _configs(model))
     try:
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
         stuck = sorted({type(m).__name__ for m in bindings

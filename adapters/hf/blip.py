@@ -39,7 +39,6 @@ off in a whole batch skips its projections too, but they are not pruned.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,17 +51,29 @@ from trimkit import (
     LayerDesc,
     ModelDescription,
     StreamDesc,
-    TokenState,
     register_adapter,
 )
-from trimkit.adapter import Undo
 from trimkit.api import UnsupportedConfigError
-from trimkit.ops import additive_mask, static_shapes
-from trimkit.rewrite import ArgumentReader, Patch
+from trimkit.hooks import (
+    ArgumentReader,
+    Enter,
+    Entry,
+    Leave,
+    MethodPatch,
+    Patches,
+    Tower,
+    Undo,
+    install_tower,
+    keys_arrive,
+    keys_leave,
+    live_slots,
+    per_call,
+)
+from trimkit.ops import additive_mask
 from trimkit.sites import Site, TrimContext
 
 from ..layouts import bert_heads
-from .adapter import first_output, padding_mask, patch_grid, replace_first_output
+from .adapter import padding_mask, patch_grid
 
 __all__ = ["BlipAdapter"]
 
@@ -129,77 +140,68 @@ def _check_layers(name: str, layers: nn.ModuleList) -> None:
 
 # ------------------------------------------------------------------------ attention forwards
 
-def _vision_forward(module: nn.Module, site: Site) -> Callable:
-    """BlipAttention's product through the site's core (same projections and scale)."""
+class _VisionAttention:
+    """BlipAttention's forward, its product through the site's core (same projections and
+    scale)."""
 
-    def forward(hidden_states: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, None]:
-        qkv = module.qkv(hidden_states).unflatten(-1, (3, -1, module.head_dim))
+    def __init__(self, module: nn.Module, site: Site):
+        self.module, self.site = module, site
+
+    def __call__(self, hidden_states: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        m = self.module
+        qkv = m.qkv(hidden_states).unflatten(-1, (3, -1, m.head_dim))
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
-        p = module.dropout.p if module.training else 0.0
-        out = site.core(q, k, v, dropout_p=p, scale=module.scale)
-        return module.projection(out.transpose(1, 2).flatten(2)), None
-
-    return forward
+        out = self.site.core(q, k, v, dropout_p=m.dropout.p if m.training else 0.0,
+                             scale=m.scale)
+        return m.projection(out.transpose(1, 2).flatten(2)), None
 
 
-def _text_forward(module: nn.Module, site: Site) -> Callable:
-    """BlipTextSelfAttention (self- or cross-attention) through the site's core. Like
-    transformers' own, a cross-attention reads no mask (it is handed none)."""
+class _TextAttention(_VisionAttention):
+    """BlipTextSelfAttention's forward (self- or cross-attention) through the site's core.
+    Like transformers' own, a cross-attention reads no mask (it is handed none)."""
 
-    def forward(hidden_states: torch.Tensor, attention_mask: Any = None,
-                encoder_hidden_states: torch.Tensor | None = None,
-                encoder_attention_mask: Any = None, past_key_values: Any = None,
-                **kwargs: Any) -> tuple[torch.Tensor, None]:
+    def __call__(self, hidden_states: torch.Tensor, attention_mask: Any = None,
+                 encoder_hidden_states: torch.Tensor | None = None,
+                 encoder_attention_mask: Any = None, past_key_values: Any = None,
+                 **kwargs: Any) -> tuple[torch.Tensor, None]:
         if past_key_values is not None:
             raise RuntimeError("trimkit trims BLIP's text encoder, which runs without a KV "
                                "cache; a cache reached it")
-        d = module.attention_head_size
+        m, d = self.module, self.module.attention_head_size
         cross = encoder_hidden_states is not None
         src = encoder_hidden_states if cross else hidden_states
-        q = module.query(hidden_states).unflatten(-1, (-1, d)).transpose(1, 2)
-        k = module.key(src).unflatten(-1, (-1, d)).transpose(1, 2)
-        v = module.value(src).unflatten(-1, (-1, d)).transpose(1, 2)
-        core = site.cross_core if cross else site.core
-        p = module.dropout.p if module.training else 0.0
+        q, k, v = (proj(x).unflatten(-1, (-1, d)).transpose(1, 2)
+                   for proj, x in ((m.query, hidden_states), (m.key, src), (m.value, src)))
+        core = self.site.cross_core if cross else self.site.core
         out = core(q, k, v, attn_mask=encoder_attention_mask if cross else attention_mask,
-                   dropout_p=p, scale=d ** -0.5)
+                   dropout_p=m.dropout.p if m.training else 0.0, scale=d ** -0.5)
         return out.transpose(1, 2).flatten(2), None
-
-    return forward
-
-
-def _set_forward(module: nn.Module, forward: Callable) -> Undo:
-    if "forward" in module.__dict__:
-        raise UnsupportedConfigError(f"a {type(module).__name__} of this BLIP model already has "
-                                     f"a per-instance forward; nothing was changed")
-    module.__dict__["forward"] = forward
-    return Patch(module, forward).undo
 
 
 # --------------------------------------------------------------------- outputs and key masks
 
 class _Outputs:
-    """The towers' latest outputs, one per stream, with their dead slots, so a decoder that
-    cross-attends to one masks them. Outputs are found by identity (``is``, which
-    ``torch.compile`` traces, unlike ``id`` keys and weak references); the latest output of each
-    stream is held until the next one. Whether an output has dead slots is known from its
-    state or read once, when it is recorded; the key bias a decoder adds is built once per
-    tensor it reads (``generate`` passes the same one at every step)."""
+    """The calling thread's latest tower outputs, one per stream, with their dead slots, so
+    a decoder that cross-attends to one masks them. Outputs are found by identity (``is``,
+    which ``torch.compile`` traces, unlike ``id`` keys and weak references); the latest
+    output of each stream is held until the next one. The key bias a decoder adds is built
+    once per tensor it reads (``generate`` passes the same one at every step)."""
 
     def __init__(self) -> None:
         #: stream -> (its latest output, its live tokens B×N bool, or None when all are live)
         self._latest: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.pending: torch.Tensor | None = None  # set while a decoder's generate runs
+        self.mask: torch.Tensor | None = None  # the key bias of the decoder call under way
         self._bias: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
-    def record(self, stream: str, x: torch.Tensor, state: TokenState) -> None:
-        """``x``, the output of ``stream``'s tower, laid out like ``state``."""
-        live = state.keep.detach() > 0
-        if state.dead_count == 0:  # known without a read
-            all_live = True
-        else:  # exporting or under `fixed_shapes`: decided in the graph
-            all_live = not static_shapes() and bool(live.all())
-        self._latest[stream] = (x, None if all_live else live)
+    def record(self, ctx: TrimContext, stream: str, output: Any) -> None:
+        """``output`` of ``stream``'s tower, when its state lays it out."""
+        x = getattr(output, "last_hidden_state", None)
+        if x is None and isinstance(output, tuple):
+            x = output[0]
+        state = ctx.states.get(stream) if ctx.enabled else None
+        if x is not None and state is not None and state.keep.shape == x.shape[:2]:
+            self._latest[stream] = (x, live_slots(state))
 
     def find(self, x: torch.Tensor | None) -> tuple[bool, torch.Tensor | None]:
         """Whether ``x`` is a recorded output, and its live mask (``None``: all live)."""
@@ -229,60 +231,63 @@ class _Outputs:
         return bias
 
 
-def _record_output(outputs: _Outputs, stream: str, ctx: TrimContext, output: Any) -> None:
-    if not ctx.enabled:
-        return
-    x = getattr(output, "last_hidden_state", None)
-    if x is None and isinstance(output, tuple):
-        x = output[0]
-    state = ctx.states.get(stream)
-    if x is None or state is None or state.keep.shape != x.shape[:2]:
-        return
-    outputs.record(stream, x, state)
+def _outputs(ctx: TrimContext) -> _Outputs:
+    return per_call(ctx, ("blip", "outputs"), _Outputs)
 
 
-def _decoder_hooks(decoder: nn.Module, outputs: _Outputs) -> list[Undo]:
-    """A decoder (not trimmed) masks the dead slots of the trimmed outputs it cross-attends to."""
-    bert = decoder.bert
-    read = ArgumentReader(bert.forward, ("encoder_hidden_states",))
-    current: dict[str, torch.Tensor | None] = {"mask": None}
+class _VisionEntry(Entry):
+    """The vision tower: its output is recorded for the decoders."""
 
-    def before(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        bound = read(args, kwargs)
-        current["mask"] = outputs.key_bias(bound.get("encoder_hidden_states"))
+    def end(self, module: nn.Module, output: object) -> None:
+        _outputs(self.ctx).record(self.ctx, IMAGE, output)
 
-    def after(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
-        current["mask"] = None
 
-    def cross(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        mask = current["mask"]
+class _DecoderMask:
+    """A decoder (not trimmed) masks the dead slots of the trimmed outputs it cross-attends
+    to: hooks on its BERT and on its cross-attentions."""
+
+    def __init__(self, ctx: TrimContext, bert: nn.Module):
+        self.ctx, self.read = ctx, ArgumentReader(bert.forward, ("encoder_hidden_states",))
+
+    def before(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        outputs = _outputs(self.ctx)
+        outputs.mask = outputs.key_bias(self.read(args, kwargs).get("encoder_hidden_states"))
+
+    def after(self, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+        _outputs(self.ctx).mask = None
+
+    def cross(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        mask = _outputs(self.ctx).mask
         if mask is None or kwargs.get("encoder_hidden_states") is None:
             return None
         return args, dict(kwargs, encoder_attention_mask=mask)
 
-    handles = [bert.register_forward_pre_hook(before, with_kwargs=True),
-               bert.register_forward_hook(after, with_kwargs=True, always_call=True)]
-    for layer in bert.encoder.layer:
-        if hasattr(layer, "crossattention"):
-            handles.append(layer.crossattention.self.register_forward_pre_hook(
-                cross, with_kwargs=True))
-    undo = [h.remove for h in handles]
 
-    generate = decoder.generate
+class _Generate(MethodPatch):
+    """A decoder's ``generate``, knowing the dead slots of the output it was handed (which
+    it expands per beam or sample before its cross-attentions read it)."""
 
-    def generate_masked(*args: Any, **kwargs: Any) -> Any:
+    def __init__(self, decoder: nn.Module, ctx: TrimContext):
+        super().__init__(decoder, "generate")
+        self.ctx = ctx
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        outputs = _outputs(self.ctx)
         outputs.pending = outputs.find(kwargs.get("encoder_hidden_states"))[1]
         try:
-            return generate(*args, **kwargs)
+            return self.original(*args, **kwargs)
         finally:
             outputs.pending = None
 
-    decoder.__dict__["generate"] = generate_masked
 
-    def undo_generate() -> None:
-        if decoder.__dict__.get("generate") is generate_masked:
-            del decoder.__dict__["generate"]
-    return [*undo, undo_generate]
+def _install_decoder(patches: Patches, decoder: nn.Module, ctx: TrimContext) -> None:
+    mask = _DecoderMask(ctx, decoder.bert)
+    patches.hook(decoder.bert, mask.before, pre=True, kwargs=True)
+    patches.hook(decoder.bert, mask.after, kwargs=True, always=True)
+    for layer in decoder.bert.encoder.layer:
+        if hasattr(layer, "crossattention"):
+            patches.hook(layer.crossattention.self, mask.cross, pre=True, kwargs=True)
+    patches.set(decoder, "generate", _Generate(decoder, ctx))
 
 
 # ------------------------------------------------------------------------------- the adapter
@@ -362,54 +367,24 @@ class BlipAdapter(Adapter):
     def install(self, model: nn.Module, desc: ModelDescription, sites: dict[tuple[str, int], Site],
                 ctx: TrimContext) -> list[Undo]:
         parts = _parts(model)
-        outputs = _Outputs()
-        undo: list[Undo] = []
-        try:
-            n_vision = 0
+        with Patches() as patches:
             if parts.vision is not None:
-                n_vision = len(parts.vision[1].encoder.layers)
-                undo += _install_vision(parts.vision[1], sites, ctx, outputs)
+                vision = parts.vision[1]
+                layers = vision.encoder.layers
+                for i, layer in enumerate(layers):
+                    patches.set(layer.self_attn, "forward",
+                                _VisionAttention(layer.self_attn, sites[(IMAGE, i)]))
+                install_tower(patches, ctx, Tower(IMAGE, vision, layers),
+                              [sites[(IMAGE, i)] for i in range(len(layers))],
+                              _VisionEntry(ctx, IMAGE))
             if parts.text is not None:
                 keys = {layer.pair: sites[(IMAGE, i)]
                         for i, layer in enumerate(desc.streams[IMAGE].layers)
                         if layer.keys_only} if IMAGE in desc.streams else {}
-                undo += _install_text(parts.text[1], sites, keys, ctx, outputs,
-                                      n_vision > 0)
+                _install_text(patches, parts.text[1], sites, keys, ctx, parts.vision is not None)
             for decoder in parts.decoders:
-                undo += _decoder_hooks(decoder, outputs)
-        except Exception:
-            for u in reversed(undo):
-                u()
-            raise
-        return undo
-
-
-def _install_vision(vision: nn.Module, sites: dict[tuple[str, int], Site], ctx: TrimContext,
-                    outputs: _Outputs) -> list[Undo]:
-    undo: list[Undo] = []
-    handles = []
-    for i, layer in enumerate(vision.encoder.layers):
-        site = sites[(IMAGE, i)]
-        undo.append(_set_forward(layer.self_attn, _vision_forward(layer.self_attn, site)))
-
-        def enter(module: nn.Module, args: tuple, kwargs: dict, site: Site = site) -> Any:
-            if not ctx.enabled:
-                return None
-            if args:
-                return (site.enter(args[0]), *args[1:]), kwargs
-            return args, dict(kwargs, hidden_states=site.enter(kwargs["hidden_states"]))
-
-        def leave(module: nn.Module, args: tuple, output: Any, site: Site = site) -> Any:
-            return replace_first_output(output, site.leave(first_output(output)))
-
-        handles.append(layer.register_forward_pre_hook(enter, with_kwargs=True, prepend=True))
-        handles.append(layer.register_forward_hook(leave, prepend=True))
-
-    def after(module: nn.Module, args: tuple, output: Any) -> None:
-        _record_output(outputs, IMAGE, ctx, output)
-
-    handles.append(vision.register_forward_hook(after))
-    return undo + [h.remove for h in handles]
+                _install_decoder(patches, decoder, ctx)
+        return patches.undo
 
 
 @dataclass
@@ -421,86 +396,94 @@ class _TextCall:
     keys: torch.Tensor | None = None
 
 
-def _install_text(text: nn.Module, sites: dict[tuple[str, int], Site], keys: dict[int, Site],
-                  ctx: TrimContext, outputs: _Outputs, has_image: bool) -> list[Undo]:
-    undo: list[Undo] = []
-    handles = []
-    call = _TextCall()
-    read = ArgumentReader(text.forward, ("is_decoder", "attention_mask",
-                                         "encoder_hidden_states", "encoder_attention_mask"))
+def _text_call(ctx: TrimContext) -> _TextCall:
+    return per_call(ctx, ("blip", "text"), _TextCall)
 
-    def before(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        call.keys, call.cross = None, False
-        if not ctx.enabled:
-            return
-        bound = read(args, kwargs)
-        if bound.get("is_decoder"):
-            raise RuntimeError("trimkit trims BLIP's text encoder bidirectionally; it cannot "
-                               "run as a causal decoder (is_decoder=True) while trimmed")
-        real = padding_mask(bound.get("attention_mask"), "BLIP's text encoder")
-        if real is not None:
-            ctx.entry[TEXT] = (real, None)
-        ehs = bound.get("encoder_hidden_states")
-        call.cross = ehs is not None and has_image
-        if not call.cross:
-            ctx.absent.add(IMAGE)  # encoded alone: no trimmer may read the image
-            return
-        state = ctx.states.get(IMAGE)
-        if outputs.find(ehs)[0] and state is not None and state.keep.shape == ehs.shape[:2]:
-            ctx.states[IMAGE] = state.with_x(ehs)  # the vision tower's output, trimmed
-        else:  # image tokens from elsewhere: they enter here
-            real = bound.get("encoder_attention_mask")
-            ctx.start(IMAGE, ehs, None if real is None or real.dim() != 2 else real.bool())
 
-    def after(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        ctx.absent.discard(IMAGE)
-        call.keys = None
-        _record_output(outputs, TEXT, ctx, output)
+def _text_masks(arguments: dict, module: nn.Module) -> tuple[torch.Tensor | None, None]:
+    if arguments.get("is_decoder"):
+        raise RuntimeError("trimkit trims BLIP's text encoder bidirectionally; it cannot run "
+                           "as a causal decoder (is_decoder=True) while trimmed")
+    return padding_mask(arguments.get("attention_mask"), "BLIP's text encoder"), None
 
-    handles.append(text.register_forward_pre_hook(before, with_kwargs=True))
-    handles.append(text.register_forward_hook(after, with_kwargs=True, always_call=True))
 
+class _TextEntry(Entry):
+    """The text encoder: its padding, and the image tokens it reads as keys (the vision
+    tower's trimmed output, or image tokens from elsewhere, which enter here)."""
+
+    def __init__(self, ctx: TrimContext, text: nn.Module, has_image: bool):
+        super().__init__(ctx, TEXT, ArgumentReader(text.forward, (
+            "is_decoder", "attention_mask", "encoder_hidden_states", "encoder_attention_mask")),
+            _text_masks)
+        self.has_image = has_image
+
+    def before(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        call = _text_call(self.ctx)
+        call.cross, call.keys = False, None
+        super().before(module, args, kwargs)
+
+    def begin(self, module: nn.Module, arguments: dict[str, Any]) -> None:
+        super().begin(module, arguments)
+        ehs = arguments.get("encoder_hidden_states") if self.has_image else None
+        _text_call(self.ctx).cross = ehs is not None
+        real = arguments.get("encoder_attention_mask")
+        keys_arrive(self.ctx, IMAGE, ehs, None if real is None or real.dim() != 2 else real.bool(),
+                    continues=_outputs(self.ctx).find(ehs)[0])
+
+    def end(self, module: nn.Module, output: object) -> None:
+        keys_leave(self.ctx, IMAGE)
+        _text_call(self.ctx).keys = None
+        _outputs(self.ctx).record(self.ctx, TEXT, output)
+
+
+class _TextEnter(Enter):
+    """A text layer's enter; where it cross-attends to the image, the image tokens also go
+    through the keys-only site of this layer, and on to the next layer."""
+
+    def __init__(self, site: Site, key_site: Site | None):
+        super().__init__(site)
+        self.key_site = key_site
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        got = super().__call__(module, args, kwargs)
+        call = _text_call(self.site.ctx)
+        if got is None or self.key_site is None or not call.cross:
+            return got
+        args, kwargs = list(got[0]), dict(got[1])
+        given = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
+        call.keys = self.key_site.leave(self.key_site.enter(given if call.keys is None
+                                                            else call.keys))
+        if len(args) > 1:
+            args[1] = call.keys
+        else:
+            kwargs["encoder_hidden_states"] = call.keys
+        return tuple(args), kwargs
+
+
+class _LeaveSelf(Leave):
+    """The leave point after a text layer's self-attention, in calls that do not trim after
+    its cross-attention instead."""
+
+    def __init__(self, site: Site, after_cross: bool):
+        super().__init__(site)
+        self.after_cross = after_cross
+
+    def __call__(self, module: nn.Module, args: tuple, output: object) -> object:
+        if self.after_cross and _text_call(self.site.ctx).cross:
+            return None
+        return super().__call__(module, args, output)
+
+
+def _install_text(patches: Patches, text: nn.Module, sites: dict[tuple[str, int], Site],
+                  keys: dict[int, Site], ctx: TrimContext, has_image: bool) -> None:
+    _TextEntry(ctx, text, has_image).install(patches, text)
     for j, layer in enumerate(text.encoder.layer):
-        site = sites[(TEXT, j)]
-        key_site = keys.get(j)
-        undo.append(_set_forward(layer.attention.self, _text_forward(layer.attention.self, site)))
+        site, key_site = sites[(TEXT, j)], keys.get(j)
+        patches.set(layer.attention.self, "forward", _TextAttention(layer.attention.self, site))
         if hasattr(layer, "crossattention"):
-            undo.append(_set_forward(layer.crossattention.self,
-                                     _text_forward(layer.crossattention.self, site)))
-
-        def enter(module: nn.Module, args: tuple, kwargs: dict, site: Site = site,
-                  key_site: Site | None = key_site) -> Any:
-            if not ctx.enabled:
-                return None
-            args, kwargs = list(args), dict(kwargs)
-            if args:
-                args[0] = site.enter(args[0])
-            else:
-                kwargs["hidden_states"] = site.enter(kwargs["hidden_states"])
-            if call.cross and key_site is not None:
-                given = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
-                tokens = key_site.leave(key_site.enter(given if call.keys is None
-                                                       else call.keys))
-                call.keys = tokens
-                if len(args) > 1:
-                    args[1] = tokens
-                else:
-                    kwargs["encoder_hidden_states"] = tokens
-            return tuple(args), kwargs
-
-        described_cross = key_site is not None  # the layer's cross-attention is described
-
-        def leave_self(module: nn.Module, args: tuple, output: Any, site: Site = site,
-                       described_cross: bool = described_cross) -> Any:
-            if call.cross and described_cross:
-                return None  # this call trims after the cross-attention
-            return replace_first_output(output, site.leave(first_output(output)))
-
-        def leave_cross(module: nn.Module, args: tuple, output: Any, site: Site = site) -> Any:
-            return replace_first_output(output, site.leave(first_output(output)))
-
-        handles.append(layer.register_forward_pre_hook(enter, with_kwargs=True, prepend=True))
-        if described_cross:
-            handles.append(layer.crossattention.register_forward_hook(leave_cross, prepend=True))
-        handles.append(layer.attention.register_forward_hook(leave_self, prepend=True))
-    return undo + [h.remove for h in handles]
+            patches.set(layer.crossattention.self, "forward",
+                        _TextAttention(layer.crossattention.self, site))
+        patches.hook(layer, _TextEnter(site, key_site), pre=True, kwargs=True, prepend=True)
+        if key_site is not None:  # the layer's cross-attention is described
+            patches.hook(layer.crossattention, Leave(site), prepend=True)
+        patches.hook(layer.attention, _LeaveSelf(site, key_site is not None), prepend=True)
