@@ -189,6 +189,12 @@ def apply(model: nn.Module, recipe: str, *, mode: str = "auto",
                         masks_are_padding=layer.masks_are_padding, pair=layer.pair)
             site.ctx = ctx
             sites[(stream.name, i)] = site
+    for stream in desc.streams.values():
+        acted = False
+        for i in range(len(stream.layers)):
+            site = sites[(stream.name, i)]
+            site.acted = acted = acted or bool(len(site.pre))
+            acted = acted or bool(len(site.post))
     ctx.scored = frozenset(site.stream for site in sites.values()
                            if "cross_scores" in site.needs)
     ctx.packable = _packable(desc)

@@ -379,6 +379,8 @@ class Site(nn.Module):
         #: the stream's last layer: a packed stream leaves it one row per sample again, as
         #: the model's own code after the layers expects
         self.last = last
+        #: some op of the stream acts at or before this layer's attention (set by `apply`)
+        self.acted = bool(pre)
         self.key = (stream, layer)
         self.cross_stream, self.masks_are_padding = cross_stream, masks_are_padding
         self.pair = layer if pair is None else pair
@@ -435,15 +437,19 @@ class Site(nn.Module):
             return self.ctx.start(self.stream, x, real)
         return state.with_x(x)
 
-    def _run(self, ops: nn.ModuleList, state: TokenState, last: bool = False) -> TokenState:
+    def _run(self, ops: nn.ModuleList, state: TokenState, last: bool = False,
+             acted: bool = False) -> TokenState:
+        """``ops`` on ``state``, then compaction in eval; packing where the stream may pack
+        and some op has ``acted`` on it (before that, adapters may run the model's own
+        attention, which knows no segments)."""
         if state.segments is not None and (len(ops) or last):
             state = unpack_state(state)  # ops decide over one row per sample
         for op in ops:
             state = op(state, self)
         if self.ctx.compacting(self.training):
             state, _ = compact(state)
-            if (not last and state.segments is None and self.ctx.packing(self.stream,
-                                                                         self.training)):
+            if (acted and not last and state.segments is None
+                    and self.ctx.packing(self.stream, self.training)):
                 state = pack_state(state, force=self.ctx.mode == "packed")
         self.ctx.call.states[self.stream] = state
         return state
@@ -457,7 +463,7 @@ class Site(nn.Module):
         if self.cross_stream is not None:  # only cross-attending layers pair up
             ctx.call.entered[(self.stream, self.pair)] = state
         entering = _soft_count(state.keep) if ctx.record_costs else None
-        state = self._run(self.pre, state)
+        state = self._run(self.pre, state, acted=self.acted)
         call.tokens_in = state.live_counts()
         if entering is not None:
             ops = [*self.pre, *self.post]
@@ -475,7 +481,8 @@ class Site(nn.Module):
             ctx.call.observed[self.stream] = x
         if not ctx.enabled:
             return x
-        state = self._run(self.post, self._state(x), last=self.last)
+        state = self._run(self.post, self._state(x), last=self.last,
+                          acted=self.acted or bool(len(self.post)))
         call = self.call
         call.captured.clear()
         tokens_in = call.tokens_in if call.tokens_in is not None else state.live_counts()
