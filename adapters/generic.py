@@ -37,9 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from trimkit import Adapter, HeadLayout, LayerDesc, ModelDescription, StreamDesc, register_adapter
-from trimkit.adapter import Undo
 from trimkit.heads import MULTIHEAD_TYPES
-from trimkit.ops import restore_positions
+from trimkit.hooks import Patches, Restore, Undo, per_call
 from trimkit.rewrite import RewriteError, find_attention, residual_after, trace_module
 from trimkit.sites import Site, TrimContext
 
@@ -561,25 +560,11 @@ def discover(model: nn.Module, num_protected: int | None = None) -> Discovery:
 
 # ------------------------------------------------------------------------------ adapter
 
-def _restore_exit(ctx: TrimContext, stream: str, module: nn.Module, args: tuple,
-                  output: object) -> object:
-    """A stream's tokens put back at its entry positions as it leaves its last block: a
-    merged token at each of its members' positions, the mean of the live tokens where
-    tokens were dropped (`restore_positions` with ``fill="mean"``). The model's code after
-    the stream sees its usual length, and whatever it pools or reads (the first token, a
-    mean) is what trimming left, the same in masked and compacted execution."""
-    state = ctx.states.get(stream) if ctx.enabled else None
-    if (not isinstance(output, torch.Tensor) or state is None or state.source is None
-            or state.keep.shape != output.shape[:2]):
-        return output
-    return restore_positions(state, output, fill="mean")
-
-
-def _check_side_inputs(ctx: TrimContext, stream: str, path: str, entry: dict[str, int],
-                       first: bool, trimmed: bool, module: nn.Module, args: tuple,
-                       kwargs: dict) -> None:
+def _check_side_inputs(ctx: TrimContext, stream: str, path: str, first: bool, trimmed: bool,
+                       module: nn.Module, args: tuple, kwargs: dict) -> None:
     if not args or not isinstance(args[0], torch.Tensor):
         return
+    entry = per_call(ctx, ("entry tokens", stream), dict)  # this call's, not another's
     if first:
         entry["n"] = args[0].shape[1]
     if not (trimmed and ctx.enabled):
@@ -639,28 +624,27 @@ class GenericAdapter(Adapter):
     def install(self, model: nn.Module, desc: ModelDescription,
                 sites: dict[tuple[str, int], Site], ctx: TrimContext) -> list[Undo]:
         """The engine's fx sites; each stream leaves its last block at its entry positions
-        (`_restore_exit`), so the model's own pooling and heads work unchanged; and a check
+        (`trimkit.hooks.Restore`: a merged token at each of its members' positions, the mean
+        of the live tokens where tokens were dropped), so the model's own pooling and heads
+        work unchanged, the same in masked and compacted execution; and a check
         on each block after the first trimming one:
         a further tensor it receives must be an attention bias over the entry tokens
         (which positional streams read at the tokens' entry positions), else trimmed tokens
         would no longer line up with it (rotary embeddings, position ids)."""
-        undo = super().install(model, desc, sites, ctx)
-        was, ctx.track_source = ctx.track_source, True
-        undo.append(lambda: setattr(ctx, "track_source", was))
-        for stream in desc.streams.values():
-            last = model.get_submodule(stream.layers[-1].block)
-            hook = last.register_forward_hook(partial(_restore_exit, ctx, stream.name))
-            undo.append(hook.remove)
-            entry: dict[str, int] = {}
-            trimmed = False
-            for i, layer in enumerate(stream.layers):
-                block = model.get_submodule(layer.block)
-                check = partial(_check_side_inputs, ctx, stream.name, layer.block, entry,
-                                i == 0, trimmed)
-                undo.append(block.register_forward_pre_hook(check, with_kwargs=True).remove)
-                site = sites[(stream.name, i)]
-                trimmed = trimmed or bool(len(site.pre) or len(site.post))
-        return undo
+        ctx.track_source = True
+        with Patches() as patches:
+            patches.add(*super().install(model, desc, sites, ctx))
+            for stream in desc.streams.values():
+                last = model.get_submodule(stream.layers[-1].block)
+                patches.hook(last, Restore(ctx, stream.name, fill="mean"))
+                trimmed = False
+                for i, layer in enumerate(stream.layers):
+                    check = partial(_check_side_inputs, ctx, stream.name, layer.block, i == 0,
+                                    trimmed)
+                    patches.hook(model.get_submodule(layer.block), check, pre=True, kwargs=True)
+                    site = sites[(stream.name, i)]
+                    trimmed = trimmed or bool(len(site.pre) or len(site.post))
+        return patches.undo
 
     def describe(self, model: nn.Module) -> ModelDescription:
         found = self._discover(model)

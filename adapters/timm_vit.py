@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import types
-
 import torch
 from torch import nn
 
@@ -16,9 +14,10 @@ from trimkit import (
     register_adapter,
 )
 from trimkit.bench import register_builder
+from trimkit.hooks import MethodPatch, Patches, Undo
 from trimkit.ops import size_weighted_mean
 from trimkit.rewrite import ADDITIVE_MASK_FUNCTIONS
-from trimkit.sites import TrimContext
+from trimkit.sites import Site, TrimContext
 
 STREAM = "image"
 
@@ -89,23 +88,30 @@ class TimmViTAdapter(Adapter):
                             num_protected=model.num_prefix_tokens, grid=grid)
         return ModelDescription("timm-vit", {STREAM: stream})
 
-    def install(self, model, desc, sites, ctx: TrimContext):
-        undo = super().install(model, desc, sites, ctx)
-        if model.attn_pool is None and model.global_pool == "avg":
-            original = model.pool
+    def install(self, model: nn.Module, desc: ModelDescription,
+                sites: dict[tuple[str, int], Site], ctx: TrimContext) -> list[Undo]:
+        with Patches() as patches:
+            patches.add(*super().install(model, desc, sites, ctx))
+            if model.attn_pool is None and model.global_pool == "avg":
+                patches.set(model, "pool", _SizeWeightedPool(model, ctx))
+        return patches.undo
 
-            def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
-                if (pool_type or self.global_pool) == "avg" and ctx.enabled:
-                    skip = 0 if getattr(self, "pool_include_prefix", False) else \
-                        self.num_prefix_tokens
-                    mean = size_weighted_mean(ctx.states.get(STREAM), x, skip)
-                    if mean is not None:
-                        return mean
-                return original(x, pool_type)
 
-            model.__dict__["pool"] = types.MethodType(pool, model)
-            undo.append(lambda: model.__dict__.pop("pool", None))
-        return undo
+class _SizeWeightedPool(MethodPatch):
+    """``model.pool`` whose average is weighted by size over live tokens."""
+
+    def __init__(self, model: nn.Module, ctx: TrimContext):
+        super().__init__(model, "pool")
+        self.ctx = ctx
+
+    def __call__(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
+        m = self.owner
+        if (pool_type or m.global_pool) == "avg" and self.ctx.enabled:
+            skip = 0 if getattr(m, "pool_include_prefix", False) else m.num_prefix_tokens
+            mean = size_weighted_mean(self.ctx.states.get(STREAM), x, skip)
+            if mean is not None:
+                return mean
+        return self.original(x, pool_type)
 
 
 def bench_model(name: str, **kwargs) -> tuple[nn.Module, object]:

@@ -99,6 +99,10 @@ class _Specialised:
         self._names = tuple(p.name for p in params)
         self._defaults = tuple(p.default for p in params)
 
+    def __getstate__(self) -> dict:
+        # traced graphs are derived: a copy (deep or unpickled) traces its own when called
+        return dict(self.__dict__, cache={})
+
     def _fast_bind(self, args: tuple, kwargs: dict) -> list | None:
         """Every parameter's value in order, or ``None`` where `inspect` must bind (other
         parameter kinds, or a call it would reject: it then says why)."""
