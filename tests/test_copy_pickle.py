@@ -171,3 +171,23 @@ with torch.no_grad():
     assert torch.equal(model(*args).last_hidden_state, saved["untrimmed"])
 """
     subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)
+
+
+def test_an_adapter_with_local_undo_functions_names_trimkit_save() -> None:
+    from trimkit.adapters.timm_vit import TimmViTAdapter
+
+    class LocalUndo(TimmViTAdapter):
+        name = "local undo"
+
+        def install(self, model, desc, sites, ctx):
+            undo = super().install(model, desc, sites, ctx)
+            model.blocks[0].note = "patched"
+            return [*undo, lambda: model.blocks[0].__dict__.pop("note")]
+
+    model, *_ = CASES["timm-token"]()
+    trimkit.apply(model, "tome", r=2, adapter=LocalUndo())
+    for copier in (pickle.dumps, copy.deepcopy):
+        with pytest.raises(pickle.PicklingError, match=r"<lambda>.*trimkit\.save\(model, path\)"):
+            copier(model)
+    trimkit.remove(model)
+    pickle.dumps(model)

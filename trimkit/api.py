@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +15,7 @@ from .describe import ModelDescription
 from .heads import head_importance as _head_importance
 from .heads import head_key_name, locate_heads, prunable_heads
 from .headskip import install_head_skipping
+from .hooks import Patches
 from .registry import ADAPTERS, RECIPES, _load_builtins
 from .sites import MODES, LayerStats, Site, TrimContext
 from .state import TokenState
@@ -63,6 +65,21 @@ class Applied:
     description: ModelDescription
     ctx: TrimContext
     undo: list[Undo] = field(default_factory=list)
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles carry the undo entries, which must hold their targets as
+        attributes (`trimkit.hooks`): a local function would undo the original model's
+        patches from the copy, and does not pickle."""
+        local = sorted({u.__qualname__ for u in self.undo
+                        if "<locals>" in getattr(u, "__qualname__", "")
+                        or getattr(u, "__name__", "") == "<lambda>"})
+        if local:
+            raise pickle.PicklingError(
+                f"this model, trimmed by the {self.adapter!r} adapter, cannot be copied or "
+                f"pickled: its adapter's undo entries are local functions ({', '.join(local)}). "
+                f"Save it with trimkit.save(model, path) and rebuild it with trimkit.load; "
+                f"adapters make them picklable with trimkit.hooks.Patches")
+        return dict(self.__dict__)
 
 
 def list_adapters() -> list[str]:
@@ -198,13 +215,10 @@ def apply(model: nn.Module, recipe: str, *, mode: str = "auto",
     ctx.scored = frozenset(site.stream for site in sites.values()
                            if "cross_scores" in site.needs)
     ctx.packable = _packable(desc)
-    undo = adapter.install(model, desc, sites, ctx)
-    try:  # projections skip the heads a whole batch gated off (inference only)
-        undo += install_head_skipping(model, desc, sites)
-    except Exception:
-        for u in reversed(undo):
-            u()
-        raise
+    with Patches() as patches:
+        patches.add(*adapter.install(model, desc, sites, ctx))
+        # projections skip the heads a whole batch gated off (inference only)
+        patches.add(*install_head_skipping(model, desc, sites))
     container = nn.ModuleDict({f"{s}_{i}": site for (s, i), site in sites.items()})
     container.train(model.training)
     floats = [p for p in model.parameters() if p.is_floating_point()]
@@ -212,7 +226,8 @@ def apply(model: nn.Module, recipe: str, *, mode: str = "auto",
         same = all(p.device == floats[0].device for p in floats)
         container.to(dtype=floats[0].dtype, device=floats[0].device if same else None)
     model.add_module(SITES_ATTR, container)
-    model.__dict__[STATE_ATTR] = Applied(recipe, options, adapter.name, desc, ctx, undo)
+    model.__dict__[STATE_ATTR] = Applied(recipe, options, adapter.name, desc, ctx,
+                                           patches.undo)
     return model
 
 
