@@ -232,16 +232,9 @@ def apply(model: nn.Module, recipe: str, *, mode: str = "auto",
 
 
 def _packable(desc: ModelDescription) -> frozenset[str]:
-    """Streams that may run packed: they attend only to themselves, no other stream reads
-    them across, and their masks are not positional (a packed stream's model code sees one
-    1×ΣN sequence between its layers; `trimkit.packed`)."""
-    if desc.parallel:
-        return frozenset()
-    crossing = {layer.cross_stream for s in desc.streams.values() for layer in s.layers}
-    return frozenset(
-        name for name, s in desc.streams.items()
-        if not s.positional and name not in crossing
-        and all(layer.cross_stream is None for layer in s.layers))
+    """Streams that may run packed (a packed stream's model code sees one 1×ΣN sequence
+    between its layers; `trimkit.packed`): those whose masks are not positional."""
+    return frozenset(name for name, s in desc.streams.items() if not s.positional)
 
 
 def remove(model: nn.Module) -> nn.Module:

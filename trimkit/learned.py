@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .ops import drop_below_top, drop_tokens, gumbel_sigmoid_st, topk_by_score
-from .sites import Site, TokenOp
+from .sites import Site, TokenOp, unpack_state
 from .state import TokenState
 
 __all__ = ["HeadTrimmer", "TokenTrimmer", "param_groups", "pooled_token", "set_noise"]
@@ -172,6 +172,8 @@ class TokenTrimmer(TokenOp):
         pooled = [self.norm(pooled_token(state, ctx.protected.get(site.stream, 0) > 0))]
         if self.other_dim is not None:
             other = ctx.keys_state(site.cross_stream, site.pair) if site.cross_stream else None
+            if other is not None and other.segments is not None:
+                other = unpack_state(other)  # pooled per sample
             if (other is None or other.x.shape[-1] != self.other_dim
                     or other.x.shape[0] != state.x.shape[0]):
                 # the other stream is not there yet, or not at this layer's width (e.g. still

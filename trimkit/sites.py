@@ -559,10 +559,39 @@ class Site(nn.Module):
                                                   scale=scale)
         if keys.segments is not None and not cross:
             return self._attend_packed(q, k, v, attn_mask, is_causal, scale, keys)
+        if cross and (keys.segments is not None
+                      or (state is not None and state.segments is not None)):
+            return self._cross_packed(q, k, v, attn_mask, dropout_p, is_causal, scale, state,
+                                      keys)
+        return self._attend_rows(q, k, v, attn_mask, dropout_p, is_causal, scale, state,
+                                 keys, cross)
+
+    def _attend_rows(self, q, k, v, attn_mask, dropout_p, is_causal, scale,
+                     state: TokenState | None, keys: TokenState, cross: bool) -> torch.Tensor:
+        """The attention of streams laid out one row per sample (masked or compacted)."""
         attn_mask, is_causal, positional = self._masks(q, k, attn_mask, is_causal, state,
                                                        keys, cross)
         self._record(q, k, attn_mask, scale, state, keys, cross, positional)
         return self._product(q, k, v, attn_mask, dropout_p, is_causal, scale, state, cross)
+
+    def _cross_packed(self, q, k, v, attn_mask, dropout_p, is_causal, scale,
+                      state: TokenState | None, keys: TokenState) -> torch.Tensor:
+        """Cross-attention where the reading or the read stream runs packed: both are laid
+        out one row per sample for the product (what it records, e.g. the attention each
+        key receives, is then per sample as the ops expect), and the output is packed
+        again where the queries were."""
+        rows = state
+        if state is not None and state.segments is not None:
+            rows = unpack_state(state)
+            q = _unpack_heads(q, state.segments)
+        if keys.segments is not None:
+            k, v = (_unpack_heads(t, keys.segments) for t in (k, v))
+            keys = unpack_state(keys)
+        out = self._attend_rows(q, k, v, attn_mask, dropout_p, is_causal, scale, rows, keys,
+                                True)
+        if state is not None and state.segments is not None:
+            out = out.transpose(1, 2)[rows.keep][None].transpose(1, 2)
+        return out
 
     def _attention_states(self, k: torch.Tensor, cross: bool
                           ) -> tuple[TokenState | None, TokenState | None]:
@@ -639,7 +668,7 @@ class Site(nn.Module):
         segs = state.segments
         if self.needs & SELF_RECORDS:
             padded = unpack_state(state)
-            qp, kp = (unpack(t.transpose(1, 2), segs)[0].transpose(1, 2) for t in (q, k))
+            qp, kp = (_unpack_heads(t, segs) for t in (q, k))
             bias = attention_bias(padded, q.dtype, self.stream in self.ctx.proportional)
             self._record(qp, kp, bias, scale, padded, padded, False, False)
         key_bias = None
@@ -714,6 +743,11 @@ def unpack_state(state: TokenState) -> TokenState:
     return replace(state, x=x, keep=real, size=size, protected=protected,
                    has_dead=min(segs.lengths, default=0) < real.shape[1], known=None,
                    segments=None)
+
+
+def _unpack_heads(t: torch.Tensor, segments: Segments) -> torch.Tensor:
+    """Packed per-head rows (1×H×ΣN×d) one row per sample (B×H×N×d, zeros past each)."""
+    return unpack(t.transpose(1, 2), segments)[0].transpose(1, 2)
 
 
 def _scoring_rows(q: torch.Tensor, mask: torch.Tensor | None, state: TokenState
