@@ -53,9 +53,11 @@ def test_unsupported_model_names_adapters_and_changes_nothing():
 
 
 @pytest.mark.parametrize("recipe, kw, name", [
-    ("tome", dict(r=100), "r"),
+    ("tome", dict(r=100, strict=True), "r"),
     ("tome", dict(r=-1), "r"),
-    ("tome", dict(r=[1, 2]), "r"),
+    ("tome", dict(r=[1, 2, 3, 4]), "r"),
+    ("tome", dict(r=[1, 2], strict=True), "r"),
+    ("tome", dict(order="sorted"), "order"),
     ("tome", dict(schedule="zigzag"), "schedule"),
     ("tome", dict(ratio=0.5), "ratio"),
     ("attn_prune", dict(keep_ratio=0.0), "keep_ratio"),

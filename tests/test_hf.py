@@ -319,7 +319,7 @@ def test_unsupported_models_are_refused_untouched():
     model = _noise(CLIPVisionModel(CLIPVisionConfig(**clip_vision_cfg())))
     before = (_configs_state(model), _hooks(model))
     with pytest.raises(ValueError, match="r=9"):
-        trimkit.apply(model, "tome", r=9)  # 16 patches: at most 8 can merge
+        trimkit.apply(model, "tome", r=9, strict=True)  # 16 patches + CLS: at most 8 merge
     assert (_configs_state(model), _hooks(model)) == before and not trimkit.is_applied(model)
 
 

@@ -41,12 +41,14 @@ __all__ = [
     "masked_softmax",
     "merge_tokens",
     "merge_count",
+    "permute_tokens",
     "place_rows",
     "prune_keep_count",
     "query_attention",
     "restore_positions",
     "size_weighted_mean",
     "static_shapes",
+    "tome_matching",
     "topk_by_score",
 ]
 
@@ -351,6 +353,144 @@ def _general_matching(
     dst = b_idx.gather(1, node_j.gather(1, order))
     valid = torch.arange(r_top, device=metric.device)[None, :] < r_each[:, None]
     return src, dst, valid
+
+
+def tome_matching(
+    metric: torch.Tensor, r: int | torch.Tensor, live: torch.Tensor, protected: torch.Tensor,
+    prefix: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """ToMe's bipartite soft matching as its reference code computes it: returns ``(src,
+    dst, valid, order)``, the first three B×r' as in `bipartite_soft_matching`.
+
+    The ``live`` tokens (B×N bool), protected ones included, alternate into sets A and B by
+    their rank among live tokens (the CLS is A's first). Each A token is linked to its most
+    similar B token (cosine of ``metric``); protected tokens take no link (their score is
+    −∞). The ``r`` strongest links merge, A into B, ``r`` clamped per sample to
+    ``(T − P) // 2`` of its T live and P protected tokens (and to the A tokens that can
+    link). ``r`` is one count or a B long tensor.
+
+    ``order`` (B×N long, or ``None`` where no sample merges) is the slot order of the merged
+    sequence, which decides the next layer's A/B split: the leading protected tokens (those
+    before the first unprotected live token), then the unmerged A tokens in their order
+    (in descending link score when the sample protects no token, as the reference leaves
+    them), then all B tokens, then the dead ones (merged sources, padding). A sample that
+    merges nothing keeps its order. Apply it with `permute_tokens` after `merge_tokens`.
+
+    ``prefix``: every token is known to be live and the protected ones to be the first
+    ``prefix`` (`TokenState.dense_prefix`); with an int ``r`` nothing is read on the host
+    and every returned pair is valid.
+    """
+    per_sample = isinstance(r, torch.Tensor)
+    bsz, n, _ = metric.shape
+    dev = metric.device
+    m = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    if prefix is not None and not per_sample:
+        p = prefix
+        pa, pb = (p + 1) // 2, p // 2  # protected tokens in A (even slots) and B (odd slots)
+        free_a, free_b = (n + 1) // 2 - pa, n // 2 - pb
+        r_top = max(min(r, (n - p) // 2, free_a if free_b > 0 else 0), 0)
+        if r_top == 0:
+            empty = torch.zeros(bsz, 0, dtype=torch.long, device=dev)
+            return empty, empty, empty.bool(), None
+        scores = m[:, 0::2] @ m[:, 1::2].transpose(-1, -2)
+        na, nb = scores.shape[1:]
+        blocked = ((torch.arange(na, device=dev) < pa)[:, None]
+                   | (torch.arange(nb, device=dev) < pb)[None, :])
+        scores = scores.masked_fill(blocked, -math.inf)
+        a_idx = (2 * torch.arange(na, device=dev)).expand(bsz, na)
+        b_idx = (2 * torch.arange(nb, device=dev) + 1).expand(bsz, nb)
+        r_each: torch.Tensor | int = r_top
+        is_a = (torch.arange(n, device=dev) % 2 == 0).expand(bsz, n)
+        is_b = ~is_a
+        lead = (torch.arange(n, device=dev) < p).expand(bsz, n)
+        sorted_a = p > 0
+    else:
+        prot = protected & live
+        rank = live.long().cumsum(1) - 1  # ONNX's CumSum takes no bool
+        is_a = live & (rank % 2 == 0)
+        is_b = live & (rank % 2 == 1)
+        ok_a, ok_b = is_a & ~prot, is_b & ~prot
+        tokens, n_prot = live.sum(1), prot.sum(1)
+        cap = torch.minimum((tokens - n_prot) // 2,
+                            torch.where(ok_b.any(1), ok_a.sum(1), 0))
+        r_each = torch.minimum(cap, r.to(cap.device)) if per_sample else cap.clamp(max=r)
+        if static_shapes():  # bounded by the shapes alone: no host read
+            r_top = min(r, n // 2) if not per_sample else n // 2
+            na, nb = (n + 1) // 2, n // 2
+        else:  # one device sync for the three counts
+            r_top, na, nb = torch.stack([r_each.max(), is_a.sum(1).max(),
+                                         is_b.sum(1).max()]).tolist() if bsz else (0, 0, 0)
+        if r_top <= 0 or na == 0 or nb == 0:
+            empty = torch.zeros(bsz, 0, dtype=torch.long, device=dev)
+            return empty, empty, empty.bool(), None
+        a_idx = _stable_order((~is_a).to(torch.uint8), na)
+        b_idx = _stable_order((~is_b).to(torch.uint8), nb)
+        d = m.shape[-1]
+        scores = (m.gather(1, a_idx[..., None].expand(-1, -1, d))
+                  @ m.gather(1, b_idx[..., None].expand(-1, -1, d)).transpose(-1, -2))
+        ok = ok_a.gather(1, a_idx)[:, :, None] & ok_b.gather(1, b_idx)[:, None, :]
+        scores = scores.masked_fill(~ok, -math.inf)
+        idx = torch.arange(n, device=dev)
+        first_free = torch.where(live & ~prot, idx, n).amin(1, keepdim=True)
+        lead = prot & (idx < first_free)
+        sorted_a = prot.any(1, keepdim=True)
+    node_max, node_j = scores.max(dim=-1)
+    rows = _stable_order(node_max, descending=True)  # A rows by their best link, strongest first
+    src = a_idx.gather(1, rows[:, :r_top])
+    dst = b_idx.gather(1, node_j.gather(1, rows[:, :r_top]))
+    if isinstance(r_each, int):
+        valid = torch.ones(bsz, r_top, dtype=torch.bool, device=dev)
+        merging = None
+    else:
+        valid = torch.arange(r_top, device=dev)[None, :] < r_each[:, None]
+        merging = (r_each > 0)[:, None]
+    order = _merged_order(is_a, is_b, lead, src, valid, rows, a_idx, sorted_a, merging)
+    return src, dst, valid, order
+
+
+def _merged_order(is_a: torch.Tensor, is_b: torch.Tensor, lead: torch.Tensor,
+                  src: torch.Tensor, valid: torch.Tensor, rows: torch.Tensor,
+                  a_idx: torch.Tensor, sorted_a: torch.Tensor | bool,
+                  merging: torch.Tensor | None) -> torch.Tensor:
+    """`tome_matching`'s slot order: a sort key per slot, in four bands (leading protected,
+    unmerged A, B, dead), each by position except unmerged A by link rank where
+    ``sorted_a`` is False; samples where ``merging`` is False keep their order."""
+    bsz, n = is_a.shape
+    idx = torch.arange(n, device=is_a.device).expand(bsz, n)
+    merged = torch.zeros_like(is_a).scatter(1, src, valid)
+    within_a = idx
+    if sorted_a is not True:
+        na = rows.shape[1]
+        link_rank = torch.empty_like(rows).scatter(
+            1, rows, torch.arange(na, device=rows.device).expand(bsz, na))
+        by_link = torch.zeros_like(idx).scatter(1, a_idx, link_rank)
+        within_a = by_link if sorted_a is False else torch.where(sorted_a, idx, by_link)
+    key = 3 * n + idx  # dead: merged sources, padding, earlier drops
+    key = torch.where(is_b & ~lead, 2 * n + idx, key)
+    key = torch.where(is_a & ~lead & ~merged, n + within_a, key)
+    key = torch.where(lead, idx, key)
+    if merging is not None:
+        key = torch.where(merging, key, idx)
+    return _stable_order(key)
+
+
+def permute_tokens(state: TokenState, order: torch.Tensor, *, prefix_kept: bool = False
+                   ) -> TokenState:
+    """``state`` with its slots in ``order`` (B×N long, a permutation per sample, e.g.
+    `tome_matching`'s): every field follows its token, ``source`` included. The dead count
+    stays known; a known protected prefix only with ``prefix_kept`` (``order`` keeps the
+    leading protected tokens first, as `tome_matching`'s does)."""
+    d = state.x.shape[-1]
+    x = state.x.gather(1, order[..., None].expand(-1, -1, d))
+    keep, size, protected = (t.gather(1, order) for t in (state.keep, state.size,
+                                                          state.protected))
+    source = None
+    if state.source is not None:
+        slots = torch.arange(order.shape[1], device=order.device).expand_as(order)
+        source = _remap_source(state.source, torch.empty_like(order).scatter(1, order, slots))
+    new = replace(state, x=x, keep=keep, size=size, protected=protected, source=source,
+                  packed=False)
+    return new.knowing(state.dead_count, state.protected_prefix if prefix_kept else None)
 
 
 def merge_tokens(

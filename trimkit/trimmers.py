@@ -12,7 +12,9 @@ from .ops import (
     keep_top,
     merge_count,
     merge_tokens,
+    permute_tokens,
     prune_keep_count,
+    tome_matching,
 )
 from .sites import CrossScores, Site, TokenOp
 from .state import TokenState
@@ -43,19 +45,32 @@ def cross_scores(site: Site, pair: int, state: TokenState) -> CrossScores:
 class MergeTokens(TokenOp):
     """Bipartite soft matching on this layer's self-attention keys: merge the ``r`` most
     similar A→B pairs (ToMe), or, with ``ratio``, ``round(ratio · E)`` of each sample's E
-    mergeable tokens, capped at ``E // 2`` (PuMer's text merging)."""
+    mergeable tokens, capped at ``E // 2`` (PuMer's text merging).
+
+    ``order="reference"`` matches and orders as ToMe's reference code (`tome_matching`:
+    A/B alternate over all live tokens, protected ones included; the merged sequence is
+    the leading protected tokens, the unmerged A tokens, then the B tokens), ``r`` clamped
+    per sample to ``(T − P) // 2``. ``order="original"`` alternates over the mergeable
+    tokens only and leaves every token in its slot (`bipartite_soft_matching`), ``r``
+    clamped to the A tokens."""
 
     needs = frozenset({"keys"})
+    ORDERS = ("reference", "original")
 
-    def __init__(self, r: int | None = None, *, ratio: float | None = None):
+    def __init__(self, r: int | None = None, *, ratio: float | None = None,
+                 order: str = "reference"):
         super().__init__()
         if (r is None) == (ratio is None):
             raise ValueError("MergeTokens needs exactly one of r and ratio")
+        if order not in self.ORDERS:
+            raise ValueError(f"order must be 'reference' or 'original', got {order!r}")
         self.r = None if r is None else int(r)
         self.ratio = None if ratio is None else float(ratio)
+        self.order = order
 
     def extra_repr(self) -> str:
-        return f"r={self.r}" if self.r is not None else f"ratio={self.ratio}"
+        count = f"r={self.r}" if self.r is not None else f"ratio={self.ratio}"
+        return f"{count}, order={self.order!r}"
 
     def forward(self, state: TokenState, site: Site) -> TokenState:
         if (self.r if self.r is not None else self.ratio) <= 0:
@@ -66,12 +81,21 @@ class MergeTokens(TokenOp):
         if prefix is not None:  # counts known on the host: no device sync, static shapes
             e = int(eligible.shape[1]) - prefix
             r = self.r if self.r is not None else merge_count(e, self.ratio)
-            src, dst, valid = bipartite_soft_matching(keys, r, eligible, prefix)
-            return merge_tokens(state, src, dst, valid, all_valid=True)
-        r_: int | torch.Tensor = self.r if self.r is not None else merge_count(eligible,
-                                                                              self.ratio)
-        src, dst, valid = bipartite_soft_matching(keys, r_, eligible)
-        return merge_tokens(state, src, dst, valid)
+            if self.order == "original":
+                src, dst, valid = bipartite_soft_matching(keys, r, eligible, prefix)
+                return merge_tokens(state, src, dst, valid, all_valid=True)
+            src, dst, valid, order = tome_matching(keys, r, state.live, state.protected,
+                                                   prefix)
+            state = merge_tokens(state, src, dst, valid, all_valid=True)
+        else:
+            r_: int | torch.Tensor = self.r if self.r is not None else merge_count(
+                eligible, self.ratio)
+            if self.order == "original":
+                src, dst, valid = bipartite_soft_matching(keys, r_, eligible)
+                return merge_tokens(state, src, dst, valid)
+            src, dst, valid, order = tome_matching(keys, r_, state.live, state.protected)
+            state = merge_tokens(state, src, dst, valid)
+        return state if order is None else permute_tokens(state, order, prefix_kept=True)
 
 
 class ReduceByCrossAttention(TokenOp):
