@@ -318,6 +318,9 @@ class Row:
     times_resize: list[float] = field(default_factory=list)
     #: the ``torch.compile`` mode all the timed models ran under, ``None``: eager
     compiled: str | None = None
+    #: per example, what the trimmed model would spend run padded (``mode="compacted"``:
+    #: each batch padded to its longest survivor); ``None`` where it runs no other way
+    gflops_padded: float | None = None
 
     @property
     def ms_base(self) -> float:
@@ -700,6 +703,7 @@ def _measure(spec, recipe, options, base, trim, make_inputs, tasks, batch_sizes,
         if compile is not None:
             torch._dynamo.reset()  # fresh graphs, static shapes for this batch size
         done: _Done = {}
+        extra_flops: dict[str, float] = {}
         resized = None  # (side, model, make_inputs), chosen on the first task
         for n, (task, run) in enumerate(tasks.items()):
             label = f"batch {bs}" + (f", {task}" if task else "")
@@ -710,6 +714,9 @@ def _measure(spec, recipe, options, base, trim, make_inputs, tasks, batch_sizes,
                 # FLOPs of this very batch, per example: per-instance trimming packs a batch
                 # to its longest survivor (and computes a head some instance keeps)
                 flops = [_eager_flops(c, *x) / bs for c, x in calls]
+                padded = _padded_flops(trim, calls[1][0], inputs)
+                if padded is not None:
+                    extra_flops[task] = padded / bs
                 if n == 0 and resizer is not None and flops[1] < flops[0]:
                     try:
                         resized = resizer.match(run, flops[1])
@@ -753,8 +760,26 @@ def _measure(spec, recipe, options, base, trim, make_inputs, tasks, batch_sizes,
                 ips_base=bs / med[0], ips_trim=bs / med[1], speedup=speedup,
                 efficiency=speedup / ratio, mem_base_mb=mems[0], mem_trim_mb=mems[1],
                 repeats=repeats, times_base=times[0], times_trim=times[1], task=task,
-                compiled=compile, **extra))
+                compiled=compile, gflops_padded=(extra_flops[task] / 1e9
+                                                 if task in extra_flops else None),
+                **extra))
     return rows
+
+
+def _padded_flops(model: nn.Module, call: Callable[..., Any], inputs: tuple) -> float | None:
+    """FLOPs of ``call`` with ``model`` run padded (``mode="compacted"``), where it would
+    otherwise pack ragged batches (``"auto"`` in eval, ``"packed"``); else ``None``."""
+    if not trimkit.is_applied(model):
+        return None
+    ctx = trimkit.api._applied(model).ctx
+    if ctx.mode not in ("auto", "packed") or not ctx.packable:
+        return None
+    was = ctx.mode
+    ctx.mode = "compacted"
+    try:
+        return _eager_flops(call, *inputs)
+    finally:
+        ctx.mode = was
 
 
 def _derive(done: _Done, d: Derived, task: str) -> tuple[list[float], list[list[float]]]:
@@ -777,6 +802,7 @@ _COLUMNS = [
     ("ms trim", "ms_trim", "{:.1f}"),
     ("GFLOPs base", "gflops_base", "{:.2f}"),
     ("GFLOPs trim", "gflops_trim", "{:.2f}"),
+    ("GFLOPs padded", "gflops_padded", "{:.2f}"),
     ("FLOPs ratio", "flops_ratio", "{:.3f}x"),
     ("img/s base", "ips_base", "{:.2f}"),
     ("img/s trim", "ips_trim", "{:.2f}"),
@@ -793,7 +819,7 @@ _COLUMNS = [
 
 #: columns shown only when some row has a value
 _OPTIONAL = {"resize_side", "gflops_resize", "ips_resize", "speedup_resize", "mem_resize_mb",
-             "compiled"}
+             "compiled", "gflops_padded"}
 
 
 def format_table(rows: list[Row]) -> str:
