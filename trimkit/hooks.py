@@ -6,10 +6,13 @@ call's arguments); `install_tower` installs it:
 
 - `Entry` hooks on the tower (or a wrapper of one of its methods): they read the stream's
   ``(real, protected)`` entry masks from the call and are the only writer of
-  `CallRecord.entry`;
+  `CallRecord.entry`; where the call also receives another stream's tokens as keys
+  (`Keys`), that stream continues there or enters there, or is absent from the call;
 - `Enter` before each layer, `Leave` after it (or after a named child), both ahead of any
-  other hook on the module;
-- `Restore` after the last layer: the stream's output back at its entry positions.
+  other hook on the module; `KeysThrough` runs a keys-only site on the keys a layer reads;
+- `Restore` after the last layer: the stream's output back at its entry positions;
+- `KeyBias` (and `Expanding`) on an untrimmed module that cross-attends to a trimmed
+  tower's output, which an `Entry` recorded (`Outputs`): its dead slots are masked.
 
 Every change goes through a `Patches` stack: an instance attribute set, a hook registered,
 each with an undo object that holds its targets as attributes (`RestoreAttr`,
@@ -31,14 +34,15 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .ops import restore_positions
+from .ops import additive_mask, restore_positions
 from .sites import Site, TrimContext
 from .state import TokenState, static_shapes
 
-__all__ = ["ArgumentReader", "Enter", "Entry", "EntryMethod", "Leave", "MethodPatch", "Patches",
-           "RemoveHook", "Restore", "RestoreAttr", "StreamCall", "Tower", "Undo", "first_output",
-           "install_tower", "keys_arrive", "keys_leave", "live_slots", "per_call",
-           "replace_first_output", "stream_call", "untouched"]
+__all__ = ["ArgumentReader", "Enter", "Entry", "EntryMethod", "Expanding", "KeyBias", "Keys",
+           "KeysThrough", "Leave", "MethodPatch", "Outputs", "Patches", "RemoveHook", "Restore",
+           "RestoreAttr", "StreamCall", "Tower", "Undo", "first_output", "install_tower",
+           "live_slots", "outputs", "padding_mask", "per_call", "replace_first_output",
+           "stream_call", "untouched"]
 
 Undo = Callable[[], None]
 #: ``masks(arguments, module)``: a stream's ``(real, protected)`` B×N bool entry masks (each
@@ -192,12 +196,15 @@ def per_call(ctx: TrimContext, key: object, factory: Callable[[], Any]) -> Any:
 @dataclass
 class StreamCall:
     """A stream's part of the call under way: how many of its towers are running, the real
-    tokens it entered with (B×N bool, ``None``: all), and whether its tokens still sit where
-    they entered (``None``: not known yet)."""
+    tokens it entered with (B×N bool, ``None``: all), whether its tokens still sit where
+    they entered (``None``: not known yet); for a stream read as keys, whether a tower's
+    call reads it (`Keys`) and its tokens as the last keys-only site left them."""
 
     depth: int = 0
     real: torch.Tensor | None = None
     in_place: bool | None = True
+    reading: bool = False
+    tokens: torch.Tensor | None = None
 
 
 def stream_call(ctx: TrimContext, stream: str) -> StreamCall:
@@ -236,25 +243,60 @@ def live_slots(state: TokenState) -> torch.Tensor | None:
     return live
 
 
-def keys_arrive(ctx: TrimContext, stream: str, x: torch.Tensor | None,
-                real: torch.Tensor | None = None, *, continues: bool = False) -> None:
-    """Tokens of ``stream`` reach a tower as another stream's keys (``None``: this call reads
-    none, and ``stream`` is absent until `keys_leave`, so no trimmer is guided by it).
-    ``continues``: they are the stream's own output, which its state still lays out; else
-    the stream enters here (``real``: B×N bool, False on padding)."""
-    if x is None:
-        ctx.absent.add(stream)
-        return
-    state = ctx.states.get(stream)
-    if continues and state is not None and state.keep.shape == x.shape[:2]:
-        ctx.states[stream] = state.with_x(x)
-    else:
-        ctx.start(stream, x, real)
+class Outputs:
+    """The calling thread's latest tower outputs (`Entry` with ``record``), one per stream,
+    with their live slots, so that a module cross-attending to one masks its dead slots
+    (`KeyBias`). Outputs are found by identity (``is``, which ``torch.compile`` traces,
+    unlike ``id`` keys and weak references) and held until the next one; the key bias is
+    built once per tensor read (``generate`` passes the same one at every step)."""
+
+    def __init__(self) -> None:
+        #: stream -> (its latest output, its live tokens B×N bool, or None when all are live)
+        self._latest: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.pending: torch.Tensor | None = None  # set while an `Expanding` method runs
+        self.mask: torch.Tensor | None = None  # the key bias of the `KeyBias` call under way
+        self._bias: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def record(self, ctx: TrimContext, stream: str, output: Any) -> None:
+        """``output`` of ``stream``'s tower, when its state lays it out."""
+        x = getattr(output, "last_hidden_state", None)
+        if x is None and isinstance(output, tuple):
+            x = output[0]
+        state = ctx.states.get(stream) if ctx.enabled else None
+        if x is not None and state is not None and state.keep.shape == x.shape[:2]:
+            self._latest[stream] = (x, live_slots(state))
+
+    def find(self, x: torch.Tensor | None) -> tuple[bool, torch.Tensor | None]:
+        """Whether ``x`` is a recorded output, and its live mask (``None``: all live)."""
+        if x is not None:
+            for out, live in self._latest.values():
+                if out is x:
+                    return True, live
+        return False, None
+
+    def key_bias(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        """B×1×1×N additive bias on the dead slots of ``x``: a recorded output, or one that
+        an `Expanding` method expanded from it (repeated per beam or sample); ``None`` if
+        there are none."""
+        if x is None:
+            return None
+        if self._bias is not None and self._bias[0] is x:
+            return self._bias[1]
+        found, live = self.find(x)
+        p = self.pending
+        if (not found and p is not None and x.dim() == 3 and x.shape[1] == p.shape[1]
+                and x.shape[0] % p.shape[0] == 0):
+            live = p.repeat_interleave(x.shape[0] // p.shape[0], dim=0)
+        bias = None
+        if live is not None:
+            bias = additive_mask(live.to(x.device), x.dtype)[:, None, None, :]
+        self._bias = (x, bias)
+        return bias
 
 
-def keys_leave(ctx: TrimContext, stream: str) -> None:
-    """The tower that read ``stream`` as keys returns: the stream is no longer absent."""
-    ctx.absent.discard(stream)
+def outputs(ctx: TrimContext) -> Outputs:
+    """The calling thread's `Outputs`."""
+    return per_call(ctx, "outputs", Outputs)
 
 
 # ------------------------------------------------------------------------------ the hooks
@@ -269,14 +311,39 @@ def replace_first_output(output: object, x: torch.Tensor) -> object:
     return (x, *output[1:]) if isinstance(output, tuple) else x
 
 
+def padding_mask(mask: torch.Tensor | None, owner: str) -> torch.Tensor | None:
+    """B×N bool, True on real tokens, from a 2D attention mask (1 on real tokens; ``None``
+    stays ``None``); any other shape is a `ValueError` naming ``owner``."""
+    if mask is None:
+        return None
+    if mask.dim() != 2:
+        raise ValueError(f"trimkit reads padding from a 2D attention_mask (B×N, 1 on real "
+                         f"tokens); the {owner} got one of shape {tuple(mask.shape)}")
+    return mask.to(torch.bool)
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Another stream's tokens that a tower's call receives as keys: its argument ``tokens``,
+    and ``mask`` the argument with their 2D padding mask."""
+
+    stream: str
+    tokens: str
+    mask: str | None = None
+
+
 class Entry:
     """Where ``stream`` enters: forward hooks of a tower module (`install`). ``read`` picks
-    the call's arguments, ``masks`` turns them into the stream's entry masks. Subclasses
-    extend `begin` and `end` (run while trimming is enabled / always)."""
+    the call's arguments, ``masks`` turns them into the stream's entry masks. With ``keys``,
+    the call's keys stream continues here (the tokens are its recorded output), else enters
+    here, or is absent from the call (no tokens: no trimmer is guided by it). ``record``:
+    the tower's output is recorded (`Outputs`)."""
 
     def __init__(self, ctx: TrimContext, stream: str, read: ArgumentReader | None = None,
-                 masks: MaskReader | None = None):
+                 masks: MaskReader | None = None, *, keys: Keys | None = None,
+                 record: bool = False):
         self.ctx, self.stream, self.read, self.masks = ctx, stream, read, masks
+        self.keys, self.record = keys, record
 
     def install(self, patches: Patches, module: nn.Module, method: str = "forward") -> None:
         """Hooks on ``module``, or, for a ``method`` other than its forward, a wrapper."""
@@ -294,27 +361,42 @@ class Entry:
             self.begin(module, self.read(args, kwargs) if self.read is not None else {})
 
     def begin(self, module: nn.Module, arguments: dict[str, Any]) -> None:
-        """Set the stream's entry masks from the call's ``arguments``."""
-        masks = self.masks(arguments, module) if self.masks is not None else None
-        if masks is None:
-            return
-        real, protected = masks
+        """The stream's entry masks, and its keys stream, from the call's ``arguments``."""
+        ctx = self.ctx
+        real, protected = (self.masks(arguments, module) if self.masks is not None
+                           else None) or (None, None)
         if real is not None:
-            call = stream_call(self.ctx, self.stream)
+            call = stream_call(ctx, self.stream)
             call.real = real
-            if (self.ctx.compacting(module.training) and not static_shapes()
-                    and not bool(real.all())):
+            if ctx.compacting(module.training) and not static_shapes():
                 call.in_place = None  # known once the padding was compacted
         if real is not None or protected is not None:
-            self.ctx.entry[self.stream] = (real, protected)
+            ctx.entry[self.stream] = (real, protected)
+        if self.keys is None:
+            return
+        stream, x = self.keys.stream, arguments.get(self.keys.tokens)
+        keys = stream_call(ctx, stream)
+        keys.reading, keys.tokens = x is not None, None
+        if x is None:
+            ctx.absent.add(stream)
+            return
+        state = ctx.states.get(stream)
+        if outputs(ctx).find(x)[0] and state is not None and state.keep.shape == x.shape[:2]:
+            ctx.states[stream] = state.with_x(x)  # the stream's own tower output
+        else:
+            mask = arguments.get(self.keys.mask) if self.keys.mask else None
+            ctx.start(stream, x, None if mask is None or mask.dim() != 2 else mask.bool())
 
     def after(self, module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
-        stream_call(self.ctx, self.stream).depth -= 1
-        self.ctx.entry.pop(self.stream, None)
-        self.end(module, output)
-
-    def end(self, module: nn.Module, output: object) -> None:
-        """What the tower's call leaves behind, as it returns (or raises: ``output`` None)."""
+        ctx = self.ctx
+        stream_call(ctx, self.stream).depth -= 1
+        ctx.entry.pop(self.stream, None)
+        if self.keys is not None:
+            ctx.absent.discard(self.keys.stream)
+            keys = stream_call(ctx, self.keys.stream)
+            keys.reading, keys.tokens = False, None
+        if self.record:
+            outputs(ctx).record(ctx, self.stream, output)
 
 
 class EntryMethod(MethodPatch):
@@ -358,14 +440,40 @@ class Enter:
         return args, dict(kwargs, **{self.name: site.enter(kwargs[self.name])})
 
 
+class KeysThrough:
+    """Forward pre-hook of a layer that reads another stream's tokens as keys (argument
+    ``name``, or position ``position``), for that stream's keys-only site
+    (`LayerDesc.keys_only`): in calls that read the stream (`Keys`), the tokens go through
+    the site (enter, then leave) first, and what it leaves is what this layer and the
+    stream's next reader get."""
+
+    def __init__(self, site: Site, name: str, position: int):
+        self.site, self.name, self.position = site, name, position
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        site, i = self.site, self.position
+        call = stream_call(site.ctx, site.stream)
+        if not site.ctx.enabled or not call.reading:
+            return None
+        given = args[i] if len(args) > i else kwargs.get(self.name)
+        call.tokens = site.leave(site.enter(given if call.tokens is None else call.tokens))
+        if len(args) > i:
+            return (*args[:i], call.tokens, *args[i + 1:]), kwargs
+        return args, dict(kwargs, **{self.name: call.tokens})
+
+
 class Leave:
     """Forward hook of a layer (or of the child after which its leave point goes): the
-    hidden states it returns through the site's leave."""
+    hidden states it returns through the site's leave; with ``unless_reading``, only in
+    calls that do not read that stream as keys (the leave point is then after the
+    cross-attention, another `Leave`)."""
 
-    def __init__(self, site: Site):
-        self.site = site
+    def __init__(self, site: Site, unless_reading: str | None = None):
+        self.site, self.unless_reading = site, unless_reading
 
     def __call__(self, module: nn.Module, args: tuple, output: object) -> object:
+        if self.unless_reading and stream_call(self.site.ctx, self.unless_reading).reading:
+            return None
         return replace_first_output(output, self.site.leave(first_output(output)))
 
 
@@ -395,6 +503,52 @@ class Restore:
         elif not bool(flag):
             x = restore_positions(state, x, self.fill)
         return replace_first_output(output, x)
+
+
+class KeyBias:
+    """Hooks of a module that is not trimmed but cross-attends to a recorded tower output
+    (`Outputs`), handed as its argument ``tokens``: its cross-attention modules get the key
+    bias on that output's dead slots as their argument ``mask``."""
+
+    def __init__(self, ctx: TrimContext, module: nn.Module, tokens: str, mask: str):
+        self.ctx, self.tokens, self.mask = ctx, tokens, mask
+        self.read = ArgumentReader(module.forward, (tokens,))
+
+    def install(self, patches: Patches, module: nn.Module, cross: Iterable[nn.Module]) -> None:
+        patches.hook(module, self.before, pre=True, kwargs=True)
+        patches.hook(module, self.after, kwargs=True, always=True)
+        for attention in cross:
+            patches.hook(attention, self.cross, pre=True, kwargs=True)
+
+    def before(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        out = outputs(self.ctx)
+        out.mask = out.key_bias(self.read(args, kwargs).get(self.tokens))
+
+    def after(self, module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+        outputs(self.ctx).mask = None
+
+    def cross(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        mask = outputs(self.ctx).mask
+        if mask is None or kwargs.get(self.tokens) is None:
+            return None
+        return args, dict(kwargs, **{self.mask: mask})
+
+
+class Expanding(MethodPatch):
+    """A method handed a recorded output as its keyword ``tokens`` that expands it per beam
+    or sample before a `KeyBias` module reads it (a decoder's ``generate``)."""
+
+    def __init__(self, owner: nn.Module, name: str, ctx: TrimContext, tokens: str):
+        super().__init__(owner, name)
+        self.ctx, self.tokens = ctx, tokens
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        out = outputs(self.ctx)
+        out.pending = out.find(kwargs.get(self.tokens))[1]
+        try:
+            return self.original(*args, **kwargs)
+        finally:
+            out.pending = None
 
 
 # -------------------------------------------------------------------------------- towers

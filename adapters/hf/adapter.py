@@ -50,7 +50,7 @@ from trimkit import (
     register_adapter,
 )
 from trimkit.api import UnsupportedConfigError
-from trimkit.hooks import ArgumentReader, Patches, Tower, Undo, install_tower
+from trimkit.hooks import ArgumentReader, Patches, Tower, Undo, install_tower, padding_mask
 from trimkit.sites import Site, TrimContext
 
 from .attention import Binding, route_attention
@@ -201,17 +201,6 @@ def patch_grid(embeddings: nn.Module) -> tuple[int, int]:
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     ph, pw = (patch, patch) if isinstance(patch, int) else tuple(patch)
     return h // ph, w // pw
-
-
-def padding_mask(mask: torch.Tensor | None, owner: str) -> torch.Tensor | None:
-    """B×N bool, True on real tokens, from a tower's 2D ``attention_mask`` (``None`` stays
-    ``None``); any other shape is a `ValueError` naming ``owner``."""
-    if mask is None:
-        return None
-    if mask.dim() != 2:
-        raise ValueError(f"trimkit reads padding from a 2D attention_mask (B×N, 1 on real "
-                         f"tokens); the {owner} got one of shape {tuple(mask.shape)}")
-    return mask.to(torch.bool)
 
 
 def _entry_masks(tower: str, arguments: dict, module: nn.Module

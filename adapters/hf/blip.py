@@ -58,22 +58,21 @@ from trimkit.hooks import (
     ArgumentReader,
     Enter,
     Entry,
+    Expanding,
+    KeyBias,
+    Keys,
+    KeysThrough,
     Leave,
-    MethodPatch,
     Patches,
     Tower,
     Undo,
     install_tower,
-    keys_arrive,
-    keys_leave,
-    live_slots,
-    per_call,
+    padding_mask,
 )
-from trimkit.ops import additive_mask
 from trimkit.sites import Site, TrimContext
 
 from ..layouts import bert_heads
-from .adapter import padding_mask, patch_grid
+from .adapter import patch_grid
 
 __all__ = ["BlipAdapter"]
 
@@ -178,118 +177,6 @@ class _TextAttention(_VisionAttention):
         return out.transpose(1, 2).flatten(2), None
 
 
-# --------------------------------------------------------------------- outputs and key masks
-
-class _Outputs:
-    """The calling thread's latest tower outputs, one per stream, with their dead slots, so
-    a decoder that cross-attends to one masks them. Outputs are found by identity (``is``,
-    which ``torch.compile`` traces, unlike ``id`` keys and weak references); the latest
-    output of each stream is held until the next one. The key bias a decoder adds is built
-    once per tensor it reads (``generate`` passes the same one at every step)."""
-
-    def __init__(self) -> None:
-        #: stream -> (its latest output, its live tokens B×N bool, or None when all are live)
-        self._latest: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        self.pending: torch.Tensor | None = None  # set while a decoder's generate runs
-        self.mask: torch.Tensor | None = None  # the key bias of the decoder call under way
-        self._bias: tuple[torch.Tensor, torch.Tensor | None] | None = None
-
-    def record(self, ctx: TrimContext, stream: str, output: Any) -> None:
-        """``output`` of ``stream``'s tower, when its state lays it out."""
-        x = getattr(output, "last_hidden_state", None)
-        if x is None and isinstance(output, tuple):
-            x = output[0]
-        state = ctx.states.get(stream) if ctx.enabled else None
-        if x is not None and state is not None and state.keep.shape == x.shape[:2]:
-            self._latest[stream] = (x, live_slots(state))
-
-    def find(self, x: torch.Tensor | None) -> tuple[bool, torch.Tensor | None]:
-        """Whether ``x`` is a recorded output, and its live mask (``None``: all live)."""
-        if x is not None:
-            for out, live in self._latest.values():
-                if out is x:
-                    return True, live
-        return False, None
-
-    def key_bias(self, x: torch.Tensor | None) -> torch.Tensor | None:
-        """B×1×1×N additive bias on the dead slots of ``x``: a recorded output, or one that
-        ``generate`` expanded from it (repeated per beam or sample); ``None`` if there are
-        none."""
-        if x is None:
-            return None
-        if self._bias is not None and self._bias[0] is x:
-            return self._bias[1]
-        found, live = self.find(x)
-        p = self.pending
-        if (not found and p is not None and x.dim() == 3 and x.shape[1] == p.shape[1]
-                and x.shape[0] % p.shape[0] == 0):
-            live = p.repeat_interleave(x.shape[0] // p.shape[0], dim=0)
-        bias = None
-        if live is not None:
-            bias = additive_mask(live.to(x.device), x.dtype)[:, None, None, :]
-        self._bias = (x, bias)
-        return bias
-
-
-def _outputs(ctx: TrimContext) -> _Outputs:
-    return per_call(ctx, ("blip", "outputs"), _Outputs)
-
-
-class _VisionEntry(Entry):
-    """The vision tower: its output is recorded for the decoders."""
-
-    def end(self, module: nn.Module, output: object) -> None:
-        _outputs(self.ctx).record(self.ctx, IMAGE, output)
-
-
-class _DecoderMask:
-    """A decoder (not trimmed) masks the dead slots of the trimmed outputs it cross-attends
-    to: hooks on its BERT and on its cross-attentions."""
-
-    def __init__(self, ctx: TrimContext, bert: nn.Module):
-        self.ctx, self.read = ctx, ArgumentReader(bert.forward, ("encoder_hidden_states",))
-
-    def before(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        outputs = _outputs(self.ctx)
-        outputs.mask = outputs.key_bias(self.read(args, kwargs).get("encoder_hidden_states"))
-
-    def after(self, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
-        _outputs(self.ctx).mask = None
-
-    def cross(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        mask = _outputs(self.ctx).mask
-        if mask is None or kwargs.get("encoder_hidden_states") is None:
-            return None
-        return args, dict(kwargs, encoder_attention_mask=mask)
-
-
-class _Generate(MethodPatch):
-    """A decoder's ``generate``, knowing the dead slots of the output it was handed (which
-    it expands per beam or sample before its cross-attentions read it)."""
-
-    def __init__(self, decoder: nn.Module, ctx: TrimContext):
-        super().__init__(decoder, "generate")
-        self.ctx = ctx
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        outputs = _outputs(self.ctx)
-        outputs.pending = outputs.find(kwargs.get("encoder_hidden_states"))[1]
-        try:
-            return self.original(*args, **kwargs)
-        finally:
-            outputs.pending = None
-
-
-def _install_decoder(patches: Patches, decoder: nn.Module, ctx: TrimContext) -> None:
-    mask = _DecoderMask(ctx, decoder.bert)
-    patches.hook(decoder.bert, mask.before, pre=True, kwargs=True)
-    patches.hook(decoder.bert, mask.after, kwargs=True, always=True)
-    for layer in decoder.bert.encoder.layer:
-        if hasattr(layer, "crossattention"):
-            patches.hook(layer.crossattention.self, mask.cross, pre=True, kwargs=True)
-    patches.set(decoder, "generate", _Generate(decoder, ctx))
-
-
 # ------------------------------------------------------------------------------- the adapter
 
 @register_adapter
@@ -367,37 +254,34 @@ class BlipAdapter(Adapter):
     def install(self, model: nn.Module, desc: ModelDescription, sites: dict[tuple[str, int], Site],
                 ctx: TrimContext) -> list[Undo]:
         parts = _parts(model)
+        keys = {layer.pair: sites[(IMAGE, i)] for i, layer in
+                enumerate(desc.streams[IMAGE].layers if IMAGE in desc.streams else ())
+                if layer.keys_only}
         with Patches() as patches:
             if parts.vision is not None:
-                vision = parts.vision[1]
-                layers = vision.encoder.layers
+                layers = parts.vision[1].encoder.layers
                 for i, layer in enumerate(layers):
                     patches.set(layer.self_attn, "forward",
                                 _VisionAttention(layer.self_attn, sites[(IMAGE, i)]))
-                install_tower(patches, ctx, Tower(IMAGE, vision, layers),
+                install_tower(patches, ctx, Tower(IMAGE, parts.vision[1], layers),
                               [sites[(IMAGE, i)] for i in range(len(layers))],
-                              _VisionEntry(ctx, IMAGE))
+                              Entry(ctx, IMAGE, record=True))
             if parts.text is not None:
-                keys = {layer.pair: sites[(IMAGE, i)]
-                        for i, layer in enumerate(desc.streams[IMAGE].layers)
-                        if layer.keys_only} if IMAGE in desc.streams else {}
-                _install_text(patches, parts.text[1], sites, keys, ctx, parts.vision is not None)
-            for decoder in parts.decoders:
-                _install_decoder(patches, decoder, ctx)
+                text = parts.text[1]
+                Entry(ctx, TEXT, ArgumentReader(text.forward, (
+                    "is_decoder", "attention_mask", "encoder_hidden_states",
+                    "encoder_attention_mask")), _text_masks, record=True,
+                    keys=Keys(IMAGE, "encoder_hidden_states", "encoder_attention_mask")
+                    if parts.vision is not None else None).install(patches, text)
+                for j, layer in enumerate(text.encoder.layer):
+                    _install_text_layer(patches, layer, sites[(TEXT, j)], keys.get(j))
+            for decoder in parts.decoders:  # not trimmed: masks the dead slots it reads
+                bert, ehs = decoder.bert, "encoder_hidden_states"
+                KeyBias(ctx, bert, ehs, "encoder_attention_mask").install(patches, bert, [
+                    layer.crossattention.self for layer in bert.encoder.layer
+                    if hasattr(layer, "crossattention")])
+                patches.set(decoder, "generate", Expanding(decoder, "generate", ctx, ehs))
         return patches.undo
-
-
-@dataclass
-class _TextCall:
-    """The text encoder's call under way: does it read the image, and the image tokens the
-    previous layer's cross-attention left."""
-
-    cross: bool = False
-    keys: torch.Tensor | None = None
-
-
-def _text_call(ctx: TrimContext) -> _TextCall:
-    return per_call(ctx, ("blip", "text"), _TextCall)
 
 
 def _text_masks(arguments: dict, module: nn.Module) -> tuple[torch.Tensor | None, None]:
@@ -407,83 +291,19 @@ def _text_masks(arguments: dict, module: nn.Module) -> tuple[torch.Tensor | None
     return padding_mask(arguments.get("attention_mask"), "BLIP's text encoder"), None
 
 
-class _TextEntry(Entry):
-    """The text encoder: its padding, and the image tokens it reads as keys (the vision
-    tower's trimmed output, or image tokens from elsewhere, which enter here)."""
-
-    def __init__(self, ctx: TrimContext, text: nn.Module, has_image: bool):
-        super().__init__(ctx, TEXT, ArgumentReader(text.forward, (
-            "is_decoder", "attention_mask", "encoder_hidden_states", "encoder_attention_mask")),
-            _text_masks)
-        self.has_image = has_image
-
-    def before(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        call = _text_call(self.ctx)
-        call.cross, call.keys = False, None
-        super().before(module, args, kwargs)
-
-    def begin(self, module: nn.Module, arguments: dict[str, Any]) -> None:
-        super().begin(module, arguments)
-        ehs = arguments.get("encoder_hidden_states") if self.has_image else None
-        _text_call(self.ctx).cross = ehs is not None
-        real = arguments.get("encoder_attention_mask")
-        keys_arrive(self.ctx, IMAGE, ehs, None if real is None or real.dim() != 2 else real.bool(),
-                    continues=_outputs(self.ctx).find(ehs)[0])
-
-    def end(self, module: nn.Module, output: object) -> None:
-        keys_leave(self.ctx, IMAGE)
-        _text_call(self.ctx).keys = None
-        _outputs(self.ctx).record(self.ctx, TEXT, output)
-
-
-class _TextEnter(Enter):
-    """A text layer's enter; where it cross-attends to the image, the image tokens also go
-    through the keys-only site of this layer, and on to the next layer."""
-
-    def __init__(self, site: Site, key_site: Site | None):
-        super().__init__(site)
-        self.key_site = key_site
-
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        got = super().__call__(module, args, kwargs)
-        call = _text_call(self.site.ctx)
-        if got is None or self.key_site is None or not call.cross:
-            return got
-        args, kwargs = list(got[0]), dict(got[1])
-        given = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
-        call.keys = self.key_site.leave(self.key_site.enter(given if call.keys is None
-                                                            else call.keys))
-        if len(args) > 1:
-            args[1] = call.keys
-        else:
-            kwargs["encoder_hidden_states"] = call.keys
-        return tuple(args), kwargs
-
-
-class _LeaveSelf(Leave):
-    """The leave point after a text layer's self-attention, in calls that do not trim after
-    its cross-attention instead."""
-
-    def __init__(self, site: Site, after_cross: bool):
-        super().__init__(site)
-        self.after_cross = after_cross
-
-    def __call__(self, module: nn.Module, args: tuple, output: object) -> object:
-        if self.after_cross and _text_call(self.site.ctx).cross:
-            return None
-        return super().__call__(module, args, output)
-
-
-def _install_text(patches: Patches, text: nn.Module, sites: dict[tuple[str, int], Site],
-                  keys: dict[int, Site], ctx: TrimContext, has_image: bool) -> None:
-    _TextEntry(ctx, text, has_image).install(patches, text)
-    for j, layer in enumerate(text.encoder.layer):
-        site, key_site = sites[(TEXT, j)], keys.get(j)
-        patches.set(layer.attention.self, "forward", _TextAttention(layer.attention.self, site))
-        if hasattr(layer, "crossattention"):
-            patches.set(layer.crossattention.self, "forward",
-                        _TextAttention(layer.crossattention.self, site))
-        patches.hook(layer, _TextEnter(site, key_site), pre=True, kwargs=True, prepend=True)
-        if key_site is not None:  # the layer's cross-attention is described
-            patches.hook(layer.crossattention, Leave(site), prepend=True)
-        patches.hook(layer.attention, _LeaveSelf(site, key_site is not None), prepend=True)
+def _install_text_layer(patches: Patches, layer: nn.Module, site: Site,
+                        keys: Site | None) -> None:
+    """A text layer: its attentions through the site's core, enter, and leave after its
+    cross-attention when the call reads the image (the image tokens first go through the
+    layer's keys-only site), else after its self-attention."""
+    patches.set(layer.attention.self, "forward", _TextAttention(layer.attention.self, site))
+    if hasattr(layer, "crossattention"):
+        patches.set(layer.crossattention.self, "forward",
+                    _TextAttention(layer.crossattention.self, site))
+    if keys is not None:  # the layer's cross-attention is described
+        patches.hook(layer, KeysThrough(keys, "encoder_hidden_states", 1), pre=True,
+                     kwargs=True, prepend=True)
+        patches.hook(layer.crossattention, Leave(site), prepend=True)
+    patches.hook(layer, Enter(site), pre=True, kwargs=True, prepend=True)
+    patches.hook(layer.attention, Leave(site, unless_reading=IMAGE if keys else None),
+                 prepend=True)
