@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -39,10 +38,10 @@ from trimkit import (
     register_adapter,
 )
 from trimkit.api import UnsupportedConfigError, trimming_disabled
-from trimkit.bench import register_builder
-from trimkit.hooks import ArgumentReader, Entry, MethodPatch, Patches, Restore, Undo
+from trimkit.hooks import ArgumentReader, Entry, MethodPatch, Patches, Restore, Tower, Undo
 from trimkit.ops import size_weighted_mean
 from trimkit.sites import Site, TrimContext
+from trimkit.tools.bench import register_builder
 
 IMAGE, TEXT = "image", "text"
 
@@ -64,43 +63,34 @@ def _types() -> dict[str, type] | None:
                 CustomResidualAttentionBlock=CustomResidualAttentionBlock)
 
 
-@dataclass
-class _Tower:
-    """One trimmable tower: its stream, the module that owns its `Transformer` (``owner``,
-    at ``path`` in the model), and for text the module and method that receive the ids."""
-
-    stream: str
-    path: str
-    owner: nn.Module
-    ids_module: nn.Module | None = None
-    ids_method: str = ""
-
-
-def _towers(model: nn.Module, t: dict[str, type]) -> list[_Tower]:
-    """The model's open_clip ViT and text towers (others are not this adapter's)."""
+def _towers(model: nn.Module, t: dict[str, type]) -> list[Tower]:
+    """The model's open_clip ViT and text towers (others are not this adapter's): the
+    module that owns each one's `Transformer`, and for text the method receiving the ids."""
     towers = []
     visual = model if isinstance(model, t["VisionTransformer"]) else getattr(model, "visual", None)
     if isinstance(visual, t["VisionTransformer"]):
-        towers.append(_Tower(IMAGE, "" if visual is model else "visual", visual))
+        towers.append(_tower(IMAGE, visual, "" if visual is model else "visual"))
     if isinstance(model, t["CLIP"]):  # its text tower's parts live on the model itself
-        towers.append(_Tower(TEXT, "", model, model, "encode_text"))
+        towers.append(_tower(TEXT, model, "", "encode_text"))
     else:
         text = model if isinstance(model, t["TextTransformer"]) else getattr(model, "text", None)
         if isinstance(text, t["TextTransformer"]):
-            towers.append(_Tower(TEXT, "" if text is model else "text", text, text, "forward"))
+            towers.append(_tower(TEXT, text, "" if text is model else "text"))
     return towers
 
 
-def _unsupported(tower: _Tower, what: str) -> UnsupportedConfigError:
-    return UnsupportedConfigError(
-        f"trimkit's open_clip adapter cannot trim the {tower.stream} tower "
-        f"({type(tower.owner).__name__}{' at ' + tower.path if tower.path else ''}): {what}. "
-        f"Nothing was changed.")
+def _tower(stream: str, owner: nn.Module, path: str, method: str = "forward") -> Tower:
+    return Tower(stream, owner, owner.transformer.resblocks, method=method, path=path,
+                 name=f"{stream} tower ({type(owner).__name__})")
 
 
-def _check(tower: _Tower, t: dict[str, type]) -> None:
+def _unsupported(tower: Tower, why: str) -> UnsupportedConfigError:
+    return UnsupportedConfigError(tower.refusal("open_clip", why))
+
+
+def _check(tower: Tower, t: dict[str, type]) -> None:
     """Raise `UnsupportedConfigError` for configurations the adapter does not handle."""
-    owner, tr = tower.owner, tower.owner.transformer
+    owner, tr = tower.module, tower.module.transformer
     if not getattr(tr, "batch_first", True):
         raise _unsupported(tower, "its transformer is not batch_first")
     if getattr(tr, "grad_checkpointing", False):
@@ -133,9 +123,9 @@ def _check(tower: _Tower, t: dict[str, type]) -> None:
             raise _unsupported(tower, "text pool_type='none' returns every token; use "
                                       "'argmax', 'eos', 'first' or 'last'")
         try:
-            _text_reader(getattr(tower.ids_module, tower.ids_method))
+            ArgumentReader(getattr(owner, tower.method), ("text",), True)
         except TypeError:
-            raise _unsupported(tower, f"its {tower.ids_method} method takes no `text` "
+            raise _unsupported(tower, f"its {tower.method} method takes no `text` "
                                       f"argument to read the token ids from") from None
 
 
@@ -214,30 +204,17 @@ class _SizeWeightedPool(MethodPatch):
         return self.original(x)
 
 
-def _text_reader(fn: Callable) -> ArgumentReader:
-    """Reads ``text`` from calls of ``fn`` (a bound method); `TypeError` where ``fn`` has no
-    ``text`` parameter."""
-    read = ArgumentReader(fn, ("text",))
-    if "text" not in read.known:
-        raise TypeError(f"trimkit's open_clip adapter reads the token ids from a `text` "
-                        f"parameter, which {read.fn_name!r} does not have")
-    return read
-
-
-def _text_masks(owner: nn.Module, fn_name: str, arguments: dict, module: nn.Module
+def _text_masks(owner: nn.Module, arguments: dict, module: nn.Module
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    text = arguments.get("text")
-    if text is None:
-        raise TypeError(f"{fn_name}() missing its `text` argument (the token ids)")
-    return entry_masks(text, _text_settings(owner))
+    return entry_masks(arguments["text"], _text_settings(owner))
 
 
 def text_entry(ctx: TrimContext, owner: nn.Module, fn: Callable) -> Entry:
     """The text stream's entry at calls of ``fn`` (a bound method receiving the token ids as
     ``text``), for ``owner`` (a CLIP or a TextTransformer). The ids are read at the position
     of ``text`` found once here (`ArgumentReader`), which `torch.compile` traces."""
-    read = _text_reader(fn)
-    return Entry(ctx, TEXT, read, partial(_text_masks, owner, read.fn_name))
+    return Entry(ctx, TEXT, ArgumentReader(fn, ("text",), required=True),
+                 partial(_text_masks, owner))
 
 
 @register_adapter
@@ -263,7 +240,7 @@ class OpenClipAdapter(Adapter):
         streams = {}
         for tower in towers:
             _check(tower, t)
-            owner = tower.owner
+            owner = tower.module
             prefix = f"{tower.path}." if tower.path else ""
             # head counts are read from the modules: static head pruning changes them
             layers = tuple(
@@ -271,7 +248,7 @@ class OpenClipAdapter(Adapter):
                           num_heads=blk.attn.num_heads, dim=owner.transformer.width,
                           mlp_dim=blk.mlp.c_fc.out_features, head_dim=blk.attn.head_dim,
                           heads=_head_layout(blk, t))
-                for i, blk in enumerate(owner.transformer.resblocks))
+                for i, blk in enumerate(tower.layers))
             if tower.stream == IMAGE:
                 n = owner.grid_size[0] * owner.grid_size[1] + 1
                 streams[IMAGE] = StreamDesc(IMAGE, layers, num_tokens=n, num_protected=1,
@@ -291,18 +268,18 @@ class OpenClipAdapter(Adapter):
             patches.add(*super().install(model, desc, sites, ctx))
             towers = _towers(model, _types())
             # per-layer outputs need every token in place: these run untrimmed
-            for module in [model] + [t.owner for t in towers if t.owner is not model]:
+            for module in [model] + [t.module for t in towers if t.module is not model]:
                 if hasattr(module, "forward_intermediates"):
                     patches.set(module, "forward_intermediates",
                                 _Untrimmed(module, "forward_intermediates", model))
             for tower in towers:
+                owner = tower.module
                 if tower.stream == IMAGE:
-                    patches.set(tower.owner, "_global_pool", _SizeWeightedPool(tower.owner, ctx))
+                    patches.set(owner, "_global_pool", _SizeWeightedPool(owner, ctx))
                     continue
-                method = getattr(tower.ids_module, tower.ids_method)
-                text_entry(ctx, tower.owner, method).install(patches, tower.ids_module,
-                                                             tower.ids_method)
-                patches.hook(tower.owner.transformer, Restore(ctx, TEXT))
+                entry = text_entry(ctx, owner, getattr(owner, tower.method))
+                entry.install(patches, owner, tower.method)
+                patches.hook(owner.transformer, Restore(ctx, TEXT))
         return patches.undo
 
 

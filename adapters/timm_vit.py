@@ -13,11 +13,11 @@ from trimkit import (
     StreamDesc,
     register_adapter,
 )
-from trimkit.bench import register_builder
 from trimkit.hooks import MethodPatch, Patches, Undo
 from trimkit.ops import size_weighted_mean
 from trimkit.rewrite import ADDITIVE_MASK_FUNCTIONS
 from trimkit.sites import Site, TrimContext
+from trimkit.tools.bench import register_builder
 
 STREAM = "image"
 

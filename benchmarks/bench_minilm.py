@@ -46,8 +46,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import trimkit
-from trimkit.bench import time_pair
 from trimkit.registry import Command, register_command
+from trimkit.tools.bench import time_pair
 
 __all__ = ["SentenceEncoder", "format_tables", "load_texts", "mean_pool", "measure",
            "retrieval_loss"]

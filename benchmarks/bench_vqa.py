@@ -37,9 +37,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import trimkit
-from trimkit.bench import time_pair
 from trimkit.learned import param_groups
 from trimkit.registry import Command, register_command
+from trimkit.tools.bench import time_pair
 
 #: image tokens only: a question is about 9 tokens, so trimming them saves little compute
 #: (the image stream holds most of it) and costs accuracy; heads are gated in both streams

@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import trimkit
-from trimkit.bench import activation_peak, time_pair
 from trimkit.registry import Command, register_command
+from trimkit.tools.bench import activation_peak, time_pair
 
 from .bench_vqa import FINE_TUNE, _fine_tune, _Questions, _say, smarttrim_options
 
@@ -273,9 +273,9 @@ def _picture(points: list[Point], test, test_set, path: Path, count: int = 4) ->
     records = []
     for p in shown:
         if trimkit.is_applied(p.model):
-            groups = trimkit.viz.token_groups(p.model, p.prepare(images), attention_mask=mask,
+            groups = trimkit.tools.viz.token_groups(p.model, p.prepare(images), attention_mask=mask,
                                               text_embeds=feats)
-            pics = [trimkit.viz.draw(big[k], groups[k]) for k in range(count)]
+            pics = [trimkit.tools.viz.draw(big[k], groups[k]) for k in range(count)]
         else:  # what the (maybe shrunk) untrimmed model sees
             seen_img = (p.prepare(images) * _STD + _MEAN).clamp(0, 1)
             pics = [F.interpolate(seen_img[k:k + 1], size=big.shape[-2:], mode="nearest")[0]

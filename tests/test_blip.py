@@ -184,7 +184,7 @@ def test_causal_text_encoder_is_refused():
 
 
 def test_bench_times_encoding_generation_and_each_generated_token():
-    from trimkit.bench import benchmark, format_table
+    from trimkit.tools.bench import benchmark, format_table
 
     spec = ("hf:blip-image-captioning-base?image_size=32&num_hidden_layers=2&text_layers=1"
             "&new_tokens=2")

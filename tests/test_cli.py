@@ -7,14 +7,14 @@ import json
 import pytest
 
 from trimkit.api import list_recipes
-from trimkit.bench import (
+from trimkit.tools.bench import (
     build_model,
     format_table,
     parse_spec,
     parse_value,
     probe_in_subprocess,
 )
-from trimkit.cli import main, parse_overrides
+from trimkit.tools.cli import main, parse_overrides
 
 TINY = "timm:vit_tiny_patch16_224?img_size=64&depth=2"
 
@@ -84,7 +84,8 @@ def test_unknown_recipe_option(capsys):
 
 
 def test_bad_option_value_and_recipe(capsys):
-    assert main(["bench", "--model", TINY, "--recipe", "tome", "--r", "100", "--no-memory"]) == 2
+    assert main(["bench", "--model", TINY, "--recipe", "tome", "--r", "100", "--strict", "true",
+                 "--no-memory"]) == 2
     assert "r=100" in capsys.readouterr().err
     assert main(["bench", "--model", TINY, "--recipe", "nope", "--no-memory"]) == 2
     assert "unknown recipe 'nope'" in capsys.readouterr().err

@@ -149,7 +149,7 @@ def test_bench_compile_flag_compiles_all_timed_models_and_marks_rows(monkeypatch
     place with the same mode (here through dynamo's eager backend, to stay fast)."""
     import json
 
-    from trimkit.cli import main
+    from trimkit.tools.cli import main
 
     modes = []
     original = torch.nn.Module.compile

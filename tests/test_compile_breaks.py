@@ -14,7 +14,7 @@ import torch
 from generic_models import inputs, jitter
 from open_clip.model import CLIP
 from timm.models.vision_transformer import VisionTransformer
-from trimkit.adapters.open_clip import TEXT, _text_reader, text_entry
+from trimkit.adapters.open_clip import TEXT, text_entry
 
 import trimkit
 from trimkit.headskip import _LiveProjection
@@ -83,7 +83,7 @@ def test_argument_reader_finds_positions_once_on_the_bound_method():
         assert read.positions == {"text": None} and read((ids,), {}) == {}
         assert read((), {"text": ids})["text"] is ids
     with pytest.raises(TypeError, match="`text` parameter"):
-        _text_reader(absent.__get__(tower))
+        ArgumentReader(absent.__get__(tower), ["text"], required=True)
 
 
 def test_text_entry_traces_whole_after_other_state_changes():

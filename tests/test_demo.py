@@ -4,8 +4,8 @@ import json
 
 import torch
 
-from trimkit.bench import activation_peak
-from trimkit.cli import main
+from trimkit.tools.bench import activation_peak
+from trimkit.tools.cli import main
 
 
 def test_activation_peak_counts_tensors_alive_together():

@@ -339,7 +339,7 @@ def test_layers_called_without_their_tower_are_refused():
 
 
 def test_bench_presets_build_and_trim():
-    from trimkit.bench import build_model
+    from trimkit.tools.bench import build_model
 
     for spec, recipe, options in [
         ("hf:clip-vit-base-patch16?num_hidden_layers=2&hidden_size=64&intermediate_size=64"

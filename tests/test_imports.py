@@ -213,7 +213,7 @@ def test_every_installed_module_is_read(graph) -> None:
                  "trimkit.recipes.tome", "trimkit.benchmarks.demo"):
         assert name in modules, f"{name} not found among {sorted(modules)}"
     # relative, absolute and function-level imports all resolve
-    assert any(e.source == "trimkit.viz" and e.target == "trimkit.api" for e in edges)
+    assert any(e.source == "trimkit.tools.viz" and e.target == "trimkit.api" for e in edges)
     assert any(e.source == "trimkit.adapters.hf.blip" and e.target == "trimkit.adapters.layouts"
                for e in edges)
     assert any(_is_loader(e) for e in edges), "the registry's loader imports no plugin"
@@ -238,3 +238,17 @@ def test_the_engine_imports_no_plugin(graph) -> None:
     assert not wrong, "the engine imports its plugins:\n" + "\n".join(
         f"    {_where(modules[e.source][0])}:{e.line} imports {e.target} "
         f"{'in ' + e.function + '()' if e.function else 'at module level'}" for e in wrong)
+
+
+def test_the_core_imports_no_tool(graph) -> None:
+    """The core (``trimkit`` less its tools, the testing kit and the plugins) imports nothing
+    of `trimkit.tools`, at any level: tools are built on the core. Only the package's
+    ``__init__`` re-exports them."""
+    modules, edges = graph
+    tools, kit = ("trimkit.tools",), ("trimkit.testing",)
+    wrong = [e for e in edges
+             if e.source != "trimkit" and not _in(e.source, (*tools, *kit, *PLUGINS))
+             and _in(e.target, tools)]
+    assert not wrong, "the core imports a tool:\n" + "\n".join(
+        f"    {_where(modules[e.source][0])}:{e.line} imports {e.target}" for e in wrong)
+    assert any(e.source == "trimkit" and _in(e.target, tools) for e in edges)

@@ -67,7 +67,7 @@ def test_a_wrong_export_is_reported_with_its_difference(tmp_path, monkeypatch):
     model, kind = build("timm", "tome", FIXED["tome"])
     x = inputs(kind, 2)
     trimkit.export_onnx(model, x, tmp_path / "m.onnx", dynamo=False)
-    monkeypatch.setattr("trimkit.export._run_onnx",
+    monkeypatch.setattr("trimkit.tools.export._run_onnx",
                         lambda path, args: [model(*args).detach().numpy() + 1.0])
     with pytest.raises(trimkit.OnnxExportError, match="differs from PyTorch by 1"):
         trimkit.export_onnx(model, x, tmp_path / "m.onnx", check=True, dynamo=False)

@@ -418,7 +418,7 @@ def test_prune_heads_then_trim():
 
 
 def test_bench_builder_registered():
-    from trimkit.bench import BUILDERS, parse_spec
+    from trimkit.tools.bench import BUILDERS, parse_spec
 
     assert "open_clip" in BUILDERS
     assert parse_spec("open_clip:ViT-B-16?tower=text") == ("open_clip", "ViT-B-16",

@@ -22,8 +22,8 @@ from trimkit.adapters.meter import METER, meter_tiny
 
 import trimkit
 from trimkit import Option, Recipe, SitePlan, register_recipe
-from trimkit.persist import decode_option, encode_option, read_meta
 from trimkit.registry import RECIPES
+from trimkit.tools.persist import decode_option, encode_option, read_meta
 from trimkit.trimmers import PruneByQueryScore
 
 # ---------------------------------------------------------------------------- models
@@ -212,7 +212,7 @@ def test_weights_trimmers_keeps_the_models_own_base_weights(tmp_path):
     trimkit.save(torch.compile(model), tmp_path / "compiled")
     assert read_meta(tmp_path / "compiled")["recipe"]["name"] == "smarttrim"
     assert set(load_file(tmp_path / "compiled" / "model.safetensors")) == \
-        set(trimkit.persist._base_state(model))
+        set(trimkit.tools.persist._base_state(model))
 
 
 def test_head_pruning_alone_is_saved_as_the_heads_not_how_they_were_ranked(tmp_path):
@@ -327,7 +327,7 @@ def test_a_newer_format_says_to_upgrade(tmp_path):
     _rewrite(tmp_path, lambda m: {**m, "format": 99, "trimkit_version": "9.0"})
     with pytest.raises(trimkit.SaveFormatError,
                        match="file format 99, written by trimkit 9.0; .* reads formats up "
-                             f"to {trimkit.persist.FORMAT}: upgrade trimkit"):
+                             f"to {trimkit.tools.persist.FORMAT}: upgrade trimkit"):
         trimkit.load(vit(1), tmp_path)
 
 

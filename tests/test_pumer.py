@@ -314,13 +314,13 @@ def test_fine_tune_with_kl_from_the_untrimmed_model(teacher, tmp_path):
     now, before = model.state_dict(), start.state_dict()
     assert set(before) <= set(now)
     assert any(not torch.equal(now[k], v) for k, v in before.items())  # it trained
-    objective = trimkit.training.objective_for(model, _loss, None, 6)
+    objective = trimkit.tools.training.objective_for(model, _loss, None, 6)
     if teacher == "self":
         assert objective.frozen is None
         return
     # the teacher pass of a frozen objective built from the start weights is the start
     # model's own output, whatever the model has learned since
-    frozen = trimkit.objectives.SelfDistillationObjective(
+    frozen = trimkit.tools.objectives.SelfDistillationObjective(
         start, _loss, lambda_cost=0.0, teacher_loss=False, frozen_teacher=True)
     objective.load_state_dict(frozen.state_dict())
     batch = data[0]

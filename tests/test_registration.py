@@ -18,8 +18,8 @@ import torch
 
 import trimkit
 from trimkit import registry
-from trimkit.cli import main
 from trimkit.registry import ADAPTERS, RECIPES, RegistrationWarning
+from trimkit.tools.cli import main
 
 #: a plugin module: a tiny single-stream model (CLS + patch tokens, pre-norm blocks) and
 #: its adapter, decorated or not (``{decorate}``), plus a recipe that merges one token a layer

@@ -23,12 +23,12 @@ from torch.utils.data import DataLoader, TensorDataset
 from transformers import BertConfig, BertModel
 
 import trimkit
-import trimkit.objectives
-import trimkit.persist
+import trimkit.tools.objectives
+import trimkit.tools.persist
 from trimkit import CheckpointError, NonFiniteLossError
-from trimkit.persist import read_meta
 from trimkit.recipe import Option
 from trimkit.registry import RECIPES
+from trimkit.tools.persist import read_meta
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -88,7 +88,7 @@ class DiskFull:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, fail: int):
         self.fail, self.calls = fail, 0
-        real_tensors, real_text = trimkit.persist.save_file, trimkit.persist._write_text
+        real_tensors, real_text = trimkit.tools.persist.save_file, trimkit.tools.persist._write_text
 
         def tensors(state, file, *a, **kw):
             self._write(lambda: real_tensors(state, file, *a, **kw), Path(file))
@@ -96,8 +96,8 @@ class DiskFull:
         def text(file, data):
             self._write(lambda: real_text(file, data), Path(file))
 
-        monkeypatch.setattr(trimkit.persist, "save_file", tensors)
-        monkeypatch.setattr(trimkit.persist, "_write_text", text)
+        monkeypatch.setattr(trimkit.tools.persist, "save_file", tensors)
+        monkeypatch.setattr(trimkit.tools.persist, "_write_text", text)
 
     def _write(self, write, file: Path) -> None:
         n, self.calls = self.calls, self.calls + 1
@@ -140,10 +140,10 @@ def test_a_save_that_fails_at_the_swap_leaves_the_old_save_whole(tmp_path, monke
         raise OSError(28, "No space left on device")
 
     if exchange:
-        monkeypatch.setattr(trimkit.persist, "_exchange", fail)
+        monkeypatch.setattr(trimkit.tools.persist, "_exchange", fail)
     else:  # a system without an atomic swap: the old folder goes aside, the new one fails
-        monkeypatch.setattr(trimkit.persist, "_exchange", lambda a, b: False)
-        real = trimkit.persist.os.rename
+        monkeypatch.setattr(trimkit.tools.persist, "_exchange", lambda a, b: False)
+        real = trimkit.tools.persist.os.rename
         calls = []
 
         def rename(src, dst):
@@ -152,7 +152,7 @@ def test_a_save_that_fails_at_the_swap_leaves_the_old_save_whole(tmp_path, monke
                 fail()
             real(src, dst)
 
-        monkeypatch.setattr(trimkit.persist.os, "rename", rename)
+        monkeypatch.setattr(trimkit.tools.persist.os, "rename", rename)
     with pytest.raises(OSError, match="No space left"):
         trimkit.save(trimmed(2), target)
     monkeypatch.undo()
@@ -161,7 +161,7 @@ def test_a_save_that_fails_at_the_swap_leaves_the_old_save_whole(tmp_path, monke
 
 
 def test_save_without_an_atomic_swap_still_replaces_the_old_save(tmp_path, monkeypatch):
-    monkeypatch.setattr(trimkit.persist, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(trimkit.tools.persist, "_exchange", lambda a, b: False)
     trimkit.save(trimmed(1), tmp_path / "run")
     new = trimmed(2)
     trimkit.save(new, tmp_path / "run")
@@ -376,7 +376,7 @@ def test_smarttrim_training_names_the_part_of_the_loss_that_went_non_finite(
         return task * math.nan if part == "task" else task
 
     if patch is not None:
-        monkeypatch.setattr(trimkit.objectives, patch, _nan)
+        monkeypatch.setattr(trimkit.tools.objectives, patch, _nan)
     with pytest.raises(NonFiniteLossError, match=r"at step 0: .*" + match) as err:
         trimkit.train(model, DataLoader(data, batch_size=4), loss_fn, steps=1, **QUIET)
     assert part in err.value.terms
@@ -577,7 +577,7 @@ BENCH = ["bench", "--model", TINY, "--recipe", "tome", "--r", "1"]
     (["frobnicate"], r"argument COMMAND: invalid choice: 'frobnicate'"),
 ])
 def test_every_command_line_error_is_one_line_with_status_2(capsys, argv, match):
-    from trimkit.cli import main
+    from trimkit.tools.cli import main
 
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -587,8 +587,8 @@ def test_every_command_line_error_is_one_line_with_status_2(capsys, argv, match)
 
 
 def test_an_unexpected_failure_is_one_line_too(capsys, monkeypatch):
-    from trimkit import bench
-    from trimkit.cli import main
+    from trimkit.tools import bench
+    from trimkit.tools.cli import main
 
     def broken(*args, **kwargs):
         raise RuntimeError("something inside\nbroke")
@@ -605,7 +605,7 @@ def test_an_unexpected_failure_is_one_line_too(capsys, monkeypatch):
 
 
 def test_the_installed_command_prints_no_traceback():
-    out = subprocess.run([sys.executable, "-m", "trimkit.cli", *BENCH, *FAST, "--threads",
+    out = subprocess.run([sys.executable, "-m", "trimkit.tools.cli", *BENCH, *FAST, "--threads",
                           "-1"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines() == [

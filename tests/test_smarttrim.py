@@ -401,7 +401,7 @@ def test_noise_annealing_reaches_the_inference_decisions():
     """With the Gumbel noise scaled to 0, a training forward makes exactly the decisions of
     inference (so the trained cost is the inference cost); the schedule goes 1 → 0."""
     from trimkit.learned import set_noise
-    from trimkit.objectives import NoiseSchedule
+    from trimkit.tools.objectives import NoiseSchedule
 
     sched = NoiseSchedule(1.0, 0.0, 10)
     assert [sched(0), sched(5), sched(10), sched(20)] == [1.0, 0.5, 0.0, 0.0]

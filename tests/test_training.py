@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 import trimkit
 from trimkit.registry import RECIPES
-from trimkit.training import TaskObjective, default_forward, objective_for, unwrap
+from trimkit.tools.training import TaskObjective, default_forward, objective_for, unwrap
 
 ROOT = Path(__file__).resolve().parents[1]
 

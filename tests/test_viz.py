@@ -1,11 +1,11 @@
-"""trimkit.viz: patch grids of trimmed models and their pictures."""
+"""trimkit.tools.viz: patch grids of trimmed models and their pictures."""
 
 import pytest
 import torch
 
 import trimkit
-from trimkit.bench import build_model
-from trimkit.viz import draw, patch_groups, token_groups
+from trimkit.tools.bench import build_model
+from trimkit.tools.viz import draw, patch_groups, token_groups
 
 
 def test_patch_groups_takes_the_last_tokens_as_the_grid():

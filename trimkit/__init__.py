@@ -1,7 +1,6 @@
 """trimkit: token pruning, token merging and attention-head trimming for the transformers
 you already use, in one call: ``trimkit.apply(model, recipe="tome")``."""
 
-from . import viz
 from .adapter import Adapter, install_fx_sites
 from .api import (
     ForwardStats,
@@ -25,9 +24,14 @@ from .api import (
     trimming_disabled,
 )
 from .describe import HeadLayout, LayerDesc, ModelDescription, StreamDesc
-from .export import OnnxExport, OnnxExportError, export_onnx
 from .heads import pruned_heads
-from .persist import (
+from .recipe import Option, Recipe, SitePlan
+from .registry import register_adapter, register_recipe
+from .sites import CrossScores, Site, TokenOp, TrimContext
+from .state import TokenState, fixed_shapes
+from .tools import viz
+from .tools.export import OnnxExport, OnnxExportError, export_onnx
+from .tools.persist import (
     ArchitectureMismatchError,
     SaveFormatError,
     from_pretrained,
@@ -35,11 +39,7 @@ from .persist import (
     save,
     save_pretrained,
 )
-from .recipe import Option, Recipe, SitePlan
-from .registry import register_adapter, register_recipe
-from .sites import CrossScores, Site, TokenOp, TrimContext
-from .state import TokenState, fixed_shapes
-from .training import (
+from .tools.training import (
     CheckpointError,
     NonFiniteLossError,
     Objective,

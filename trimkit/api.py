@@ -278,7 +278,7 @@ class recording_costs:
 
         with trimkit.recording_costs(model) as costs:
             out = model(*batch)
-        loss = task_loss(out) + lam * trimkit.objectives.cost_loss(costs.ratio(), target)
+        loss = task_loss(out) + lam * trimkit.tools.objectives.cost_loss(costs.ratio(), target)
     """
 
     def __init__(self, model: nn.Module):

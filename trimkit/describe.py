@@ -117,7 +117,7 @@ class StreamDesc:
 
     ``grid``: for an image stream, the patch grid ``(rows, cols)`` of its entry tokens when
     it is static: the last ``rows·cols`` entry tokens are the patches in row-major order,
-    the ones before them (CLS, registers) are not patches. `trimkit.viz` draws from it.
+    the ones before them (CLS, registers) are not patches. `trimkit.tools.viz` draws from it.
 
     ``positional``: the attention masks the stream's layers receive (a causal mask, a
     per-sample padding mask) are given over its entry tokens, whatever was trimmed before.

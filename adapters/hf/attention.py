@@ -16,9 +16,10 @@ the original implementation would get, so the model's own mask stays right where
 implementation runs.
 
 A config object may be shared by several model instances: the implementation each config
-had is recorded once, counted per trimmed model, and put back when the last one is removed.
-A module that runs through trimkit's function without a site (an untrimmed model sharing the
-config, a part of the model no stream describes) gets that recorded implementation.
+had is recorded once, counted per trimmed model (a deep or unpickled copy counts for its
+own copies), and put back when the last one is removed. A module that runs through
+trimkit's function without a site (an untrimmed model sharing the config, a part of the
+model no stream describes) gets that recorded implementation.
 """
 
 from __future__ import annotations
@@ -144,24 +145,6 @@ def _configs(model: nn.Module) -> list[Any]:
     return list(seen.values())
 
 
-def _claim(config: Any, original: str | None) -> None:
-    entry = _recorded(config)
-    if entry is not None:
-        entry[2] += 1
-    else:
-        _CONFIGS[id(config)] = [config, original, 1]
-
-
-def _release(config: Any) -> None:
-    entry = _recorded(config)
-    if entry is None:
-        return
-    entry[2] -= 1
-    if entry[2] == 0:
-        config.__dict__["_attn_implementation_internal"] = entry[1]
-        del _CONFIGS[id(config)]
-
-
 def _register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
@@ -186,7 +169,10 @@ class _Route:
     def _claim(self) -> None:
         _register()
         for config, original in zip(self.configs, self.originals, strict=True):
-            _claim(config, original)
+            entry = _recorded(config)
+            if entry is None:
+                entry = _CONFIGS[id(config)] = [config, original, 0]
+            entry[2] += 1
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -196,7 +182,12 @@ class _Route:
         for module in self.modules:
             module.__dict__.pop(_BINDING, None)
         for config in self.configs:
-            _release(config)
+            entry = _recorded(config)
+            if entry is not None:
+                entry[2] -= 1
+                if entry[2] == 0:
+                    config.__dict__["_attn_implementation_internal"] = entry[1]
+                    del _CONFIGS[id(config)]
 
 
 def route_attention(model: nn.Module, bindings: dict[nn.Module, Binding]) -> Undo:

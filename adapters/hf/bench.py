@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from trimkit.bench import Derived, Tasks, register_builder
+from trimkit.tools.bench import Derived, Tasks, register_builder
 
 __all__ = ["PRESETS", "bench_model"]
 

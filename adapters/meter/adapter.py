@@ -25,7 +25,7 @@ from trimkit import (
     StreamDesc,
     register_adapter,
 )
-from trimkit.bench import register_builder
+from trimkit.tools.bench import register_builder
 
 from ..layouts import bert_heads
 from .model import METER, meter_base, meter_tiny

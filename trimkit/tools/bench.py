@@ -32,7 +32,7 @@ by `parse_value` (``kind:name?depth=2&img_size=64``). Adapters register
 their family's builder with `register_builder`; the engine itself knows no family.
 
 Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA. On CPU it is measured in a fresh
-process (``python -m trimkit.bench --memory-probe JSON``): build, apply (or not), make the
+process (``python -m trimkit.tools.bench --memory-probe JSON``): build, apply (or not), make the
 inputs, run one batch-1 forward (so one-time allocations are not counted), read the
 resident set size, run one forward, and report the rise of the peak resident set size over
 it. The peak is the kernel's ``VmHWM`` after resetting it through ``/proc/self/clear_refs``:
@@ -440,14 +440,14 @@ def memory_probe(spec: str, recipe: str | None, options: dict[str, Any], batch_s
 
 def probe_in_subprocess(spec: str, recipe: str | None, options: dict[str, Any],
                         batch_size: int, threads: int | None = None) -> int:
-    """`memory_probe` in a fresh ``python -m trimkit.bench --memory-probe`` process."""
+    """`memory_probe` in a fresh ``python -m trimkit.tools.bench --memory-probe`` process."""
     arg = json.dumps(dict(spec=spec, recipe=recipe, options=options, batch_size=batch_size,
                           threads=threads))
     # a fixed mmap threshold turns off glibc's adaptive one, so every large tensor is its own
     # mapping, returned on free: the resident set then follows live tensors (runs agree to
     # the page instead of scattering by ±30%)
     env = {"MALLOC_MMAP_THRESHOLD_": "131072", **os.environ}
-    out = subprocess.run([sys.executable, "-m", "trimkit.bench", "--memory-probe", arg],
+    out = subprocess.run([sys.executable, "-m", "trimkit.tools.bench", "--memory-probe", arg],
                          capture_output=True, text=True, check=False, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"memory probe failed (exit {out.returncode}):\n{out.stderr[-2000:]}")
@@ -852,7 +852,7 @@ def format_table(rows: list[Row]) -> str:
 
 def _probe_main(argv: list[str]) -> int:
     if len(argv) != 2 or argv[0] != "--memory-probe":
-        print("usage: python -m trimkit.bench --memory-probe JSON", file=sys.stderr)
+        print("usage: python -m trimkit.tools.bench --memory-probe JSON", file=sys.stderr)
         return 2
     a = json.loads(argv[1])
     peak = memory_probe(a["spec"], a.get("recipe"), a.get("options") or {}, int(a["batch_size"]),
@@ -863,6 +863,6 @@ def _probe_main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     # run the imported module's copy: adapters register their builders there, not in __main__
-    from trimkit import bench
+    from trimkit.tools import bench
 
     sys.exit(bench._probe_main(sys.argv[1:]))

@@ -33,8 +33,8 @@ arguments of the kind's model builder (random weights); aliases: {aliases}."""
 
 def _bench_examples() -> list[str]:
     """``trimkit bench`` lines offered by the registered adapters."""
+    from ..registry import _load_builtins
     from .bench import EXAMPLES
-    from .registry import _load_builtins
 
     _load_builtins()
     return [f"trimkit bench {e}" for e in EXAMPLES]
@@ -166,7 +166,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("adapters", formatter_class=fmt, allow_abbrev=False, epilog=ADAPTERS_EPILOG,
                    help="list the model families trimkit recognises",
                    description="List the registered adapters (model families).")
-    from .registry import COMMANDS
+    from ..registry import COMMANDS
 
     for command in COMMANDS.values():
         c = sub.add_parser(command.name, formatter_class=fmt, allow_abbrev=False,
@@ -188,7 +188,7 @@ def _recipe(args: argparse.Namespace) -> str:
     """``--recipe``, which has no default (the engine favours no recipe); its absence is a
     usage error that lists the recipes to choose from."""
     if args.recipe is None:
-        from .api import list_recipes
+        from ..api import list_recipes
 
         raise _UsageError(f"--recipe NAME is required, one of: {', '.join(list_recipes())} "
                           f"(trimkit recipes shows their options)")
@@ -300,7 +300,7 @@ def _run(argv: list[str] | None) -> int:
             return _recipes()
         if args.command == "adapters":
             return _adapters()
-        from .registry import COMMANDS
+        from ..registry import COMMANDS
 
         return COMMANDS[args.command].run(args)
     except (_UsageError, BenchSetupError) as e:

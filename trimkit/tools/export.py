@@ -33,9 +33,9 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .api import _applied, is_applied
-from .sites import Site, TrimContext
-from .state import fixed_shapes
+from ..api import _applied, is_applied
+from ..sites import Site, TrimContext
+from ..state import fixed_shapes
 
 __all__ = ["OnnxExport", "OnnxExportError", "export_onnx"]
 

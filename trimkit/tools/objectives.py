@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .api import _applied, recording_costs, trimming_disabled
-from .learned import set_noise
+from ..api import _applied, recording_costs, trimming_disabled
+from ..learned import set_noise
 from .training import Objective, default_forward, unwrap
 
 __all__ = [

@@ -48,10 +48,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .adapter import Adapter
-from .api import SITES_ATTR, _applied, apply, find_adapter, is_applied, remove
-from .describe import ModelDescription
-from .heads import (
+from ..adapter import Adapter
+from ..api import SITES_ATTR, _applied, apply, find_adapter, is_applied, remove
+from ..describe import ModelDescription
+from ..heads import (
     head_key,
     head_key_name,
     heads_to_keep,
@@ -59,9 +59,9 @@ from .heads import (
     pruned_heads,
     record_pruned,
 )
-from .registry import ADAPTERS, RECIPES, _load_builtins
+from ..registry import ADAPTERS, RECIPES, _load_builtins
+from ..version import __version__
 from .training import unwrap
-from .version import __version__
 
 __all__ = [
     "FORMAT",

@@ -37,9 +37,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .api import _applied, is_applied
-from .learned import param_groups
-from .registry import RECIPES
+from ..api import _applied, is_applied
+from ..learned import param_groups
+from ..registry import RECIPES
 
 __all__ = [
     "LR_SCHEDULES",

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import api
+from .. import api
 
 __all__ = ["draw", "patch_groups", "token_groups"]
 
