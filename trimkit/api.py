@@ -200,7 +200,7 @@ def apply(model: nn.Module, recipe: str, *, mode: str = "auto",
         for i, layer in enumerate(stream.layers):
             p = plan.get((stream.name, i))
             site = Site(stream.name, i, layer.num_heads, first=(i == 0),
-                        last=(i == len(stream.layers) - 1),
+                        last=_run_ends(stream.layers, i),
                         pre=p.pre if p else None, post=p.post if p else None,
                         cross_stream=layer.cross_stream,
                         masks_are_padding=layer.masks_are_padding, pair=layer.pair)
@@ -229,6 +229,15 @@ def apply(model: nn.Module, recipe: str, *, mode: str = "auto",
     model.__dict__[STATE_ATTR] = Applied(recipe, options, adapter.name, desc, ctx,
                                            patches.undo)
     return model
+
+
+def _run_ends(layers: tuple, i: int) -> bool:
+    """Whether layer ``i`` ends a run of the stream's layers inside one module (a tower):
+    what the model does between towers (pooling, projections, its own heads) expects one
+    row per sample, so a packed stream hands them back there."""
+    if i == len(layers) - 1:
+        return True
+    return layers[i].block.rpartition(".")[0] != layers[i + 1].block.rpartition(".")[0]
 
 
 def _packable(desc: ModelDescription) -> frozenset[str]:

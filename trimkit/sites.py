@@ -376,8 +376,9 @@ class Site(nn.Module):
     ):
         super().__init__()
         self.stream, self.layer, self.num_heads, self.first = stream, layer, num_heads, first
-        #: the stream's last layer: a packed stream leaves it one row per sample again, as
-        #: the model's own code after the layers expects
+        #: the last layer of a run of the stream's layers in one module (a tower): a packed
+        #: stream leaves it one row per sample again, as the model's own code after the
+        #: tower expects
         self.last = last
         #: some op of the stream acts at or before this layer's attention (set by `apply`)
         self.acted = bool(pre)
