@@ -42,7 +42,7 @@ from torch import nn
 
 import trimkit
 from trimkit.registry import Command, register_command
-from trimkit.tools.bench import activation_peak, time_pair
+from trimkit.tools.bench import activation_peak, padded_flops, time_pair
 
 from .bench_vqa import FINE_TUNE, _fine_tune, _Questions, _say, smarttrim_options
 
@@ -182,8 +182,10 @@ def _measure(points: list[Point], test_set, args: argparse.Namespace) -> None:
         acc, tokens = _accuracy(p, test_set)
         flops = _flops(p, flop_examples)
         speed = {1: 1.0, 32: 1.0} if p is base else _speedups(base, p, timed, args.repeats)
+        padded = padded_flops(p.model, p, batch32)
         p.result = dict(recipe=p.recipe, setting=p.setting, trained=p.trained, accuracy=acc,
                         gflops=flops / 1e9, speedup_1=speed[1], speedup_32=speed[32],
+                        gflops_padded_32=None if padded is None else padded / 32 / 1e9,
                         peak_mib_32=activation_peak(p, *batch32), image_tokens=tokens)
     for p in points:
         p.result["flops_ratio"] = base.result["gflops"] / p.result["gflops"]
@@ -194,8 +196,8 @@ def _measure(points: list[Point], test_set, args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------------------ report
 
 
-_HEADER = ("| recipe | setting | test acc | Δ acc | GFLOPs/ex | FLOPs ratio | speedup b1 "
-           "| speedup b32 | act MiB b32 | image tokens (last layer) |")
+_HEADER = ("| recipe | setting | test acc | Δ acc | GFLOPs/ex | GFLOPs/ex padded b32 "
+           "| FLOPs ratio | speedup b1 | speedup b32 | act MiB b32 | image tokens (last layer) |")
 
 
 def table(rows: list[dict]) -> str:
@@ -205,9 +207,12 @@ def table(rows: list[dict]) -> str:
         peak = "-" if r["peak_mib_32"] is None else f"{r['peak_mib_32']:.1f}"
         tokens = "-" if r["image_tokens"] is None else f"{r['image_tokens']:.1f}"
         setting = r["setting"] + (f" (fine-tuned {r['trained']})" if r["trained"] else "")
+        padded = r.get("gflops_padded_32")
+        padded = "-" if padded is None else f"{padded:.4f}"
         lines.append(
             f"| {r['recipe']} | {setting or '–'} | {r['accuracy']:.2%} | "
-            f"{r['delta'] * 100:+.2f} | {r['gflops']:.4f} | {r['flops_ratio']:.2f}× | "
+            f"{r['delta'] * 100:+.2f} | {r['gflops']:.4f} | {padded} | "
+            f"{r['flops_ratio']:.2f}× | "
             f"{r['speedup_1']:.2f}× | {r['speedup_32']:.2f}× | {peak} | {tokens} |")
     return "\n".join(lines)
 

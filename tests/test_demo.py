@@ -46,6 +46,11 @@ def test_demo_writes_the_report(tmp_path, capsys, monkeypatch):
         assert 0.0 <= r["accuracy"] <= 1.0
         assert r["flops_ratio"] > 1.0 or r["recipe"] == "smarttrim"  # 2 steps may trim nothing
         assert r["speedup_1"] > 0 and r["speedup_32"] > 0
+        # what the trimmed model would spend padded at batch 32, beside what it spends
+        padded = r["gflops_padded_32"]
+        assert (padded is None) == (r["recipe"] == "resize")
+        assert padded is None or padded > 0
+    assert base["gflops_padded_32"] is None
     # more merging and pruning, fewer FLOPs and tokens
     tome = [r for r in rows if r["recipe"] == "tome"]
     assert [r["gflops"] for r in tome] == sorted((r["gflops"] for r in tome), reverse=True)

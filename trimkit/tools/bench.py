@@ -714,7 +714,7 @@ def _measure(spec, recipe, options, base, trim, make_inputs, tasks, batch_sizes,
                 # FLOPs of this very batch, per example: per-instance trimming packs a batch
                 # to its longest survivor (and computes a head some instance keeps)
                 flops = [_eager_flops(c, *x) / bs for c, x in calls]
-                padded = _padded_flops(trim, calls[1][0], inputs)
+                padded = padded_flops(trim, calls[1][0], inputs)
                 if padded is not None:
                     extra_flops[task] = padded / bs
                 if n == 0 and resizer is not None and flops[1] < flops[0]:
@@ -766,9 +766,11 @@ def _measure(spec, recipe, options, base, trim, make_inputs, tasks, batch_sizes,
     return rows
 
 
-def _padded_flops(model: nn.Module, call: Callable[..., Any], inputs: tuple) -> float | None:
-    """FLOPs of ``call`` with ``model`` run padded (``mode="compacted"``), where it would
-    otherwise pack ragged batches (``"auto"`` in eval, ``"packed"``); else ``None``."""
+def padded_flops(model: nn.Module, call: Callable[..., Any], inputs: tuple) -> float | None:
+    """FLOPs of ``call(*inputs)`` with the trimmed ``model`` run padded (``mode=
+    "compacted"``: each batch padded to its longest survivor), where it would otherwise
+    pack ragged batches (``"auto"`` in eval, ``"packed"``); else ``None``. Next to the FLOPs
+    it spends, the waste packing saves."""
     if not trimkit.is_applied(model):
         return None
     ctx = trimkit.api._applied(model).ctx
