@@ -52,8 +52,8 @@ def _tome_fits(desc: ModelDescription, entry: Mapping[str, int]) -> str | None:
 
 def _tome(desc: ModelDescription, entry: Mapping[str, int]) -> Any:
     """``r`` feasible in the chosen stream at every layer: at most E/(2L) merges per layer
-    (constant schedule) or E/(3L) (the decreasing one starts at 1.5·r), E the fewest
-    unprotected entry tokens, L the stream's self-attention layers."""
+    (constant schedule) or E/(4L) (the decreasing one starts at 2r), E the fewest
+    unprotected entry tokens, L the stream's self-attention layers, so no layer clamps."""
     st = require_hypothesis().strategies
     streams = _tome_streams(desc, entry)
 
@@ -61,7 +61,7 @@ def _tome(desc: ModelDescription, entry: Mapping[str, int]) -> Any:
     def trial(draw: Callable) -> Trial:
         name = draw(st.sampled_from(sorted(streams)))
         schedule = draw(st.sampled_from(["constant", "decreasing"]))
-        most = entry[name] // ((2 if schedule == "constant" else 3) * streams[name])
+        most = entry[name] // ((2 if schedule == "constant" else 4) * streams[name])
         r = draw(st.integers(0, most))
         return dict(r=r, schedule=schedule, stream=name), dict(r=0, stream=name), True
 
