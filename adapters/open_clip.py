@@ -8,15 +8,15 @@ own `Attention`, image tower only) through the site's core.
 
 The text pooler reads one token at a position computed from the token ids (the EOT token:
 ``argmax`` of the ids, or the first ``eos`` id; or the first / last token), which no block
-sees. So the adapter wraps the call that receives the ids (``CLIP.encode_text``,
-``TextTransformer.forward``) on the instance: it protects that token at the stream's entry
-(`TrimContext.entry`) and, under a causal mask, marks the tokens after it as padding (they
-cannot reach it, so they are dropped at once). The stream is ``positional``: the causal mask
-is read at each token's entry position, a merged token at its latest member's. A forward
-hook on the text transformer puts its output back at the entry positions
-(`trimkit.ops.restore_positions`), so the model's own pooling reads the protected token where
-the ids say it is, and token outputs keep their length. Average pooling of the image tower
-becomes size-weighted over live tokens; ``forward_intermediates`` runs untrimmed.
+sees. So the text stream enters where the ids come in (``CLIP.encode_text``,
+``TextTransformer.forward``; a `trimkit.hooks.Entry`): that token is protected and, under a
+causal mask, the tokens after it count as padding (they cannot reach it, so they are
+dropped at once). The stream is ``positional``: the causal mask is read at each token's
+entry position, a merged token at its latest member's. The text transformer's output goes
+back to the entry positions (`trimkit.hooks.Restore`), so the model's own pooling reads the
+protected token where the ids say it is, and token outputs keep their length. Average
+pooling of the image tower becomes size-weighted over live tokens; ``forward_intermediates``
+runs untrimmed.
 """
 
 from __future__ import annotations

@@ -152,11 +152,13 @@ class ArgumentReader:
     The positions are found once, here: binding every call to the signature with `inspect`
     breaks a ``torch.compile`` graph (dynamo cannot trace ``Signature.bind``), while this
     lookup is plain indexing that it traces. Like ``bind_partial(...).arguments``, an
-    argument the call does not pass is absent (no defaults are filled in)."""
+    argument the call does not pass is absent (no defaults are filled in). ``required``: each
+    name must be a parameter of ``fn`` and every call must pass it (else `TypeError`)."""
 
-    def __init__(self, fn: Callable, names: Iterable[str]):
+    def __init__(self, fn: Callable, names: Iterable[str], required: bool = False):
         params = list(inspect.signature(fn).parameters.values())
         self.fn_name = getattr(fn, "__qualname__", repr(fn))
+        self.required = required
         self.positions: dict[str, int | None] = {}
         for name in names:
             self.positions[name] = None
@@ -169,6 +171,10 @@ class ArgumentReader:
                 break
         #: the names ``fn`` has as parameters (the others can only come through ``**kwargs``)
         self.known = frozenset(p.name for p in params)
+        for name in self.positions if required else ():
+            if name not in self.known:
+                raise TypeError(f"trimkit reads {name!r} from a `{name}` parameter, which "
+                                f"{self.fn_name!r} does not have")
 
     def __call__(self, args: tuple, kwargs: dict) -> dict[str, Any]:
         """The named arguments this call passes, by name."""
@@ -178,6 +184,8 @@ class ArgumentReader:
                 found[name] = kwargs[name]
             elif pos is not None and pos < len(args):
                 found[name] = args[pos]
+            elif self.required:
+                raise TypeError(f"{self.fn_name}() missing its `{name}` argument")
         return found
 
 
@@ -408,9 +416,9 @@ class EntryMethod(MethodPatch):
         self.entry = entry
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        self.entry.before(self.owner, args, kwargs)
         output = None
         try:
+            self.entry.before(self.owner, args, kwargs)
             output = self.original(*args, **kwargs)
             return output
         finally:
@@ -562,7 +570,8 @@ class Tower:
     each layer, or after its child ``leave_after``. ``read`` and ``masks`` give the entry
     masks from the call's arguments (`Entry`); ``restore`` is the ``fill`` with which the
     output goes back to the entry positions after the last layer (``None``: it stays as
-    trimmed), ``exact`` as in `Restore`. ``guard`` and ``name``: see `Enter`."""
+    trimmed), ``exact`` as in `Restore`. ``guard`` and ``name``: see `Enter`; ``name`` and
+    ``path`` (the module's, in the model) also name the tower in messages."""
 
     stream: str
     module: nn.Module
@@ -575,6 +584,13 @@ class Tower:
     exact: bool = False
     guard: Callable[[nn.Module], None] | None = None
     name: str | None = None
+    path: str = ""
+
+    def refusal(self, adapter: str, why: str) -> str:
+        """The message of an error that refuses this tower, and why, before any change."""
+        where = f" at {self.path!r}" if self.path else ""
+        return (f"trimkit's {adapter} adapter cannot trim the {self.name}{where}: {why}. "
+                f"Nothing was changed.")
 
 
 def install_tower(patches: Patches, ctx: TrimContext, tower: Tower, sites: Sequence[Site],

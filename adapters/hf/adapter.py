@@ -1,25 +1,21 @@
 """Hugging Face transformers (v5) encoders: BERT, CLIP (text and vision towers) and ViT.
 
 These modules do not trace with plain `torch.fx`, so nothing is rewritten. Instead, per
-instance and reversibly:
+instance and reversibly (`trimkit.hooks`):
 
 - attention: trimkit's function in transformers' `AttentionInterface` registry, set with
   ``model.set_attn_implementation`` (`trimkit.adapters.hf.attention`), runs each layer's
   site core;
-- layers: a forward pre-hook on every encoder layer calls the site's enter on its hidden
-  states; the site's leave runs on the layer's output (CLIP, ViT: pre-norm layers, so the
-  point is the residual sum that ends the layer) or on its attention block's output (BERT:
-  post-norm, so the FFN already runs on the kept tokens);
-- towers: a hook on each tower (``BertModel``, ``CLIPTextModel``, ``CLIPVisionModel``,
-  ``ViTModel``) reads the 2D ``attention_mask`` (padding enters the trimming state) and, for
-  CLIP text, the token ids, to protect the token its pooler reads (the EOS token: the argmax
-  of the ids, or the first ``eos_token_id``) wherever it sits;
-- outputs: the last layer's output goes back to the tower's entry positions
-  (`trimkit.ops.restore_positions`), so ``last_hidden_state`` keeps the input's length and
-  every pooler (CLS, EOS at the position the ids give) reads the right token. A merged
-  token's value is copied to every position it covers; dropped and padding positions are
-  zero. Hidden states of intermediate layers (``output_hidden_states``) have the length the
-  layer had.
+- each tower (``BertModel``, ``CLIPTextModel``, ``CLIPVisionModel``, ``ViTModel``) is a
+  `trimkit.hooks.Tower`: its 2D ``attention_mask`` is the padding, and for CLIP text the
+  token its pooler reads (the EOS token: the argmax of the ids, or the first
+  ``eos_token_id``) is protected wherever it sits; the leave point is the layer's output
+  (CLIP, ViT: pre-norm) or its attention block's (BERT: post-norm, so the FFN already runs
+  on the kept tokens);
+- the last layer's output goes back to the tower's entry positions, so
+  ``last_hidden_state`` keeps the input's length and every pooler reads the right token (a
+  merged token at every position it covers, dropped and padding positions zero). Hidden
+  states of intermediate layers (``output_hidden_states``) have the length the layer had.
 
 Static head pruning (``prune_heads``): each layer's `HeadLayout` names its q, k, v and
 output projections and the attention module's head count (and inner width, for BERT); head
@@ -53,27 +49,12 @@ from trimkit.api import UnsupportedConfigError
 from trimkit.hooks import ArgumentReader, Patches, Tower, Undo, install_tower, padding_mask
 from trimkit.sites import Site, TrimContext
 
+from ..layouts import bert_heads
 from .attention import Binding, route_attention
 
 __all__ = ["HFAdapter", "UnsupportedConfigError", "pooled_positions"]
 
 IMAGE, TEXT = "image", "text"
-
-
-@dataclass(frozen=True)
-class _Heads:
-    """Where a layer's attention keeps its heads, relative to the layer: the q, k, v and
-    output projections, and the attention module's attributes holding its head count, its
-    head width and (if any) its inner width ``H·d``. Each forward reshapes with ``-1`` heads
-    of the head width, so only these need updating when heads go."""
-
-    q: str
-    k: str
-    v: str
-    out: str
-    count: str
-    head_dim: str
-    width: str | None = None
 
 
 @dataclass(frozen=True)
@@ -86,27 +67,28 @@ class _Kind:
     leave_after: str  # the child of the layer whose output is trimmed, or where it ends
     residual: bool  # True: the leave point is the residual sum that ends the layer
     num_protected: int
-    heads: _Heads
+    # where the heads are, relative to a layer (``counts[0]``: the head count; each forward
+    # reshapes with ``-1`` heads, so only counts and widths change when heads go), and the
+    # attention module's attribute holding the head width
+    heads: HeadLayout
+    head_dim: str
     positional: bool = False
 
 
-_BERT_HEADS = _Heads("attention.self.query", "attention.self.key", "attention.self.value",
-                     "attention.output.dense", "num_attention_heads", "attention_head_size",
-                     "all_head_size")
-# CLIP's ``embed_dim`` is the model width (the output projection's output), not the heads'
-_CLIP_HEADS = _Heads("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                     "self_attn.out_proj", "num_heads", "head_dim")
-_VIT_HEADS = _Heads("attention.q_proj", "attention.k_proj", "attention.v_proj",
-                    "attention.o_proj", "num_attention_heads", "head_dim")
+def _proj_heads(attn: str, out: str, count: str) -> HeadLayout:
+    return HeadLayout(q=f"{attn}.q_proj", k=f"{attn}.k_proj", v=f"{attn}.v_proj",
+                      out=f"{attn}.{out}", counts=(f"{attn}.{count}",))
 
+
+# CLIP's ``embed_dim`` is the model width (the output projection's output), not the heads'
+_CLIP = _proj_heads("self_attn", "out_proj", "num_heads"), "head_dim"
 _KINDS = {
     "BertModel": _Kind(TEXT, "encoder.layer", "attention.self", "attention", False, 1,
-                       _BERT_HEADS),
-    "CLIPTextModel": _Kind(TEXT, "encoder.layers", "self_attn", "mlp", True, 0, _CLIP_HEADS,
-                           True),
-    "CLIPVisionModel": _Kind(IMAGE, "encoder.layers", "self_attn", "mlp", True, 1,
-                             _CLIP_HEADS),
-    "ViTModel": _Kind(IMAGE, "layers", "attention", "mlp", True, 1, _VIT_HEADS),
+                       bert_heads("attention"), "attention_head_size"),
+    "CLIPTextModel": _Kind(TEXT, "encoder.layers", "self_attn", "mlp", True, 0, *_CLIP, True),
+    "CLIPVisionModel": _Kind(IMAGE, "encoder.layers", "self_attn", "mlp", True, 1, *_CLIP),
+    "ViTModel": _Kind(IMAGE, "layers", "attention", "mlp", True, 1,
+                      _proj_heads("attention", "o_proj", "num_attention_heads"), "head_dim"),
 }
 
 
@@ -121,68 +103,64 @@ def _classes() -> dict[str, type] | None:
             "CLIPVisionModel": CLIPVisionModel, "ViTModel": ViTModel}
 
 
-@dataclass
-class _Tower:
-    path: str
-    module: nn.Module
-    kind: _Kind
-    name: str  # the class it was recognised as
-
-    @property
-    def prefix(self) -> str:
-        return f"{self.path}." if self.path else ""
-
-    def layers(self) -> nn.ModuleList:
-        return self.module.get_submodule(self.kind.layers)
+def prefix(path: str) -> str:
+    """``path`` as the prefix of its submodules' paths."""
+    return f"{path}." if path else ""
 
 
-def _towers(model: nn.Module) -> list[_Tower]:
+def _towers(model: nn.Module) -> list[Tower]:
     classes = _classes()
     if classes is None:
         return []
-    towers: list[_Tower] = []
+    towers: list[Tower] = []
     for path, module in model.named_modules():
-        if any(not t.path or path.startswith(t.prefix) for t in towers):
+        if any(not t.path or path.startswith(prefix(t.path)) for t in towers):
             continue  # inside a tower already found
         for name, cls in classes.items():
             if isinstance(module, cls):
-                towers.append(_Tower(path, module, _KINDS[name], name))
+                kind = _KINDS[name]
+                towers.append(Tower(
+                    kind.stream, module, module.get_submodule(kind.layers),
+                    leave_after=None if kind.residual else kind.leave_after,
+                    read=ArgumentReader(module.forward, ("attention_mask", "input_ids")),
+                    masks=partial(_entry_masks, name), restore="zeros", exact=True,
+                    guard=_no_checkpointing, name=name, path=path))
                 break
     return towers
 
 
-def _unsupported(tower: _Tower, what: str) -> UnsupportedConfigError:
-    where = f" at {tower.path!r}" if tower.path else ""
-    return UnsupportedConfigError(f"trimkit's Hugging Face adapter cannot trim the {tower.name}"
-                                  f"{where}: {what}. Nothing was changed.")
-
-
-def _check(tower: _Tower) -> None:
+def _check(tower: Tower) -> None:
     config = tower.module.config
     if tower.name == "BertModel" and (config.is_decoder or config.add_cross_attention):
-        raise _unsupported(tower, "BERT as a decoder (is_decoder, cross-attention, KV cache) is "
-                                  "not supported, only the bidirectional encoder")
-    for i, layer in enumerate(tower.layers()):
+        raise UnsupportedConfigError(tower.refusal(
+            "Hugging Face", "BERT as a decoder (is_decoder, cross-attention, KV cache) is not "
+                            "supported, only the bidirectional encoder"))
+    why = checkpointing(tower.layers)
+    if why:
+        raise UnsupportedConfigError(tower.refusal("Hugging Face", why))
+
+
+def checkpointing(layers: nn.ModuleList) -> str | None:
+    """Why ``layers`` cannot be trimmed for gradient checkpointing (``None``: they can)."""
+    for i, layer in enumerate(layers):
         if getattr(layer, "gradient_checkpointing", False):
-            raise _unsupported(tower, f"layer {i} uses gradient checkpointing, which re-runs "
-                                      f"attention in the backward pass; turn it off first")
+            return (f"layer {i} uses gradient checkpointing, which re-runs attention in the "
+                    f"backward pass; turn it off first")
+    return None
 
 
-def _layer_desc(tower: _Tower, i: int, layer: nn.Module) -> LayerDesc:
+def _layer_desc(tower: Tower, i: int, layer: nn.Module) -> LayerDesc:
     """Layer ``i`` of ``tower``, its head count and width read from its attention module (a
     pruned model describes itself; the config keeps the sizes it was built with)."""
-    kind, config = tower.kind, tower.module.config
-    spec = kind.heads
+    kind, config = _KINDS[tower.name], tower.module.config
     attn = layer.get_submodule(kind.attention)
-    num_heads, head_dim = getattr(attn, spec.count), getattr(attn, spec.head_dim)
-    prefix = f"{kind.attention}."
-    layout = HeadLayout(q=spec.q, k=spec.k, v=spec.v, out=spec.out,
-                        counts=(prefix + spec.count,),
-                        widths=(prefix + spec.width,) if spec.width else ())
-    return LayerDesc(block=f"{tower.prefix}{kind.layers}.{i}", attention=kind.attention,
-                     num_heads=num_heads, dim=config.hidden_size, leave_after=kind.leave_after,
+    count = kind.heads.counts[0].rsplit(".", 1)
+    return LayerDesc(block=f"{prefix(tower.path)}{kind.layers}.{i}", attention=kind.attention,
+                     num_heads=getattr(layer.get_submodule(count[0]), count[1]),
+                     dim=config.hidden_size, leave_after=kind.leave_after,
                      residual=kind.residual, masks_are_padding=True,
-                     mlp_dim=config.intermediate_size, head_dim=head_dim, heads=layout)
+                     mlp_dim=config.intermediate_size, head_dim=getattr(attn, kind.head_dim),
+                     heads=kind.heads)
 
 
 def pooled_positions(input_ids: torch.Tensor, eos_token_id: int | None) -> torch.Tensor:
@@ -244,11 +222,12 @@ class HFAdapter(Adapter):
         streams: dict[str, StreamDesc] = {}
         for tower in towers:
             _check(tower)
-            kind = tower.kind
+            kind = _KINDS[tower.name]
             if kind.stream in streams:
-                raise _unsupported(tower, f"the model has more than one {kind.stream} tower")
+                raise UnsupportedConfigError(tower.refusal(
+                    "Hugging Face", f"the model has more than one {kind.stream} tower"))
             layers = tuple(_layer_desc(tower, i, layer)
-                           for i, layer in enumerate(tower.layers()))
+                           for i, layer in enumerate(tower.layers))
             n = grid = None
             if kind.stream == IMAGE:
                 emb = tower.module.embeddings
@@ -266,18 +245,13 @@ class HFAdapter(Adapter):
         with Patches() as patches:
             bindings: dict[nn.Module, Binding] = {}
             for tower in _towers(model):
-                kind, layers = tower.kind, tower.layers()
-                own = [sites[(kind.stream, i)] for i in range(len(layers))]
-                install_tower(patches, ctx, Tower(
-                    kind.stream, tower.module, layers,
-                    leave_after=None if kind.residual else kind.leave_after,
-                    read=ArgumentReader(tower.module.forward, ("attention_mask", "input_ids")),
-                    masks=partial(_entry_masks, tower.name), restore="zeros", exact=True,
-                    guard=_no_checkpointing, name=tower.name), own)
+                own = [sites[(tower.stream, i)] for i in range(len(tower.layers))]
+                install_tower(patches, ctx, tower, own)
                 acted = False  # some op of this stream acts at or before this layer's attention
-                for site, layer in zip(own, layers, strict=True):
+                for site, layer in zip(own, tower.layers, strict=True):
                     acted = acted or bool(len(site.pre)) or bool(site.needs)
-                    bindings[layer.get_submodule(kind.attention)] = Binding(site, not acted)
+                    attention = layer.get_submodule(_KINDS[tower.name].attention)
+                    bindings[attention] = Binding(site, not acted)
                     acted = acted or bool(len(site.post))
             patches.add(route_attention(model, bindings))
         return patches.undo

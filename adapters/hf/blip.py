@@ -51,28 +51,15 @@ from trimkit import (
     LayerDesc,
     ModelDescription,
     StreamDesc,
+    hooks,
     register_adapter,
 )
 from trimkit.api import UnsupportedConfigError
-from trimkit.hooks import (
-    ArgumentReader,
-    Enter,
-    Entry,
-    Expanding,
-    KeyBias,
-    Keys,
-    KeysThrough,
-    Leave,
-    Patches,
-    Tower,
-    Undo,
-    install_tower,
-    padding_mask,
-)
+from trimkit.hooks import Patches, Undo
 from trimkit.sites import Site, TrimContext
 
 from ..layouts import bert_heads
-from .adapter import patch_grid
+from .adapter import checkpointing, patch_grid, prefix
 
 __all__ = ["BlipAdapter"]
 
@@ -124,17 +111,11 @@ def _parts(model: nn.Module) -> _Parts:
     return parts
 
 
-def _prefix(path: str) -> str:
-    return f"{path}." if path else ""
-
-
 def _check_layers(name: str, layers: nn.ModuleList) -> None:
-    for i, layer in enumerate(layers):
-        if getattr(layer, "gradient_checkpointing", False):
-            raise UnsupportedConfigError(
-                f"trimkit's BLIP adapter cannot trim the {name}: layer {i} uses gradient "
-                f"checkpointing, which re-runs attention in the backward pass; turn it off "
-                f"first. Nothing was changed.")
+    why = checkpointing(layers)
+    if why:
+        raise UnsupportedConfigError(f"trimkit's BLIP adapter cannot trim the {name}: {why}. "
+                                     f"Nothing was changed.")
 
 
 # ------------------------------------------------------------------------ attention forwards
@@ -213,7 +194,7 @@ class BlipAdapter(Adapter):
             for i, layer in enumerate(vision.encoder.layers):
                 attn = layer.self_attn
                 image_layers.append(LayerDesc(
-                    block=f"{_prefix(path)}encoder.layers.{i}", attention="self_attn",
+                    block=f"{prefix(path)}encoder.layers.{i}", attention="self_attn",
                     num_heads=attn.num_heads, dim=cfg.hidden_size, leave_after="mlp",
                     mlp_dim=cfg.intermediate_size, head_dim=attn.head_dim,
                     heads=_VISION_HEADS))
@@ -225,21 +206,19 @@ class BlipAdapter(Adapter):
             vision_dim = parts.vision[1].config.hidden_size if parts.vision else None
             layers = []
             for j, layer in enumerate(text.encoder.layer):
-                block = f"{_prefix(path)}encoder.layer.{j}"
+                block = f"{prefix(path)}encoder.layer.{j}"
                 attn = layer.attention.self
                 cross = hasattr(layer, "crossattention") and parts.vision is not None
                 cattn = layer.crossattention.self if cross else None
+                more = dict(cross_attention="crossattention.self", cross_stream=IMAGE,
+                            cross_num_heads=cattn.num_attention_heads,
+                            cross_heads=bert_heads("crossattention")) if cross else {}
                 layers.append(LayerDesc(
                     block=block, attention="attention.self",
                     num_heads=attn.num_attention_heads, dim=cfg.hidden_size,
-                    cross_attention="crossattention.self" if cross else None,
-                    cross_stream=IMAGE if cross else None,
                     leave_after="crossattention" if cross else "attention", residual=False,
                     masks_are_padding=True, pair=j, mlp_dim=cfg.intermediate_size,
-                    head_dim=attn.attention_head_size,
-                    cross_num_heads=cattn.num_attention_heads if cross else None,
-                    heads=bert_heads("attention"),
-                    cross_heads=bert_heads("crossattention") if cross else None))
+                    head_dim=attn.attention_head_size, heads=bert_heads("attention"), **more))
                 if cross:
                     image_layers.append(LayerDesc(
                         block=block, attention="crossattention.self",
@@ -263,24 +242,24 @@ class BlipAdapter(Adapter):
                 for i, layer in enumerate(layers):
                     patches.set(layer.self_attn, "forward",
                                 _VisionAttention(layer.self_attn, sites[(IMAGE, i)]))
-                install_tower(patches, ctx, Tower(IMAGE, parts.vision[1], layers),
+                hooks.install_tower(patches, ctx, hooks.Tower(IMAGE, parts.vision[1], layers),
                               [sites[(IMAGE, i)] for i in range(len(layers))],
-                              Entry(ctx, IMAGE, record=True))
+                              hooks.Entry(ctx, IMAGE, record=True))
             if parts.text is not None:
                 text = parts.text[1]
-                Entry(ctx, TEXT, ArgumentReader(text.forward, (
+                hooks.Entry(ctx, TEXT, hooks.ArgumentReader(text.forward, (
                     "is_decoder", "attention_mask", "encoder_hidden_states",
                     "encoder_attention_mask")), _text_masks, record=True,
-                    keys=Keys(IMAGE, "encoder_hidden_states", "encoder_attention_mask")
+                    keys=hooks.Keys(IMAGE, "encoder_hidden_states", "encoder_attention_mask")
                     if parts.vision is not None else None).install(patches, text)
                 for j, layer in enumerate(text.encoder.layer):
                     _install_text_layer(patches, layer, sites[(TEXT, j)], keys.get(j))
             for decoder in parts.decoders:  # not trimmed: masks the dead slots it reads
                 bert, ehs = decoder.bert, "encoder_hidden_states"
-                KeyBias(ctx, bert, ehs, "encoder_attention_mask").install(patches, bert, [
+                hooks.KeyBias(ctx, bert, ehs, "encoder_attention_mask").install(patches, bert, [
                     layer.crossattention.self for layer in bert.encoder.layer
                     if hasattr(layer, "crossattention")])
-                patches.set(decoder, "generate", Expanding(decoder, "generate", ctx, ehs))
+                patches.set(decoder, "generate", hooks.Expanding(decoder, "generate", ctx, ehs))
         return patches.undo
 
 
@@ -288,7 +267,7 @@ def _text_masks(arguments: dict, module: nn.Module) -> tuple[torch.Tensor | None
     if arguments.get("is_decoder"):
         raise RuntimeError("trimkit trims BLIP's text encoder bidirectionally; it cannot run "
                            "as a causal decoder (is_decoder=True) while trimmed")
-    return padding_mask(arguments.get("attention_mask"), "BLIP's text encoder"), None
+    return hooks.padding_mask(arguments.get("attention_mask"), "BLIP's text encoder"), None
 
 
 def _install_text_layer(patches: Patches, layer: nn.Module, site: Site,
@@ -301,9 +280,9 @@ def _install_text_layer(patches: Patches, layer: nn.Module, site: Site,
         patches.set(layer.crossattention.self, "forward",
                     _TextAttention(layer.crossattention.self, site))
     if keys is not None:  # the layer's cross-attention is described
-        patches.hook(layer, KeysThrough(keys, "encoder_hidden_states", 1), pre=True,
+        patches.hook(layer, hooks.KeysThrough(keys, "encoder_hidden_states", 1), pre=True,
                      kwargs=True, prepend=True)
-        patches.hook(layer.crossattention, Leave(site), prepend=True)
-    patches.hook(layer, Enter(site), pre=True, kwargs=True, prepend=True)
-    patches.hook(layer.attention, Leave(site, unless_reading=IMAGE if keys else None),
+        patches.hook(layer.crossattention, hooks.Leave(site), prepend=True)
+    patches.hook(layer, hooks.Enter(site), pre=True, kwargs=True, prepend=True)
+    patches.hook(layer.attention, hooks.Leave(site, unless_reading=IMAGE if keys else None),
                  prepend=True)

@@ -40,12 +40,12 @@ HINTS: dict[int, str] = {
        "padding, or a per-instance patch (pooling, outputs) does not give back the original "
        "result",
     2: "num_protected is wrong or the protected tokens are not the first ones (a token a "
-       "pooler reads elsewhere must be protected through TrimContext.entry)",
+       "pooler reads elsewhere must be protected through a trimkit.hooks.Entry)",
     3: "the stream's layers are not listed in the order the forward runs them, or a block "
        "passes its untrimmed input around the enter point (stream_arg names the wrong "
        "argument)",
     4: "padding reaches the stream as live tokens: its mask is not given to the stream "
-       "(mask_arg, or TrimContext.entry for masks the blocks never see), StreamDesc.padded "
+       "(mask_arg, or a trimkit.hooks.Entry for masks the blocks never see), StreamDesc.padded "
        "is False on a stream that has padding, or the model reads padded positions that "
        "trimming moved (restore_positions)",
     5: "the install points do not cover every attention, or masks are applied twice "
