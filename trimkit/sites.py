@@ -264,10 +264,12 @@ class TrimContext:
 
     def packing(self, stream: str, training: bool) -> bool:
         """Whether ``stream``'s ragged batches may be packed: ``"packed"`` mode, or
-        ``"auto"`` in eval (where `pays` decides per batch); never while shapes must stay
-        static (export, `trimkit.fixed_shapes`)."""
+        ``"auto"`` in eval (where `pack_state` decides per batch); never while shapes must
+        stay static (export, `trimkit.fixed_shapes`) or under ``torch.compile`` (packing
+        reads the counts on the host, which would break the graph at every layer)."""
         return (stream in self.packable and self.compacting(training)
-                and self.mode != "compacted" and not static_shapes())
+                and self.mode != "compacted" and not static_shapes()
+                and not torch.compiler.is_compiling())
 
     def start(self, stream: str, x: torch.Tensor, real: torch.Tensor | None = None) -> TokenState:
         """A fresh state for ``stream`` at its entry (``real``: B×N bool, False on padding),
