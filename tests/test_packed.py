@@ -195,19 +195,22 @@ def test_packed_execution_equals_masked_and_compacted(counts, merge, gate):
         del RECIPES["_ragged"]
 
 
-def test_auto_packs_only_where_padding_is_wasted():
+def test_only_packed_mode_packs():
+    """``"auto"`` keeps ragged batches padded (hidden states a model returns between its
+    layers would come back packed); ``"packed"`` packs them."""
     RECIPES["_ragged"] = _Ragged()
     try:
         x = torch.randn(4, 3, 32, 32)
-        lengths = {}
-        for counts in ([16, 16, 15, 16], [1, 16, 2, 3]):
-            model = trimkit.apply(_vit(), "_ragged", counts=counts, refs=_refs(x))
+        seen = {}
+        for mode in ("auto", "compacted", "packed"):
+            model = trimkit.apply(_vit(), "_ragged", mode=mode, counts=[1, 16, 2, 3],
+                                  refs=_refs(x))
             model.blocks[2].register_forward_pre_hook(
-                lambda m, a, model=model, c=tuple(counts): lengths.__setitem__(
-                    c, trimkit.api._applied(model).ctx.call.states["image"].segments))
+                lambda m, a, model=model, mode=mode: seen.__setitem__(
+                    mode, trimkit.api._applied(model).ctx.call.states["image"].segments))
             with torch.no_grad():
                 model(x)
-        assert lengths[(16, 16, 15, 16)] is None  # 63 of 68 slots live: padded
-        assert lengths[(1, 16, 2, 3)].lengths == (2, 17, 3, 4)
+        assert seen["auto"] is None and seen["compacted"] is None
+        assert seen["packed"].lengths == (2, 17, 3, 4)
     finally:
         del RECIPES["_ragged"]

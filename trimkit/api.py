@@ -163,10 +163,10 @@ def apply(model: nn.Module, recipe: str, *, mode: str = "auto",
     ``recipe`` names a registered recipe (`list_recipes`); it has no default, the engine
     favours none.
 
-    ``mode`` is ``"auto"`` (masked in training; in eval compacted, and packed where a
-    ragged batch would waste padding), ``"masked"``, ``"compacted"`` or ``"packed"``
-    (docs/architecture.md); ``track_source`` records which input tokens each token covers (for
-    pictures); ``adapter`` (a registered name or an `Adapter` instance) overrides the
+    ``mode`` is ``"auto"`` (masked in training, compacted in eval), ``"masked"``,
+    ``"compacted"`` or ``"packed"`` (ragged batches as one sequence; docs/architecture.md);
+    ``track_source`` records which input tokens each token covers (for pictures);
+    ``adapter`` (a registered name or an `Adapter` instance) overrides the
     detected one, e.g. ``adapter="generic"``. Every recipe default can be overridden by
     keyword. Nothing is changed unless everything checks out: errors leave the model as it
     was. A one-shot recipe (``"prune_heads"``) changes the model itself and installs

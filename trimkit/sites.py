@@ -263,12 +263,12 @@ class TrimContext:
         return self.mode in ("compacted", "packed") or (self.mode == "auto" and not training)
 
     def packing(self, stream: str, training: bool) -> bool:
-        """Whether ``stream``'s ragged batches may be packed: ``"packed"`` mode, or
-        ``"auto"`` in eval (where `pack_state` decides per batch); never while shapes must
-        stay static (export, `trimkit.fixed_shapes`) or under ``torch.compile`` (packing
-        reads the counts on the host, which would break the graph at every layer)."""
-        return (stream in self.packable and self.compacting(training)
-                and self.mode != "compacted" and not static_shapes()
+        """Whether ``stream``'s batches are packed: in ``"packed"`` mode only (``"auto"``
+        does not pack yet: hidden states a model returns from between its layers, such as
+        ``output_hidden_states``, would come back packed); never while shapes must stay
+        static (export, `trimkit.fixed_shapes`) or under ``torch.compile`` (packing reads
+        the counts on the host, which would break the graph at every layer)."""
+        return (stream in self.packable and self.mode == "packed" and not static_shapes()
                 and not torch.compiler.is_compiling())
 
     def start(self, stream: str, x: torch.Tensor, real: torch.Tensor | None = None) -> TokenState:
@@ -453,7 +453,7 @@ class Site(nn.Module):
             state, _ = compact(state)
             if (acted and not last and state.segments is None
                     and self.ctx.packing(self.stream, self.training)):
-                state = pack_state(state, force=self.ctx.mode == "packed")
+                state = pack_state(state)
         self.ctx.call.states[self.stream] = state
         return state
 
@@ -715,22 +715,14 @@ class Site(nn.Module):
         return out
 
 
-#: ``"auto"`` packs a ragged batch when padding it to its longest survivor would fill at
-#: most this share of the slots with live tokens (the rest is waste worth a gather)
-PACK_FILL = 0.85
-
-
-def pack_state(state: TokenState, force: bool = False) -> TokenState:
-    """A compacted state in packed form (`TokenState.segments`), when packing pays: more
-    than one sample, hard decisions, and live tokens filling at most `PACK_FILL` of the
-    padded slots (``force``: whenever there is more than one sample)."""
-    b, m = state.keep.shape
-    if b <= 1 or state.keep.dtype != torch.bool or not (state.has_dead or force):
+def pack_state(state: TokenState) -> TokenState:
+    """A compacted state in packed form (`TokenState.segments`): the live tokens of a batch
+    of more than one sample, with hard decisions, as one 1×ΣN sequence."""
+    b = state.keep.shape[0]
+    if b <= 1 or state.keep.dtype != torch.bool:
         return state
     live = state.keep
     counts = live.sum(1).tolist()
-    if not force and sum(counts) > PACK_FILL * b * m:
-        return state
     return replace(state, x=state.x[live][None], keep=live[live][None],
                    size=state.size[live][None], protected=state.protected[live][None],
                    has_dead=False, known=None, segments=Segments.from_lengths(counts))
