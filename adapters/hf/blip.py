@@ -236,27 +236,29 @@ class BlipAdapter(Adapter):
         keys = {layer.pair: sites[(IMAGE, i)] for i, layer in
                 enumerate(desc.streams[IMAGE].layers if IMAGE in desc.streams else ())
                 if layer.keys_only}
+        ehs, eam = "encoder_hidden_states", "encoder_attention_mask"
         with Patches() as patches:
             if parts.vision is not None:
-                layers = parts.vision[1].encoder.layers
-                for i, layer in enumerate(layers):
-                    patches.set(layer.self_attn, "forward",
-                                _VisionAttention(layer.self_attn, sites[(IMAGE, i)]))
-                hooks.install_tower(patches, ctx, hooks.Tower(IMAGE, parts.vision[1], layers),
-                              [sites[(IMAGE, i)] for i in range(len(layers))],
-                              hooks.Entry(ctx, IMAGE, record=True))
+                vision = parts.vision[1]
+                layers = vision.encoder.layers
+                own = [sites[(IMAGE, i)] for i in range(len(layers))]
+                for layer, site in zip(layers, own, strict=True):
+                    patches.set(layer.self_attn, "forward", _VisionAttention(layer.self_attn, site))
+                # its output is recorded: where a decoder reads it, its dead slots are masked
+                hooks.install_tower(patches, ctx, hooks.Tower(IMAGE, vision, layers), own,
+                                    hooks.Entry(ctx, IMAGE, record=True))
             if parts.text is not None:
                 text = parts.text[1]
-                hooks.Entry(ctx, TEXT, hooks.ArgumentReader(text.forward, (
-                    "is_decoder", "attention_mask", "encoder_hidden_states",
-                    "encoder_attention_mask")), _text_masks, record=True,
-                    keys=hooks.Keys(IMAGE, "encoder_hidden_states", "encoder_attention_mask")
-                    if parts.vision is not None else None).install(patches, text)
+                read = hooks.ArgumentReader(text.forward, ("is_decoder", "attention_mask", ehs,
+                                                           eam))
+                image = hooks.Keys(IMAGE, ehs, eam) if parts.vision is not None else None
+                hooks.Entry(ctx, TEXT, read, _text_masks, keys=image, record=True).install(
+                    patches, text)
                 for j, layer in enumerate(text.encoder.layer):
                     _install_text_layer(patches, layer, sites[(TEXT, j)], keys.get(j))
             for decoder in parts.decoders:  # not trimmed: masks the dead slots it reads
-                bert, ehs = decoder.bert, "encoder_hidden_states"
-                hooks.KeyBias(ctx, bert, ehs, "encoder_attention_mask").install(patches, bert, [
+                bert = decoder.bert
+                hooks.KeyBias(ctx, bert, ehs, eam).install(patches, bert, [
                     layer.crossattention.self for layer in bert.encoder.layer
                     if hasattr(layer, "crossattention")])
                 patches.set(decoder, "generate", hooks.Expanding(decoder, "generate", ctx, ehs))
