@@ -195,22 +195,52 @@ def test_packed_execution_equals_masked_and_compacted(counts, merge, gate):
         del RECIPES["_ragged"]
 
 
-def test_only_packed_mode_packs():
-    """``"auto"`` keeps ragged batches padded (hidden states a model returns between its
-    layers would come back packed); ``"packed"`` packs them."""
+def test_auto_packs_within_layers_where_it_pays():
+    """``"auto"`` packs a ragged batch inside each layer (attention and MLP run on the live
+    tokens only) and hands it back one row per sample between layers, as the model's own
+    code expects; fixed counts never pack; ``"packed"`` stays packed between layers; all
+    three give the compacted outputs."""
     RECIPES["_ragged"] = _Ragged()
     try:
-        x = torch.randn(4, 3, 32, 32)
-        seen = {}
-        for mode in ("auto", "compacted", "packed"):
-            model = trimkit.apply(_vit(), "_ragged", mode=mode, counts=[1, 16, 2, 3],
-                                  refs=_refs(x))
+        x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+        refs = _refs(x)
+        inside: dict = {}
+        between: dict = {}
+        outs = {}
+        for mode, counts in (("auto", [1, 16, 2, 3]), ("auto fixed", [5, 5, 5, 5]),
+                             ("compacted", [1, 16, 2, 3]), ("packed", [1, 16, 2, 3])):
+            model = trimkit.apply(_vit(), "_ragged", mode=mode.split()[0], counts=counts,
+                                  refs=refs)
+            ctx = trimkit.api._applied(model).ctx
             model.blocks[2].register_forward_pre_hook(
-                lambda m, a, model=model, mode=mode: seen.__setitem__(
-                    mode, trimkit.api._applied(model).ctx.call.states["image"].segments))
+                lambda m, a, ctx=ctx, mode=mode: between.__setitem__(
+                    mode, (ctx.call.states["image"].segments, a[0].shape)))
+            model.blocks[1].mlp.register_forward_pre_hook(
+                lambda m, a, ctx=ctx, mode=mode: inside.__setitem__(mode, a[0].shape))
             with torch.no_grad():
-                model(x)
-        assert seen["auto"] is None and seen["compacted"] is None
-        assert seen["packed"].lengths == (2, 17, 3, 4)
+                outs[mode] = model(x)
+        assert inside["auto"] == (1, 2 + 17 + 3 + 4, 16)  # packed inside the layer
+        assert between["auto"][0] is None and between["auto"][1] == (4, 17, 16)
+        assert inside["auto fixed"] == (4, 6, 16) and between["auto fixed"][0] is None
+        assert inside["compacted"] == (4, 17, 16) and between["compacted"][0] is None
+        assert between["packed"][0].lengths == (2, 17, 3, 4)
+        for mode in ("auto", "packed"):
+            torch.testing.assert_close(outs[mode], outs["compacted"], rtol=1e-5, atol=1e-6)
     finally:
         del RECIPES["_ragged"]
+
+
+def test_auto_packs_only_where_enough_slots_are_padding():
+    from trimkit.sites import AUTO_PACK_WASTE, pays_to_pack
+    from trimkit.state import TokenState
+
+    def state(counts: list[int], n: int) -> TokenState:
+        keep = torch.arange(n)[None, :] < torch.tensor(counts)[:, None]
+        return TokenState.start(torch.zeros(len(counts), n, 2), padding_mask=~keep)
+
+    n = 20
+    waste = int(AUTO_PACK_WASTE * 2 * n)
+    assert pays_to_pack(state([n, n - waste], n))  # exactly the share: packs
+    assert not pays_to_pack(state([n, n - waste + 1], n))
+    assert not pays_to_pack(state([3], n))  # one sample: nothing to pack
+    assert not pays_to_pack(state([n, n], n))

@@ -15,7 +15,7 @@ from .describe import ModelDescription
 from .heads import head_importance as _head_importance
 from .heads import head_key_name, locate_heads, prunable_heads
 from .headskip import install_head_skipping
-from .hooks import Patches
+from .hooks import Exit, Patches
 from .registry import ADAPTERS, RECIPES, _load_builtins
 from .sites import MODES, LayerStats, Site, TrimContext
 from .state import TokenState
@@ -217,6 +217,7 @@ def apply(model: nn.Module, recipe: str, *, mode: str = "auto",
     ctx.packable = _packable(desc)
     with Patches() as patches:
         patches.add(*adapter.install(model, desc, sites, ctx))
+        _install_exits(patches, model, desc, sites)
         # projections skip the heads a whole batch gated off (inference only)
         patches.add(*install_head_skipping(model, desc, sites))
     container = nn.ModuleDict({f"{s}_{i}": site for (s, i), site in sites.items()})
@@ -229,6 +230,18 @@ def apply(model: nn.Module, recipe: str, *, mode: str = "auto",
     model.__dict__[STATE_ATTR] = Applied(recipe, options, adapter.name, desc, ctx,
                                            patches.undo)
     return model
+
+
+def _install_exits(patches: Patches, model: nn.Module, desc: ModelDescription,
+                   sites: dict[tuple[str, int], Site]) -> None:
+    """An exit point at the output of each packable stream's layers (after whatever the
+    adapter hooked there), where per-layer packing hands the batch back one row per
+    sample."""
+    for stream in desc.streams.values():
+        if stream.name not in _packable(desc):
+            continue
+        for i, layer in enumerate(stream.layers):
+            patches.hook(model.get_submodule(layer.block), Exit(sites[(stream.name, i)]))
 
 
 def _run_ends(layers: tuple, i: int) -> bool:

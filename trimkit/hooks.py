@@ -38,8 +38,9 @@ from .ops import additive_mask, restore_positions
 from .sites import Site, TrimContext
 from .state import TokenState, static_shapes
 
-__all__ = ["ArgumentReader", "Enter", "Entry", "EntryMethod", "Expanding", "KeyBias", "Keys",
-           "KeysThrough", "Leave", "MethodPatch", "Outputs", "Patches", "RemoveHook", "Restore",
+__all__ = ["ArgumentReader", "Enter", "Entry", "Exit", "EntryMethod", "EntryOutput", "Expanding",
+           "KeyBias", "Keys", "KeysThrough", "Leave", "MethodPatch", "Outputs", "Patches",
+           "RemoveHook", "Restore",
            "RestoreAttr", "StreamCall", "Tower", "Undo", "first_output", "install_tower",
            "live_slots", "outputs", "padding_mask", "per_call", "replace_first_output",
            "stream_call", "untouched"]
@@ -373,13 +374,7 @@ class Entry:
         ctx = self.ctx
         real, protected = (self.masks(arguments, module) if self.masks is not None
                            else None) or (None, None)
-        if real is not None:
-            call = stream_call(ctx, self.stream)
-            call.real = real
-            if ctx.compacting(module.training) and not static_shapes():
-                call.in_place = None  # known once the padding was compacted
-        if real is not None or protected is not None:
-            ctx.entry[self.stream] = (real, protected)
+        self.write(module, real, protected)
         if self.keys is None:
             return
         stream, x = self.keys.stream, arguments.get(self.keys.tokens)
@@ -395,16 +390,61 @@ class Entry:
             mask = arguments.get(self.keys.mask) if self.keys.mask else None
             ctx.start(stream, x, None if mask is None or mask.dim() != 2 else mask.bool())
 
+    def write(self, module: nn.Module, real: torch.Tensor | None,
+              protected: torch.Tensor | None, prefix: int = 0) -> None:
+        """The stream's entry masks (B×N bool, ``None``: none) and the length of its prefix
+        (`trimkit.describe.StreamDesc.prefix`) for the call under way, which the stream's
+        first layer consumes."""
+        ctx = self.ctx
+        if real is not None:
+            call = stream_call(ctx, self.stream)
+            call.real = real
+            if ctx.compacting(module.training) and not static_shapes():
+                call.in_place = None  # known once the padding was compacted
+        if real is not None or protected is not None:
+            ctx.entry[self.stream] = (real, protected)
+        if prefix:
+            ctx.call.prefix[self.stream] = prefix
+
     def after(self, module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
         ctx = self.ctx
         stream_call(ctx, self.stream).depth -= 1
         ctx.entry.pop(self.stream, None)
+        ctx.call.prefix.pop(self.stream, None)
         if self.keys is not None:
             ctx.absent.discard(self.keys.stream)
             keys = stream_call(ctx, self.keys.stream)
             keys.reading, keys.tokens = False, None
         if self.record:
             outputs(ctx).record(ctx, self.stream, output)
+
+
+#: ``masks(output, arguments, module)``: ``(real, protected, prefix)`` from what a module
+#: inside a tower returned (`EntryOutput`)
+OutputMaskReader = Callable[[Any, dict[str, Any], nn.Module],
+                            "tuple[torch.Tensor | None, torch.Tensor | None, int]"]
+
+
+class EntryOutput:
+    """Forward hook of a module inside a tower (its embeddings) whose output gives the
+    stream's entry masks, for models that only know their padding once they embed (ViLT
+    samples its image patches and their padding there): ``masks(output, arguments,
+    module)`` returns ``(real, protected, prefix)``, written through the tower's `Entry`
+    (`Entry.write`), which stays the only writer; ``read`` picks the call's arguments."""
+
+    def __init__(self, entry: Entry, masks: OutputMaskReader, read: ArgumentReader | None = None):
+        self.entry, self.masks, self.read = entry, masks, read
+
+    def install(self, patches: Patches, module: nn.Module) -> None:
+        patches.hook(module, self, kwargs=True)
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+        if not self.entry.ctx.enabled or not stream_call(self.entry.ctx, self.entry.stream).depth:
+            return None
+        arguments = self.read(args, kwargs) if self.read is not None else {}
+        real, protected, prefix = self.masks(output, arguments, module)
+        self.entry.write(module, real, protected, prefix)
+        return None
 
 
 class EntryMethod(MethodPatch):
@@ -483,6 +523,21 @@ class Leave:
         if self.unless_reading and stream_call(self.site.ctx, self.unless_reading).reading:
             return None
         return replace_first_output(output, self.site.leave(first_output(output)))
+
+
+class Exit:
+    """Forward hook at a layer's output: a stream packed only within its layers (``mode=
+    "auto"``) leaves the layer one row per sample (`Site.exit_`)."""
+
+    def __init__(self, site: Site):
+        self.site = site
+
+    def __call__(self, module: nn.Module, args: tuple, output: object) -> object:
+        x = first_output(output)
+        if not isinstance(x, torch.Tensor):
+            return None
+        out = self.site.exit_(x)
+        return None if out is x else replace_first_output(output, out)
 
 
 class Restore:

@@ -30,6 +30,7 @@ from .ops import (
     gather_entry_mask,
     key_attention,
     live_head_rows,
+    prefix_attention,
     query_attention,
 )
 from .packed import Segments, segment_attention, unpack
@@ -40,14 +41,16 @@ __all__ = ["CallRecord", "CrossScores", "LayerCost", "LayerStats", "Site", "Site
 
 MODES = ("auto", "masked", "compacted", "packed")
 #: what a site's own attention core records for its ops (``TokenOp.needs``)
-SELF_RECORDS = frozenset({"keys", "query_scores"})
+SELF_RECORDS = frozenset({"keys", "query_scores", "prefix_scores"})
 
 
 class TokenOp(nn.Module):
     """A trimmer that turns one `TokenState` into the next, in masked form.
 
     ``needs`` names what the attention core must record for it: ``"keys"`` (B×N×d, keys
-    averaged over heads) and/or ``"query_scores"`` (B×N, attention the query rows pay), or
+    averaged over heads) and/or ``"query_scores"`` (B×N, attention the query rows pay),
+    ``"prefix_scores"`` (B×N, the attention the live tokens of the stream's prefix pay each
+    token, `trimkit.ops.prefix_attention`: a single-stream VLM's text looking at its image), or
     ``"cross_scores"``: what a cross-attention of another stream that reads this stream's
     tokens as keys saw of them (`CrossScores`, in ``site.ctx.cross_scores``).
     """
@@ -154,6 +157,8 @@ class CallRecord:
     #: an adapter derives from the model's own inputs (e.g. the token a pooler reads)
     entry: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = field(
         default_factory=dict)
+    #: per stream, the length of the prefix its next entry starts with (`TokenState.prefix`)
+    prefix: dict[str, int] = field(default_factory=dict)
     #: streams that the forward under way does not read (e.g. a text encoder run without
     #: the image): `TrimContext.keys_state` gives ``None`` for them, so no trimmer is guided
     #: by a stream the outputs must not depend on
@@ -263,13 +268,21 @@ class TrimContext:
         return self.mode in ("compacted", "packed") or (self.mode == "auto" and not training)
 
     def packing(self, stream: str, training: bool) -> bool:
-        """Whether ``stream``'s batches are packed: in ``"packed"`` mode only (``"auto"``
-        does not pack yet: hidden states a model returns from between its layers, such as
-        ``output_hidden_states``, would come back packed); never while shapes must stay
-        static (export, `trimkit.fixed_shapes`) or under ``torch.compile`` (packing reads
-        the counts on the host, which would break the graph at every layer)."""
-        return (stream in self.packable and self.mode == "packed" and not static_shapes()
-                and not torch.compiler.is_compiling())
+        """Whether ``stream``'s batches may be packed: in ``"packed"`` mode, and in
+        ``"auto"`` mode in eval (layer by layer, where it pays: `pays_to_pack`); never while
+        shapes must stay static (export, `trimkit.fixed_shapes`) or under ``torch.compile``
+        (packing reads the counts on the host, which would break the graph at every
+        layer)."""
+        return (stream in self.packable
+                and (self.mode == "packed" or (self.mode == "auto" and not training))
+                and not static_shapes() and not torch.compiler.is_compiling())
+
+    @property
+    def per_layer_packing(self) -> bool:
+        """``"auto"`` packs within a layer only: each packed stream leaves every layer one
+        row per sample, so whatever the model's own code keeps from between its layers
+        (``output_hidden_states``, intermediate features) has its usual shape."""
+        return self.mode == "auto"
 
     def start(self, stream: str, x: torch.Tensor, real: torch.Tensor | None = None) -> TokenState:
         """A fresh state for ``stream`` at its entry (``real``: B×N bool, False on padding),
@@ -281,6 +294,7 @@ class TrimContext:
         call.entered = {k: v for k, v in call.entered.items() if k[0] != stream}
         call.cross_scores = {k: v for k, v in call.cross_scores.items() if k[0] != stream}
         extra_real, protected = call.entry.pop(stream, (None, None))
+        prefix = call.prefix.pop(stream, 0)
         for mask in (extra_real, protected):
             if mask is not None and mask.shape != x.shape[:2]:
                 raise RuntimeError(f"trimkit: the entry masks of stream {stream!r} have shape "
@@ -289,8 +303,9 @@ class TrimContext:
             real = extra_real if real is None else real.to(torch.bool) & extra_real
         pad = None if real is None else ~real.to(torch.bool)
         state = TokenState.start(x, num_protected=self.protected.get(stream, 0),
-                                 protected=protected, padding_mask=pad,
-                                 track_source=self.track_source or stream in self.positional)
+                                 protected=protected, padding_mask=pad, prefix=prefix,
+                                 track_source=(self.track_source or stream in self.positional
+                                               or prefix > 0))
         call.states[stream] = state
         if self.record_costs:
             call.entry_counts[stream] = state.keep.float().sum(1)
@@ -451,8 +466,10 @@ class Site(nn.Module):
             state = op(state, self)
         if self.ctx.compacting(self.training):
             state, _ = compact(state)
+            ctx = self.ctx
             if (acted and not last and state.segments is None
-                    and self.ctx.packing(self.stream, self.training)):
+                    and ctx.packing(self.stream, self.training)
+                    and (not ctx.per_layer_packing or pays_to_pack(state))):
                 state = pack_state(state)
         self.ctx.call.states[self.stream] = state
         return state
@@ -476,6 +493,20 @@ class Site(nn.Module):
                                ("cross_heads", call.cross_head_gates)):
                 if gates is not None:
                     call.cost[key] = gates.float().sum(1)
+        return state.x
+
+    def exit_(self, x: torch.Tensor) -> torch.Tensor:
+        """At the layer's output (after its MLP): under per-layer packing
+        (`TrimContext.per_layer_packing`), a packed stream one row per sample again, so the
+        model's own code between layers sees its usual B×N shape."""
+        ctx = self.ctx
+        if not (ctx.enabled and ctx.per_layer_packing):
+            return x
+        state = ctx.call.states.get(self.stream)
+        if state is None or state.segments is None or state.x.shape[:2] != x.shape[:2]:
+            return x
+        state = unpack_state(state.with_x(x))
+        ctx.call.states[self.stream] = state
         return state.x
 
     def leave_(self, x: torch.Tensor) -> torch.Tensor:
@@ -658,6 +689,9 @@ class Site(nn.Module):
             else:
                 rows, row_mask = _scoring_rows(q, attn_mask, state)
             call.captured["query_scores"] = query_attention(rows, k, row_mask, s)
+        if "prefix_scores" in self.needs:
+            s = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+            call.captured["prefix_scores"] = prefix_attention(q, k, attn_mask, s, state)
 
     def _attend_packed(self, q, k, v, attn_mask, is_causal, scale, state: TokenState
                        ) -> torch.Tensor:
@@ -713,6 +747,22 @@ class Site(nn.Module):
         if gates is not None:
             out = out * gates.to(out.dtype)[:, :, None, None]
         return out
+
+
+#: ``mode="auto"`` packs a layer's batch when at least this share of its padded slots
+#: would be padding (`pays_to_pack`); measured with ``benchmarks/packed_speed.py``
+AUTO_PACK_WASTE = 0.2
+
+
+def pays_to_pack(state: TokenState) -> bool:
+    """Whether packing a compacted batch pays under ``mode="auto"``: two or more samples,
+    hard decisions, and at least `AUTO_PACK_WASTE` of the padded slots dead (fixed counts
+    per sample, as `tome` or `attn_prune` give, never pack)."""
+    keep = state.keep
+    b, n = keep.shape
+    if b <= 1 or n == 0 or keep.dtype != torch.bool or not state.has_dead:
+        return False
+    return int(keep.sum()) <= (1.0 - AUTO_PACK_WASTE) * b * n
 
 
 def pack_state(state: TokenState) -> TokenState:
