@@ -52,7 +52,8 @@ from trimkit.sites import Site, TrimContext
 from ..layouts import bert_heads
 from .attention import Binding, route_attention
 
-__all__ = ["HFAdapter", "UnsupportedConfigError", "pooled_positions"]
+__all__ = ["HFAdapter", "UnsupportedConfigError", "describe_tower", "encoder_tower",
+           "install_towers", "pooled_positions"]
 
 IMAGE, TEXT = "image", "text"
 
@@ -85,6 +86,9 @@ _CLIP = _proj_heads("self_attn", "out_proj", "num_heads"), "head_dim"
 _KINDS = {
     "BertModel": _Kind(TEXT, "encoder.layer", "attention.self", "attention", False, 1,
                        bert_heads("attention"), "attention_head_size"),
+    # laid out as BERT; not detected on its own (`_classes`), METER's text encoder uses it
+    "RobertaModel": _Kind(TEXT, "encoder.layer", "attention.self", "attention", False, 1,
+                          bert_heads("attention"), "attention_head_size"),
     "CLIPTextModel": _Kind(TEXT, "encoder.layers", "self_attn", "mlp", True, 0, *_CLIP, True),
     "CLIPVisionModel": _Kind(IMAGE, "encoder.layers", "self_attn", "mlp", True, 1, *_CLIP),
     "ViTModel": _Kind(IMAGE, "layers", "attention", "mlp", True, 1,
@@ -108,6 +112,21 @@ def prefix(path: str) -> str:
     return f"{path}." if path else ""
 
 
+def encoder_tower(module: nn.Module, path: str = "", *, restore: str | None = "zeros"
+                  ) -> Tower:
+    """The `Tower` of one transformers encoder whose class `_KINDS` names (``BertModel``,
+    ``RobertaModel``, CLIP's towers, ``ViTModel``), at ``path`` in the model: padding from its
+    2D ``attention_mask``, its output back at the entry positions with ``restore`` (``None``:
+    it stays as trimmed, for a model that carries the stream on, such as METER's text)."""
+    name = next(cls.__name__ for cls in type(module).__mro__ if cls.__name__ in _KINDS)
+    kind = _KINDS[name]
+    return Tower(kind.stream, module, module.get_submodule(kind.layers),
+                 leave_after=None if kind.residual else kind.leave_after,
+                 read=ArgumentReader(module.forward, ("attention_mask", "input_ids")),
+                 masks=partial(_entry_masks, name), restore=restore, exact=True,
+                 guard=_no_checkpointing, name=name, path=path)
+
+
 def _towers(model: nn.Module) -> list[Tower]:
     classes = _classes()
     if classes is None:
@@ -116,22 +135,15 @@ def _towers(model: nn.Module) -> list[Tower]:
     for path, module in model.named_modules():
         if any(not t.path or path.startswith(prefix(t.path)) for t in towers):
             continue  # inside a tower already found
-        for name, cls in classes.items():
-            if isinstance(module, cls):
-                kind = _KINDS[name]
-                towers.append(Tower(
-                    kind.stream, module, module.get_submodule(kind.layers),
-                    leave_after=None if kind.residual else kind.leave_after,
-                    read=ArgumentReader(module.forward, ("attention_mask", "input_ids")),
-                    masks=partial(_entry_masks, name), restore="zeros", exact=True,
-                    guard=_no_checkpointing, name=name, path=path))
-                break
+        if isinstance(module, tuple(classes.values())):
+            towers.append(encoder_tower(module, path))
     return towers
 
 
 def _check(tower: Tower) -> None:
     config = tower.module.config
-    if tower.name == "BertModel" and (config.is_decoder or config.add_cross_attention):
+    if tower.name in ("BertModel", "RobertaModel") and (config.is_decoder
+                                                        or config.add_cross_attention):
         raise UnsupportedConfigError(tower.refusal(
             "Hugging Face", "BERT as a decoder (is_decoder, cross-attention, KV cache) is not "
                             "supported, only the bidirectional encoder"))
@@ -161,6 +173,31 @@ def _layer_desc(tower: Tower, i: int, layer: nn.Module) -> LayerDesc:
                      residual=kind.residual, masks_are_padding=True,
                      mlp_dim=config.intermediate_size, head_dim=getattr(attn, kind.head_dim),
                      heads=kind.heads)
+
+
+def describe_tower(tower: Tower) -> tuple[LayerDesc, ...]:
+    """The layers of an `encoder_tower`, after checking that it can be trimmed (an
+    `UnsupportedConfigError` says why not)."""
+    _check(tower)
+    return tuple(_layer_desc(tower, i, layer) for i, layer in enumerate(tower.layers))
+
+
+def install_towers(patches: Patches, ctx: TrimContext, model: nn.Module,
+                   towers: list[tuple[Tower, list[Site]]]) -> None:
+    """Install each `encoder_tower` with its layers' sites (`trimkit.hooks.install_tower`) and
+    route their attention through trimkit's `AttentionInterface` entry
+    (`trimkit.adapters.hf.attention.route_attention` on ``model``, a transformers model that
+    holds them all)."""
+    bindings: dict[nn.Module, Binding] = {}
+    for tower, own in towers:
+        install_tower(patches, ctx, tower, own)
+        acted = False  # some op of this stream acts at or before this layer's attention
+        for site, layer in zip(own, tower.layers, strict=True):
+            acted = acted or bool(len(site.pre)) or bool(site.needs)
+            attention = layer.get_submodule(_KINDS[tower.name].attention)
+            bindings[attention] = Binding(site, not acted)
+            acted = acted or bool(len(site.post))
+    patches.add(route_attention(model, bindings))
 
 
 def pooled_positions(input_ids: torch.Tensor, eos_token_id: int | None) -> torch.Tensor:
@@ -221,13 +258,11 @@ class HFAdapter(Adapter):
                                          f"{type(model).__name__}")
         streams: dict[str, StreamDesc] = {}
         for tower in towers:
-            _check(tower)
+            layers = describe_tower(tower)
             kind = _KINDS[tower.name]
             if kind.stream in streams:
                 raise UnsupportedConfigError(tower.refusal(
                     "Hugging Face", f"the model has more than one {kind.stream} tower"))
-            layers = tuple(_layer_desc(tower, i, layer)
-                           for i, layer in enumerate(tower.layers))
             n = grid = None
             if kind.stream == IMAGE:
                 emb = tower.module.embeddings
@@ -243,15 +278,7 @@ class HFAdapter(Adapter):
         # outputs go back to their entry positions, which needs every token's source
         ctx.track_source = True
         with Patches() as patches:
-            bindings: dict[nn.Module, Binding] = {}
-            for tower in _towers(model):
-                own = [sites[(tower.stream, i)] for i in range(len(tower.layers))]
-                install_tower(patches, ctx, tower, own)
-                acted = False  # some op of this stream acts at or before this layer's attention
-                for site, layer in zip(own, tower.layers, strict=True):
-                    acted = acted or bool(len(site.pre)) or bool(site.needs)
-                    attention = layer.get_submodule(_KINDS[tower.name].attention)
-                    bindings[attention] = Binding(site, not acted)
-                    acted = acted or bool(len(site.post))
-            patches.add(route_attention(model, bindings))
+            install_towers(patches, ctx, model, [
+                (tower, [sites[(tower.stream, i)] for i in range(len(tower.layers))])
+                for tower in _towers(model)])
         return patches.undo
