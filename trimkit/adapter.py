@@ -6,7 +6,7 @@ A family whose blocks trace with `torch.fx` needs only `detect` and `describe`: 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 
 import torch.fx as fx
 from torch import nn
@@ -115,8 +115,11 @@ class _RouteBlock:
 
 
 def install_fx_sites(model: nn.Module, desc: ModelDescription,
-                     sites: dict[tuple[str, int], Site]) -> list[Undo]:
-    """Rewrite every described layer's block and attention modules with its site.
+                     sites: dict[tuple[str, int], Site],
+                     only: Container[tuple[str, int]] | None = None) -> list[Undo]:
+    """Rewrite every described layer's block and attention modules with its site (``only``:
+    those of the layers it holds, as ``(stream, index)``, for an adapter that installs the
+    others another way).
 
     Blocks must trace with `torch.fx` (their children are kept as leaves); an attention
     module is either a `torch.nn.MultiheadAttention` or a head-pruned
@@ -127,6 +130,8 @@ def install_fx_sites(model: nn.Module, desc: ModelDescription,
     with Patches() as patches:
         for stream in desc.streams.values():
             for i, layer in enumerate(stream.layers):
+                if only is not None and (stream.name, i) not in only:
+                    continue
                 site = sites[(stream.name, i)]
                 block = model.get_submodule(layer.block)
                 attns = [(layer.attention, site.core)]

@@ -119,6 +119,12 @@ class StreamDesc:
     it is static: the last ``rows·cols`` entry tokens are the patches in row-major order,
     the ones before them (CLS, registers) are not patches. `trimkit.tools.viz` draws from it.
 
+    ``entries``: the layers where a forward may start the stream: its first, and any later
+    one where the model also takes the stream's tokens from outside instead of computing
+    them in the layers before (METER's first fusion layer, when ``text_embeds`` replace its
+    text encoder). Learned recipes check that their target cost is reachable whichever
+    entry a forward takes (`trimkit.cost.lowest_ratio`).
+
     ``positional``: the attention masks the stream's layers receive (a causal mask, a
     per-sample padding mask) are given over its entry tokens, whatever was trimmed before.
     The state then tracks ``source``; each self-attention reads the mask at its tokens'
@@ -135,6 +141,7 @@ class StreamDesc:
     padded: bool = False
     positional: bool = False
     grid: tuple[int, int] | None = None
+    entries: tuple[int, ...] = (0,)
 
     def attention_layers(self) -> list[int]:
         """Indices of the layers where the stream runs an attention of its own (every layer
