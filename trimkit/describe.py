@@ -117,7 +117,20 @@ class StreamDesc:
 
     ``grid``: for an image stream, the patch grid ``(rows, cols)`` of its entry tokens when
     it is static: the last ``rows·cols`` entry tokens are the patches in row-major order,
-    the ones before them (CLS, registers) are not patches. `trimkit.tools.viz` draws from it.
+    counted from the end; the ones before them (the ``prefix``, then the ``num_protected``
+    CLS or registers) are not patches. `trimkit.tools.viz` draws from it.
+
+    ``prefix``: the modality (``"text"``) whose tokens lead this stream in every input, of
+    a length set per call by the model's inputs: a single-stream VLM (ViLT) runs its text
+    and its image through the same layers as one sequence. The adapter gives that length,
+    with the padding and the protected tokens, from the inputs at each call
+    (`trimkit.hooks.Entry.write`, `trimkit.hooks.EntryOutput`); ``num_protected`` then
+    counts the protected tokens right *after* the prefix (the image CLS). The prefix's real
+    tokens are protected: no op drops or merges them, except an op that trims that
+    modality itself within it (PuMer's text merging), which merges prefix tokens only with
+    each other and never the prefix's first token (its CLS). Its live tokens are
+    `trimkit.ops.prefix_tokens`; the attention they pay each token is what an op needing
+    ``"prefix_scores"`` gets (`trimkit.ops.prefix_attention`).
 
     ``entries``: the layers where a forward may start the stream: its first, and any later
     one where the model also takes the stream's tokens from outside instead of computing
@@ -142,6 +155,7 @@ class StreamDesc:
     positional: bool = False
     grid: tuple[int, int] | None = None
     entries: tuple[int, ...] = (0,)
+    prefix: str | None = None
 
     def attention_layers(self) -> list[int]:
         """Indices of the layers where the stream runs an attention of its own (every layer

@@ -43,6 +43,8 @@ __all__ = [
     "merge_count",
     "permute_tokens",
     "place_rows",
+    "prefix_attention",
+    "prefix_tokens",
     "prune_keep_count",
     "query_attention",
     "restore_positions",
@@ -738,6 +740,41 @@ def entry_positions(state: TokenState) -> torch.Tensor:
         pos = torch.full((b, n + 1), -1, dtype=torch.long, device=src.device)
         pos = pos.scatter_reduce(1, src.masked_fill(src < 0, n), entry, "amax")[:, :n]
     return pos.masked_fill(pos < 0, n0 - 1)
+
+
+def prefix_tokens(state: TokenState) -> torch.Tensor:
+    """B×N bool: the live tokens of the stream's prefix (`TokenState.prefix`: a
+    single-stream VLM's text ahead of its image), found by their entry positions (a merged
+    token by its latest member's, so text merged only with text stays text). Needs
+    ``state.source`` unless the state has no prefix (then none)."""
+    if not state.prefix:
+        return torch.zeros_like(state.live)
+    return state.live & (entry_positions(state) < state.prefix)
+
+
+def prefix_attention(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None,
+                     scale: float, state: TokenState) -> torch.Tensor:
+    """B×N: the attention the live prefix tokens (`prefix_tokens`) pay each token in a
+    self-attention (q, k: B×H×N×d), averaged over heads and over those rows weighted by
+    their size; zeros without a prefix. ``bias`` is the additive mask the product uses.
+
+    Only the prefix's query rows are computed (at most ``state.prefix`` of them, found
+    without a device sync), never the full attention map, so the main product stays fused:
+    PuMer's text-to-image scores inside a shared self-attention."""
+    b, h, n, d = q.shape
+    rows = prefix_tokens(state)
+    r = min(state.prefix, n)
+    if r == 0:
+        return q.new_zeros(b, n, dtype=torch.float32)
+    idx = _stable_order((~rows).to(torch.int8), r)  # each sample's prefix rows first
+    weights = (rows.float() * state.size.float()).gather(1, idx)
+    q_rows = q.gather(2, idx[:, None, :, None].expand(b, h, r, d))
+    if bias is not None and bias.dim() >= 2 and bias.shape[-2] > 1:  # a full N×N mask
+        while bias.dim() < 4:
+            bias = bias.unsqueeze(0)
+        bias = bias.expand(b, *bias.shape[1:])
+        bias = bias.gather(2, idx[:, None, :, None].expand(b, bias.shape[1], r, n))
+    return query_attention(q_rows, k, bias, scale, weights)
 
 
 def gather_entry_mask(mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -79,6 +79,10 @@ class TokenState:
       ``protected`` hold the live tokens of the whole batch as one 1×ΣN sequence and
       `trimkit.packed.Segments` says where each sample's lie (``source`` stays B×N0, its
       slots counted within each sample's segment). ``None``: one row per sample.
+    - ``prefix``: how many entry tokens of this call belong to the stream's leading
+      modality (`trimkit.describe.StreamDesc.prefix`: a single-stream VLM's text), padding
+      included; the same for the whole batch. A token is in the prefix when its entry
+      position is below it (`trimkit.ops.prefix_tokens`, which needs ``source``). 0: none.
     """
 
     x: torch.Tensor
@@ -91,6 +95,7 @@ class TokenState:
     packed: bool = False
     known: Known | None = None
     segments: Segments | None = None
+    prefix: int = 0
 
     @classmethod
     def start(
@@ -101,11 +106,14 @@ class TokenState:
         protected: torch.Tensor | None = None,
         padding_mask: torch.Tensor | None = None,
         track_source: bool = False,
+        prefix: int = 0,
     ) -> TokenState:
         """The state at a stream's entry: every real token live, sizes 1.
 
-        ``num_protected`` protects the first tokens (CLS, registers, distillation token);
-        ``protected`` adds any other B×N bool mask. ``padding_mask`` is B×N, True on padding.
+        ``num_protected`` protects the first tokens (CLS, registers, distillation token), or
+        with a ``prefix`` (the leading modality's entry tokens, `TokenState.prefix`), the
+        first ones after it; ``protected`` adds any other B×N bool mask. ``padding_mask``
+        is B×N, True on padding.
         """
         b, n = x.shape[:2]
         dev = x.device
@@ -117,7 +125,7 @@ class TokenState:
             has_dead = True if static_shapes() else bool(padding_mask.any())
         prot = torch.zeros(b, n, dtype=torch.bool, device=dev)
         if num_protected:
-            prot[:, :num_protected] = True
+            prot[:, prefix:prefix + num_protected] = True
         if protected is not None:
             prot = prot | protected.to(device=dev, dtype=torch.bool)
         prot = prot & keep
@@ -128,9 +136,10 @@ class TokenState:
             source = source.masked_fill(~keep, -1)
         known = None
         if padding_mask is None:
-            known = Known(keep, prot, 0, num_protected if protected is None else None)
+            first = num_protected if protected is None and not prefix else None
+            known = Known(keep, prot, 0, first)
         return cls(x=x, keep=keep, size=size, protected=prot, source=source,
-                   has_dead=has_dead, known=known)
+                   has_dead=has_dead, known=known, prefix=prefix)
 
     @property
     def live(self) -> torch.Tensor:
