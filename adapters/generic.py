@@ -48,7 +48,8 @@ NAME = "generic"
 SITES = "trimkit"  # the container `trimkit.apply` adds: never part of the model's own graph
 _TOKEN_PARAM = re.compile(r"(cls|class|reg|register|dist|distill)(_?tokens?|_?embedding)?$|"
                           r"_tokens?$")
-_ATTENTION_WORDS = ("softmax", "scaled_dot_product_attention", "MultiheadAttention")
+#: words (lower case) whose presence in a forward's source says it computes attention
+_ATTENTION_WORDS = ("softmax", "scaled_dot_product_attention", "multiheadattention")
 _SHAPE_KEEP = {"contiguous", "type_as", "to", "float", "half", "bfloat16", "clone"}
 _NORMS = (nn.LayerNorm, nn.Identity, nn.GroupNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm")
                                                      else ())
@@ -349,6 +350,7 @@ def _mentions_attention(module: nn.Module) -> bool:
         source = inspect.getsource(type(module).forward)
     except (OSError, TypeError):
         return False
+    source = source.lower()  # nn.Softmax(dim=-1)(scores) mentions it too
     return any(w in source for w in _ATTENTION_WORDS)
 
 

@@ -112,11 +112,20 @@ def _text_reads_image(desc: ModelDescription) -> int:
                and layer.cross_attention and not layer.keys_only)
 
 
+def _shared_stream(desc: ModelDescription) -> bool:
+    """Whether the model is a single-stream VLM: an ``"image"`` stream whose prefix is the
+    text (ViLT), where text guides image pruning inside the shared self-attention."""
+    image = desc.streams.get("image")
+    return image is not None and image.prefix == "text"
+
+
 def _pumer(desc: ModelDescription, entry: Mapping[str, int]) -> Any:
-    """With a fusion stack: prune and merge ratios at a subset of its layers; without one,
-    the merging half in every stream at a subset of its self-attention layers."""
+    """With a fusion stack (or a shared stream whose prefix is the text): prune and merge
+    ratios at a subset of its layers; without one, the merging half in every stream at a
+    subset of its self-attention layers."""
     st = require_hypothesis().strategies
     stack = _text_reads_image(desc)
+    shared = not stack and _shared_stream(desc)
 
     @st.composite
     def trial(draw: Callable) -> Trial:
@@ -130,6 +139,10 @@ def _pumer(desc: ModelDescription, entry: Mapping[str, int]) -> Any:
             layers = st.lists(st.integers(0, stack - 1), min_size=1, max_size=min(3, stack),
                               unique=True).map(sorted)
             options.update(prune_ratio=prune, layers=draw(layers))
+            zero["prune_ratio"] = 0.0
+        elif shared:
+            prune = draw(st.floats(0.0, 0.9))
+            options.update(prune_ratio=prune, layers=draw(layer_subsets(desc, "image")))
             zero["prune_ratio"] = 0.0
         else:
             options["layers"] = {s: draw(layer_subsets(desc, s)) for s in _attending(desc)}

@@ -28,9 +28,21 @@ Placement (``layers``, indices into the fusion stack: the text layers that cross
 image): by default 0, 1/6, 2/6 and 3/6 of its depth, rounded: METER's six co-attention blocks
 0, 1, 2, 3 (the published placement, which the original code numbers 0, 2, 4, 6 because it
 counts a block's text and image layers separately), and 0, 2, 4, 6 of BLIP's twelve text
-layers. A model without such a stack (a ViT, a text encoder, CLIP's separate towers) gets the
-merging half: every stream merges at the same relative depths of its own layers (the text
-stream at ``text_merge_ratio``, any other at ``image_merge_ratio``).
+layers.
+
+A single-stream VLM (ViLT: one stack over the text, then the image; the stream's
+``StreamDesc.prefix`` is the text) has no cross-attention: its text reads the image in the
+shared self-attention, which is where PuMer's ViLT variant scores. A reducing layer, after its
+attention and before its FFN, prunes the image tokens the real text tokens attended least
+there (`ReduceByPrefixAttention`: their query rows only, the product stays fused), merges
+within the image, then within the text (never the text CLS). Defaults from the reference code
+for ViLT (csarron/PuMer, notes/cmd.md, VQAv2, SNLI-VE and NLVR2 alike): layers 2, 5 and 8 of
+12 (2/12, 5/12, 8/12 of the depth), ``prune_ratio`` 0.1, ``image_merge_ratio`` 0.3,
+``text_merge_ratio`` 0.2; ``layers`` indexes the stream's layers.
+
+A model with neither (a ViT, a text encoder, CLIP's separate towers) gets the merging half:
+every stream merges at the same relative depths of its own layers (the text stream at
+``text_merge_ratio``, any other at ``image_merge_ratio``).
 
 Training: none needed (fixed counts); ``trimkit.train`` fine-tunes with the reducers on,
 plus ``lambda_kd`` · KL from the untrimmed model (``teacher="frozen"``: the weights as they
@@ -48,18 +60,32 @@ from torch import nn
 from trimkit import ModelDescription, Option, Recipe, SitePlan, register_recipe
 from trimkit.describe import StreamDesc
 from trimkit.recipe import LAYERS
-from trimkit.trimmers import MergeTokens, ReduceByCrossAttention
+from trimkit.trimmers import MergeTokens, ReduceByCrossAttention, ReduceByPrefixAttention
 
 #: the default reducing depths, as fractions of the stack
 DEPTHS = (0, 1 / 6, 2 / 6, 3 / 6)
-#: prune_ratio where text guides the image and the option is left at None
+#: prune_ratio and image_merge_ratio where text guides the image and the options are left at
+#: None (METER's published VQAv2 settings), and elsewhere (merging only)
 PRUNE_RATIO = 0.2
+MERGE_RATIO = 0.2
+#: a single-stream VLM (ViLT, the reference code's settings): reducing depths as fractions of
+#: its layers (2, 5, 8 of 12), prune_ratio and image_merge_ratio
+SINGLE_DEPTHS = (2 / 12, 5 / 12, 8 / 12)
+SINGLE_PRUNE_RATIO = 0.1
+SINGLE_MERGE_RATIO = 0.3
 IMAGE, TEXT = "image", "text"
 
 
-def default_layers(depth: int) -> list[int]:
-    """Indices at `DEPTHS` of a stack of ``depth`` layers (rounded, without repeats)."""
-    return sorted({min(round(f * depth), depth - 1) for f in DEPTHS}) if depth else []
+def default_layers(depth: int, depths: tuple[float, ...] = DEPTHS) -> list[int]:
+    """Indices at ``depths`` (fractions) of a stack of ``depth`` layers (rounded, without
+    repeats)."""
+    return sorted({min(round(f * depth), depth - 1) for f in depths}) if depth else []
+
+
+def single_stream(desc: ModelDescription) -> StreamDesc | None:
+    """The stream of a single-stream VLM: the image, with the text as its prefix."""
+    image = desc.streams.get(IMAGE)
+    return image if image is not None and image.prefix == TEXT else None
 
 
 def _chosen(spec: Any, depth: int, what: str) -> list[int]:
@@ -102,18 +128,21 @@ class PuMer(Recipe):
     options = {
         "prune_ratio": Option(None, f"fraction of the image tokens pruned at each reducing "
                                     f"layer, by the attention text pays them (default "
-                                    f"{PRUNE_RATIO} where text cross-attends to the image; a "
-                                    f"model without that has nothing to guide pruning)",
-                              kind=float, low=0, high=1),
-        "image_merge_ratio": Option(0.2, "fraction of the image tokens merged away at each "
-                                         "reducing layer (capped at half)", kind=float, low=0,
-                                    high=1),
+                                    f"{PRUNE_RATIO} where text cross-attends to the image, "
+                                    f"{SINGLE_PRUNE_RATIO} where it reads it in a shared "
+                                    f"stream (ViLT); a model without either has nothing to "
+                                    f"guide pruning)", kind=float, low=0, high=1),
+        "image_merge_ratio": Option(None, f"fraction of the image tokens merged away at each "
+                                          f"reducing layer, capped at half (default "
+                                          f"{MERGE_RATIO}; {SINGLE_MERGE_RATIO} in a shared "
+                                          f"stream, ViLT)", kind=float, low=0, high=1),
         "text_merge_ratio": Option(0.2, "fraction of the real text tokens merged away at each "
                                         "reducing layer (capped at half)", kind=float, low=0,
                                    high=1),
         "layers": Option(None, "reducing layers, as indices into the fusion stack (default: "
-                               "0, 1/6, 2/6, 3/6 of its depth; METER 0-3), or, on a model "
-                               "without one, into each stream's layers (a list, or a dict "
+                               "0, 1/6, 2/6, 3/6 of its depth; METER 0-3), into a shared "
+                               "stream's layers (ViLT: 2, 5, 8 of 12), or, on a model "
+                               "without either, into each stream's layers (a list, or a dict "
                                "stream -> list)", kind=LAYERS),
         "proportional": Option(False, "add log(size) to attention logits where merged tokens "
                                       "are keys", kind=bool),
@@ -131,10 +160,15 @@ class PuMer(Recipe):
         prop = bool(options["proportional"])
         stack = fusion_stack(desc)
         prune = options["prune_ratio"]
+        shared = single_stream(desc) if not stack else None
+        if shared is not None:
+            return self._single_stream(shared, options["layers"], prune, m_img, m_txt, prop)
+        m_img = MERGE_RATIO if m_img is None else m_img
         if not stack:
             if prune:
                 raise ValueError(
-                    f"prune_ratio needs text that cross-attends to the image, which this "
+                    f"prune_ratio needs text that cross-attends to the image, or reads it in "
+                    f"a shared stream whose prefix is the text (ViLT), which this "
                     f"{desc.family} model has not (streams {sorted(desc.streams)}); PuMer "
                     f"merges only here: leave prune_ratio at None or 0")
             return self._merge_only(desc, options["layers"], m_img, m_txt, prop)
@@ -165,6 +199,27 @@ class PuMer(Recipe):
             if p > 0 or m_img > 0:
                 add((IMAGE, target), [ReduceByCrossAttention(p, m_img, pair)], [])
         return plans
+
+    @staticmethod
+    def _single_stream(stream: StreamDesc, spec: Any, prune: float | None,
+                       m_img: float | None, m_txt: float, prop: bool) -> dict:
+        """A reducer after the attention of each chosen layer of a shared stream."""
+        if isinstance(spec, dict):  # {stream: layers} names the one stream
+            unknown = sorted(set(spec) - {stream.name})
+            if unknown:
+                raise ValueError(f"layers names streams {unknown}; this model has only "
+                                 f"{stream.name!r}")
+            spec = spec.get(stream.name, [])
+        own = stream.attention_layers()
+        layers = ([own[j] for j in default_layers(len(own), SINGLE_DEPTHS)] if spec is None
+                  else _chosen(spec, len(stream.layers), f"stream {stream.name!r}'s layers"))
+        p = SINGLE_PRUNE_RATIO if prune is None else prune
+        m = SINGLE_MERGE_RATIO if m_img is None else m_img
+        if not (p > 0 or m > 0 or m_txt > 0):
+            return {}
+        op = ReduceByPrefixAttention
+        return {(stream.name, i): SitePlan(post=[op(p, m, m_txt)], proportional=prop)
+                for i in layers}
 
     @staticmethod
     def _merge_only(desc: ModelDescription, spec: Any, m_img: float, m_txt: float,

@@ -8,17 +8,20 @@ from .ops import (
     bipartite_soft_matching,
     drop_below_top,
     drop_tokens,
+    entry_positions,
     fuse_tokens,
     keep_top,
     merge_count,
     merge_tokens,
+    prefix_tokens,
     prune_keep_count,
     tome_matching,
 )
 from .sites import CrossScores, Site, TokenOp
 from .state import TokenState
 
-__all__ = ["MergeTokens", "PruneByQueryScore", "ReduceByCrossAttention", "cross_scores"]
+__all__ = ["MergeTokens", "PruneByQueryScore", "ReduceByCrossAttention", "ReduceByPrefixAttention",
+           "cross_scores"]
 
 
 def cross_scores(site: Site, pair: int, state: TokenState) -> CrossScores:
@@ -139,6 +142,53 @@ class ReduceByCrossAttention(TokenOp):
             r = torch.minimum(r, eligible.sum(1) // 2)
             src, dst, valid = bipartite_soft_matching(seen.keys, r, eligible)
             state = merge_tokens(state, src, dst, valid)
+        return state
+
+
+class ReduceByPrefixAttention(TokenOp):
+    """PuMer's reducer in a single-stream VLM, whose stream carries the text as its prefix
+    (`trimkit.describe.StreamDesc.prefix`, ViLT): the text reads the image through the shared
+    self-attention, so the scores come from there.
+
+    Of each sample's N live unprotected image tokens (those after the prefix): drop the
+    ``round(prune_ratio · N)`` (keeping at least one) that the live text tokens attended
+    least in this layer's self-attention (averaged over heads and over those tokens,
+    weighted by their size: `trimkit.ops.prefix_attention`, one set of query rows, the
+    product stays fused), then merge ``round(merge_ratio · N)`` pairs of the survivors,
+    capped at half of them; then merge ``round(text_merge_ratio · T)`` pairs of the T live
+    text tokens other than the text's first (its CLS), capped at half. Both merges are
+    bipartite soft matching on the layer's keys, within one modality, never across."""
+
+    needs = frozenset({"keys", "prefix_scores"})
+
+    def __init__(self, prune_ratio: float, merge_ratio: float, text_merge_ratio: float):
+        super().__init__()
+        self.prune_ratio, self.merge_ratio = float(prune_ratio), float(merge_ratio)
+        self.text_merge_ratio = float(text_merge_ratio)
+
+    def extra_repr(self) -> str:
+        return (f"prune_ratio={self.prune_ratio}, merge_ratio={self.merge_ratio}, "
+                f"text_merge_ratio={self.text_merge_ratio}")
+
+    def forward(self, state: TokenState, site: Site) -> TokenState:
+        if state.prefix and state.source is None:
+            raise RuntimeError(f"trimkit: {site.stream} layer {site.layer} reduces a stream "
+                               f"with a prefix, which needs its source tracked")
+        keys = site.captured["keys"]
+        image = state.live & ~state.protected & ~prefix_tokens(state)
+        r = merge_count(image, self.merge_ratio) if self.merge_ratio > 0 else None
+        if self.prune_ratio > 0:
+            keep = keep_top(site.captured["prefix_scores"],
+                            prune_keep_count(image, self.prune_ratio), image)
+            state = drop_tokens(state, image & ~keep)
+            image = keep
+        if r is not None:
+            r = torch.minimum(r, image.sum(1) // 2)
+            state = merge_tokens(state, *bipartite_soft_matching(keys, r, image))
+        if self.text_merge_ratio > 0 and state.prefix:
+            text = prefix_tokens(state) & (entry_positions(state) > 0)  # never the text CLS
+            r = merge_count(text, self.text_merge_ratio)
+            state = merge_tokens(state, *bipartite_soft_matching(keys, r, text))
         return state
 
 

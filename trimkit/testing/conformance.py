@@ -28,6 +28,7 @@ from .invariants import (
     check_invariants,
     check_transform,
     first_tensor,
+    seeded,
 )
 
 # ------------------------------------------------------------------------ conformance kit
@@ -61,10 +62,14 @@ HINTS: dict[int, str] = {
        "state's key bias: masks_are_padding, StreamDesc.positional), or every token of the "
        "stream is protected (num_protected)",
     9: "install's undo list misses a change (every per-instance patch, buffer or hook must "
-       "append its undo), or the forward depends on state left by an earlier call",
+       "append its undo), or the forward depends on state left by an earlier call, or the "
+       "model's own forward is random (it samples, as ViLT samples its image patches): pass "
+       "seed= to check_adapter",
 }
 _GRID_HINT = ("num_protected must count every token before the patches (CLS, registers, "
-              "distillation token) and StreamDesc.grid must be the patch grid")
+              "distillation token; with a StreamDesc.prefix, those after the prefix) and "
+              "StreamDesc.grid must be the patch grid: the last rows·cols entry tokens, "
+              "counted from the end")
 _HEADS_HINT = ("describe() must read head counts (and head_dim) from the modules, not from a "
                "config, and HeadLayout.counts / widths must name the attributes the "
                "attention's forward reads")
@@ -194,6 +199,8 @@ def _stream_line(s: StreamDesc, entry: int | None) -> str:
     if entry is not None:
         parts.append(f"at least {entry} unprotected")
     parts.append(f"{s.num_protected} protected")
+    if s.prefix:
+        parts.append(f"prefix {s.prefix}")
     if s.grid:
         parts.append(f"grid {s.grid[0]}×{s.grid[1]}")
     parts += [flag for flag in ("padded", "positional") if getattr(s, flag)]
@@ -381,17 +388,31 @@ def _description_problems(model: nn.Module, desc: ModelDescription) -> list[str]
 
 
 def _call(model: nn.Module, make_inputs: Callable[[int], tuple], b: int,
-          output: Callable[[Any], torch.Tensor]) -> tuple[tuple, torch.Tensor]:
+          output: Callable[[Any], torch.Tensor], seed: int | None = None
+          ) -> tuple[tuple, torch.Tensor]:
     inputs = make_inputs(b)
     if not isinstance(inputs, tuple):
         raise TypeError(f"make_inputs({b}) must return a tuple of positional arguments, got "
                         f"{type(inputs).__name__}")
-    return inputs, output(model(*inputs))
+    return inputs, output(seeded(model, inputs, seed))
+
+
+def _random_forward(b: int, seed: int | None) -> str:
+    """Why two untrimmed calls on the same inputs can differ, and what to do."""
+    if seed is None:
+        return (f"the untrimmed model gives different outputs on two calls with the same "
+                f"inputs (make_inputs({b})): its own forward draws random numbers in eval (as "
+                f"ViLT samples its image patches with torch.multinomial). Pass seed= to "
+                f"check_adapter: torch's global RNG is then seeded before every forward")
+    return (f"the untrimmed model gives different outputs on two calls with the same inputs "
+            f"(make_inputs({b})) even with torch's global RNG seeded (seed={seed}) before "
+            f"each: its randomness comes from elsewhere (another generator, or state its "
+            f"calls leave behind)")
 
 
 def _structure(make_model: Callable[[], nn.Module], make_inputs: Callable[[int], tuple],
                batch_sizes: Sequence[int], output: Callable[[Any], torch.Tensor],
-               adapter: str | Adapter | None, atol: float
+               adapter: str | Adapter | None, atol: float, seed: int | None = None
                ) -> tuple[Adapter, ModelDescription, dict[str, int]]:
     """The structural checks; raises `ConformanceError` at the first step that fails.
     Returns the adapter, the description and each stream's fewest live unprotected entry
@@ -422,7 +443,7 @@ def _structure(make_model: Callable[[], nn.Module], make_inputs: Callable[[int],
     with torch.no_grad():
         for b in batch_sizes:
             try:
-                _, out = _call(model, make_inputs, b, output)
+                _, out = _call(model, make_inputs, b, output, seed)
             except Exception as e:
                 raise _structural(name, [f"the untrimmed model failed on make_inputs({b}): "
                                          f"{type(e).__name__}: {e}"]) from e
@@ -433,6 +454,8 @@ def _structure(make_model: Callable[[], nn.Module], make_inputs: Callable[[int],
             if not torch.isfinite(out).all():
                 raise _structural(name, [f"the untrimmed output on make_inputs({b}) is not "
                                          f"finite"])
+            if not torch.equal(_call(model, make_inputs, b, output, seed)[1], out):
+                raise _structural(name, [_random_forward(b, seed)])
             refs[b] = out
         sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
         entry: dict[str, int] = {}
@@ -444,7 +467,7 @@ def _structure(make_model: Callable[[], nn.Module], make_inputs: Callable[[int],
                 step = f"the forward with nothing trimmed on make_inputs({b})"
                 for mode in ("compacted", "masked"):
                     api.set_mode(model, mode)
-                    _, out = _call(model, make_inputs, b, output)
+                    _, out = _call(model, make_inputs, b, output, seed)
                     _close(f"invariant 1 (zero trimming is the identity, {mode}, batch size "
                            f"{b})", out, refs[b], atol)
                     if mode == "compacted":
@@ -452,7 +475,7 @@ def _structure(make_model: Callable[[], nn.Module], make_inputs: Callable[[int],
             step = "remove"
             api.remove(model)
             for b in batch_sizes:
-                if not torch.equal(_call(model, make_inputs, b, output)[1], refs[b]):
+                if not torch.equal(_call(model, make_inputs, b, output, seed)[1], refs[b]):
                     raise InvariantError("invariant 9: outputs after remove differ from the "
                                          "original")
             now = model.state_dict()
@@ -502,7 +525,7 @@ def _run_case(name: str, case: Case, desc: ModelDescription, entry: Mapping[str,
               impl: Adapter, *, max_examples: int, batch_sizes: Sequence[int],
               output: Callable[[Any], torch.Tensor],
               perturb_padding: Callable[[tuple], tuple] | None, atol: float,
-              shrink: bool) -> RecipeResult:
+              shrink: bool, seed: int | None = None) -> RecipeResult:
     """One recipe's property, run by hypothesis; the last example it ran before raising is
     the one it shrank to (hypothesis replays the minimal failing example last)."""
     hyp = require_hypothesis()
@@ -517,11 +540,11 @@ def _run_case(name: str, case: Case, desc: ModelDescription, entry: Mapping[str,
         inputs = make_inputs(b)
         if transforms:
             check_transform(make_model, inputs, name, options, zero, output=output, atol=atol,
-                            adapter=impl)
+                            adapter=impl, seed=seed)
         else:
             check_invariants(make_model, inputs, name, options, zero, output=output,
                              merges_only=merges_only, perturb_padding=perturb_padding,
-                             atol=atol, adapter=impl)
+                             atol=atol, adapter=impl, seed=seed)
 
     phases = [Phase.explicit, Phase.generate] + ([Phase.shrink] if shrink else [])
     config = hyp.settings(max_examples=max_examples, deadline=None, derandomize=True,
@@ -550,6 +573,7 @@ def check_adapter(
     adapter: str | Adapter | None = None,
     atol: float = 1e-5,
     shrink: bool = True,
+    seed: int | None = None,
 ) -> ConformanceReport:
     """Check an adapter on the model ``make_model()`` builds: structure first, then
     the invariants (docs/architecture.md) for every recipe that fits, as hypothesis properties.
@@ -561,7 +585,10 @@ def check_adapter(
     recipes checked (default: every registered one; those without a `Case` are skipped);
     each gets ``max_examples`` examples with batch sizes drawn from ``batch_sizes``;
     ``shrink=False`` reports the first failing example instead of the smallest. ``adapter``
-    forces one (a registered name or an instance) instead of the detected one.
+    forces one (a registered name or an instance) instead of the detected one. ``seed``:
+    for a model whose own forward draws random numbers in eval (ViLT samples its image
+    patches), torch's global RNG is seeded with it before every forward the kit runs;
+    without it, such a model fails the structural check with a message that says so.
 
     Returns a `ConformanceReport`. Raises `ConformanceError` at once when a structural check
     fails (a path that does not exist, a forward that does not run, ``apply`` + ``remove``
@@ -582,7 +609,10 @@ def check_adapter(
     if unknown:
         raise ValueError(f"unknown recipes {unknown}; recipes: {', '.join(sorted(RECIPES))}")
 
-    impl, desc, entry = _structure(make_model, make_inputs, batch_sizes, output, adapter, atol)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"seed must be an int or None, got {seed!r}")
+    impl, desc, entry = _structure(make_model, make_inputs, batch_sizes, output, adapter, atol,
+                                   seed)
     report = ConformanceReport(impl.name, desc, entry)
     for name in names:
         case = CASES.get(name)
@@ -593,7 +623,7 @@ def check_adapter(
         report.results.append(_run_case(
             name, case, desc, entry, make_model, make_inputs, impl, max_examples=max_examples,
             batch_sizes=batch_sizes, output=output, perturb_padding=perturb_padding, atol=atol,
-            shrink=shrink))
+            shrink=shrink, seed=seed))
     if report.failures:
         raise ConformanceError.from_report(report)
     return report
