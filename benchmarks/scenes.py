@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import itertools
 import json
 import math
 import sys
@@ -78,6 +79,7 @@ __all__ = [
     "load_split",
     "make_scene",
     "patch_loader",
+    "predict",
     "train_baseline",
 ]
 
@@ -425,10 +427,13 @@ SCENES_MODEL: dict = dict(
 #: scenes. Stage 2: the whole METER (MiniLM frozen) on the questions, ``epochs`` passes at
 #: ``lr`` (the tower at ``lr * vision_lr_scale``) over batches of ``images_per_batch``
 #: scenes with all their questions. The answers are balanced by construction, so no
-#: resampling.
+#: resampling. With ``autocast="bf16"`` the training forwards run under CPU autocast in
+#: bfloat16 (the weights, the optimizer and evaluation stay float32): on a CPU with AVX-512
+#: BF16 a step takes 1.4–1.8× less time; ``None`` trains in float32.
 SCENES_TRAINING: dict = dict(
-    seed=0, patch_epochs=2, patch_lr=2e-3, patch_images_per_batch=32, epochs=3, lr=5e-4,
-    vision_lr_scale=0.3, images_per_batch=8, weight_decay=0.01, warmup=0.1, grad_clip=1.0)
+    seed=0, patch_epochs=2, patch_lr=2e-3, patch_images_per_batch=32, epochs=3, lr=1e-3,
+    vision_lr_scale=0.3, images_per_batch=8, weight_decay=0.01, warmup=0.1, grad_clip=1.0,
+    autocast="bf16")
 
 #: the checkpoint `train_baseline` writes by default (``trimkit.benchmarks/data``)
 SHIPPED_BASELINE = Path(__file__).parent / "data" / "scenes_baseline.pt"
@@ -494,6 +499,28 @@ def _patch_call(module: nn.Module, batch: tuple) -> torch.Tensor:
     return module(batch[0])
 
 
+class _Autocast:
+    """``forward(module, batch)`` under CPU autocast to ``dtype`` (``"bf16"``), logits
+    back in float32; ``None`` leaves it as it is. With ``record``, each call's loss and
+    accuracy are kept (``steps``), so a short run shows whether it learns."""
+
+    def __init__(self, forward: Callable, dtype: str | None, record: bool = False):
+        if dtype not in (None, "bf16"):
+            raise ValueError(f"autocast must be None or 'bf16', got {dtype!r}")
+        self.forward, self.enabled = forward, dtype is not None
+        self.steps: list[tuple[float, float]] | None = [] if record else None
+
+    def __call__(self, module: nn.Module, batch: tuple) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.enabled):
+            logits = self.forward(module, batch).float()
+        if self.steps is not None:
+            with torch.no_grad():
+                loss = torch.nn.functional.cross_entropy(logits, batch[-1]).item()
+                acc = (logits.argmax(-1) == batch[-1]).float().mean().item()
+            self.steps.append((loss, acc))
+        return logits
+
+
 def _settings_key() -> str:
     blob = json.dumps({"model": SCENES_MODEL, "train": SCENES_TRAINING,
                        "data": [DATA_SEED, SPLITS, asdict(SceneConfig())], "text": "minilm"},
@@ -548,12 +575,14 @@ def _stages(model: nn.Module, train: ScenesSplit, feats: torch.Tensor, mask: tor
     for name, module, loader, kw in (
             ("patches", warmup,
              patch_loader(train, cfg["patch_images_per_batch"], seed=cfg["seed"]),
-             dict(epochs=cfg["patch_epochs"], lr=cfg["patch_lr"], forward=_patch_call,
+             dict(epochs=cfg["patch_epochs"], lr=cfg["patch_lr"],
+                  forward=_Autocast(_patch_call, cfg["autocast"], steps is not None),
                   name="stage 1 (tower, patch labels)")),
             ("questions", model,
              ev.image_loader(train, feats, mask, seed=cfg["seed"] + 1,
                              images_per_batch=cfg["images_per_batch"]),
              dict(epochs=cfg["epochs"], lr=cfg["lr"], name="stage 2 (METER)",
+                  forward=_Autocast(ev.model_call, cfg["autocast"], steps is not None),
                   lr_scale={"vit_model.": cfg["vision_lr_scale"]}))):
         if steps is not None:
             loader = _Take(loader, steps)
@@ -562,7 +591,8 @@ def _stages(model: nn.Module, train: ScenesSplit, feats: torch.Tensor, mask: tor
         result = ev.fit(module, loader, **kw, **common)
         out[name] = {"fit": result, "seconds": time.perf_counter() - t0,
                      "batches": len(loader) if steps is None else len(loader.loader),
-                     "stamps": loader.stamps if steps is not None else []}
+                     "stamps": loader.stamps if steps is not None else [],
+                     "steps": kw["forward"].steps or []}
     return out
 
 
@@ -582,8 +612,9 @@ def train_baseline(path: Path | str = SHIPPED_BASELINE, cache_dir: Path | None =
         stages = _stages(model, train, feats, mask, log)
         train_seconds = time.perf_counter() - t0
         t1 = time.perf_counter()
-        accuracy = ev.evaluate(model, test, cache_dir=cache_dir)
-        by_kind = {kind: ev.evaluate(model, _questions_of_kind(test, k), cache_dir=cache_dir)
+        right = predict(model, test, cache_dir=cache_dir) == test.labels
+        accuracy = right.float().mean().item()
+        by_kind = {kind: right[test.kinds == k].float().mean().item()
                    for k, kind in enumerate(KINDS)}
         info = {
             "accuracy": accuracy, "accuracy_by_kind": by_kind,
@@ -606,13 +637,24 @@ def train_baseline(path: Path | str = SHIPPED_BASELINE, cache_dir: Path | None =
     return model.eval(), info
 
 
-def _questions_of_kind(split: ScenesSplit, kind: int) -> ScenesSplit:
-    """The questions of one kind (all scenes kept)."""
-    keep = split.kinds == kind
-    return ScenesSplit(split.images, split.image_index[keep], split.questions,
-                       split.question_index[keep], split.labels[keep], split.answers,
-                       split.kinds[keep], split.target[keep], split.boxes[keep],
-                       split.objects, split.object_boxes, split.owner, split.config)
+@torch.no_grad()
+def predict(model: nn.Module, split: ScenesSplit, batch_size: int = 256,
+            cache_dir: Path | None = None) -> torch.Tensor:
+    """The answer index ``model`` gives to every question of ``split``, in order (eval
+    mode, batches of about ``batch_size`` questions grouped by scene, `easy_vqa.model_call`)."""
+    per_image = max(1, round(batch_size / (len(split) / max(len(split.images), 1))))
+    loader = ev.image_loader(split, shuffle=False, images_per_batch=per_image,
+                             cache_dir=cache_dir)
+    order = torch.tensor(list(itertools.chain.from_iterable(loader.batch_sampler)))
+    was = model.training
+    model.eval()
+    try:
+        answers = torch.cat([ev.model_call(model, b).argmax(-1) for b in loader])
+    finally:
+        model.train(was)
+    out = torch.empty_like(answers)
+    out[order] = answers
+    return out
 
 
 # ------------------------------------------------------------------------------ commands
@@ -650,6 +692,8 @@ def measure(steps: int = 30, cache_dir: Path | None = None, *, threads: int | No
                                             images_per_batch=cfg["images_per_batch"])))
         flops = {"patches": _step_flops(warm, patch_batch, _patch_call),
                  "questions": _step_flops(model, q_batch, ev.model_call)}
+        log(f"timing {steps} steps of each stage at {torch.get_num_threads()} thread(s), "
+            f"autocast {cfg['autocast']}")
         stages = _stages(model, train, feats, mask, None, steps=steps)
         gflops = ev.flops_per_example(model, test, cache_dir)
         threads_used = torch.get_num_threads()
@@ -665,7 +709,10 @@ def measure(steps: int = 30, cache_dir: Path | None = None, *, threads: int | No
         median = float(np.median(gaps))
         batch_items = {"patches": cfg["patch_images_per_batch"],
                        "questions": 4 * cfg["images_per_batch"]}[name]
+        first, last = np.mean(st["steps"][:5], axis=0), np.mean(st["steps"][-5:], axis=0)
         out["stages"][name] = {
+            "loss_first_5": float(first[0]), "loss_last_5": float(last[0]),
+            "accuracy_first_5": float(first[1]), "accuracy_last_5": float(last[1]),
             "seconds_per_step": median, "steps_full": full[name],
             "minutes_full": median * full[name] / 60,
             "gflops_per_step": flops[name] / 1e9,
@@ -676,7 +723,10 @@ def measure(steps: int = 30, cache_dir: Path | None = None, *, threads: int | No
     for name, s in out["stages"].items():
         log(f"{name}: {s['seconds_per_step']:.3f} s/step ({s['gflops_per_step']:.1f} GFLOPs "
             f"per step, {s['gflops_per_second']:.1f} GFLOP/s); the full run: "
-            f"{s['steps_full']} steps, about {s['minutes_full']:.1f} min")
+            f"{s['steps_full']} steps, about {s['minutes_full']:.1f} min; training loss "
+            f"{s['loss_first_5']:.3f} -> {s['loss_last_5']:.3f}, accuracy "
+            f"{s['accuracy_first_5']:.1%} -> {s['accuracy_last_5']:.1%} (first and last 5 "
+            f"steps)")
     log(f"inference: {gflops['total']:.3f} GFLOPs per example (vision {gflops['vision']:.3f}, "
         f"fusion {gflops['fusion']:.3f}, heads {gflops['heads']:.4f}); generation "
         f"{out['generate_seconds_per_scene'] * 1e3:.2f} ms per scene")

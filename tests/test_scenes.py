@@ -194,6 +194,16 @@ def test_the_dataset_feeds_both_training_stages(tmp_path):
     assert any(k.startswith("vit_model.") for k in changed)
     assert any(k.startswith("cross_modal_image_layers.") for k in changed)
     assert not any(k.startswith("text_transformer.") for k in changed)  # MiniLM frozen
+    # predict answers every question in the split's order
+    got = sc.predict(model, split, batch_size=6, cache_dir=tmp_path)
+    assert got.shape == (len(split),) and len(set(got.tolist())) > 1
+    with torch.no_grad():
+        for q in (0, 1, 4, 5, 9, 15):
+            u = int(split.question_index[q])
+            one = ev.model_call(model.eval(), (split.images[[int(split.image_index[q])]],
+                                               feats[u:u + 1], mask[u:u + 1],
+                                               torch.zeros(1, dtype=torch.long)))
+            assert int(one.argmax(-1)) == int(got[q])
     # the demo's example dataset takes a split as it takes easy-VQA's
     from trimkit.benchmarks.bench_vqa import _Questions
 
