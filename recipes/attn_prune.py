@@ -1,10 +1,13 @@
 """Attention-score pruning (EViT, Liang et al., ICLR 2022; FastV's family).
 
 At chosen layers keep the tokens that the CLS token attends to most, computed from one query
-row so the main attention stays fused. Defaults from EViT on DeiT-S/B: keep 70% of the
-remaining tokens at the 4th, 7th and 10th of 12 blocks (a quarter, half and three quarters
-of the depth for other depths); ``fuse=True`` folds the dropped tokens into one, weighted
-by that attention (EViT's inattentive-token fusion). ``keep_ratio`` is relative to the
+row so the main attention stays fused. The row: the first token where the stream protects
+its leading tokens (its CLS; in a single-stream VLM such as ViLT, the text CLS its pooler
+reads), the mean of the live queries where it protects none, and in a positional (causal)
+stream its first protected token, else its last live one. Defaults from EViT on DeiT-S/B:
+keep 70% of the remaining tokens at the 4th, 7th and 10th of 12 blocks (a quarter, half and
+three quarters of the depth for other depths); ``fuse=True`` folds the dropped tokens into
+one, weighted by that attention (EViT's inattentive-token fusion). ``keep_ratio`` is relative to the
 tokens alive at that layer, rounded up.
 """
 

@@ -142,7 +142,8 @@ class StreamDesc:
     per-sample padding mask) are given over its entry tokens, whatever was trimmed before.
     The state then tracks ``source``; each self-attention reads the mask at its tokens'
     entry positions (`trimkit.ops.entry_positions`: a merged token at its latest member's),
-    and scores tokens from one real query row (the token a pooler reads, when protected).
+    and scores tokens from one real query row (its first protected token, the one a pooler
+    reads, else its last live token).
     `trimkit.ops.restore_positions` puts a stream's output back at its entry positions,
     for models that read outputs at positions computed from their inputs.
     """

@@ -575,8 +575,9 @@ class Site(nn.Module):
         return rows[key]
 
     def _query_row(self, q: torch.Tensor, state: TokenState) -> torch.Tensor:
-        """The query whose attention scores tokens: the first token when it is protected
-        (CLS), else the mean query of the live tokens."""
+        """The query whose attention scores tokens (non-positional streams): the first token
+        when the stream protects its leading tokens (``num_protected > 0``: its CLS; with a
+        prefix, the prefix's first token), else the mean query of the live tokens."""
         if self.ctx.protected.get(self.stream, 0) > 0:
             return q[:, :, :1]
         w = state.live.to(q.dtype)[:, None, :, None]

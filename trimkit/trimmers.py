@@ -194,7 +194,10 @@ class ReduceByPrefixAttention(TokenOp):
 
 class PruneByQueryScore(TokenOp):
     """Keep the top ``ceil(keep_ratio · E)`` of E unprotected live tokens by the attention the
-    query row (the first token, CLS) pays them; optionally fuse the rest into one (EViT)."""
+    scoring query row pays them (`Site._query_row`: the first token where the stream
+    protects its leading tokens, its CLS or its prefix's first token; the mean live query
+    where it protects none; in a positional stream its first protected token, else its last
+    live one); optionally fuse the rest into one (EViT)."""
 
     needs = frozenset({"query_scores"})
 
