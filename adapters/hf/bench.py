@@ -45,6 +45,12 @@ PRESETS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "blip-vqa-base": ("blip", _BLIP_VISION, _BLIP_TEXT),
     "blip-image-captioning-base": ("blip", _BLIP_VISION, _BLIP_TEXT),
     "blip-itm-base-coco": ("blip", _BLIP_VISION, _BLIP_TEXT),
+    # dandelin/vilt-b32-finetuned-vqa: ViT-B/32 weights, one stream over 40 text tokens and
+    # the patches of a 384×640 image (12×20, plus the image CLS); VQAv2's 3129 answers
+    "vilt-b32-finetuned-vqa": ("vilt", dict(hidden_size=768, intermediate_size=3072,
+                                            num_hidden_layers=12, num_attention_heads=12,
+                                            image_size=384, patch_size=32, num_labels=3129,
+                                            max_position_embeddings=40), {}),
 }
 
 
@@ -84,6 +90,8 @@ def bench_model(name: str, tower: str = "vision", text_len: int = 16, seq_len: i
     torch.manual_seed(0)
     if family == "blip":
         return blip_model(name, text_len=text_len, new_tokens=new_tokens, **fields)
+    if family == "vilt":
+        return vilt_model(name, **fields)
     if family == "clip":
         if tower not in ("vision", "text", "both"):
             raise ValueError(f"tower must be 'vision', 'text' or 'both', got {tower!r}")
@@ -205,6 +213,36 @@ def blip_model(name: str, text_len: int = 16, new_tokens: int = 20,
         tasks = {"itm": lambda m, ids, px, mask: m(ids, px, True, mask),
                  "itc": lambda m, ids, px, mask: m(ids, px, False, mask)}
     return model, make_inputs, tasks
+
+
+def vilt_model(name: str, height: int = 384, width: int = 640, text_len: int = 40,
+               **fields: Any) -> tuple[nn.Module, Callable[[int], tuple]]:
+    """A ViLT of preset ``name`` for VQA (random weights; ``fields`` override config fields)
+    and its inputs as ViLT's processor shapes them: ``text_len`` ids ([CLS], random ids,
+    [SEP]; the published model reads 40), ``height × width`` images (384×640 at the
+    published size; a smaller pair is the resize baseline, run as its own model) with a
+    full ``pixel_mask``. ViLT samples its patches on every forward, so the timed calls draw
+    from torch's global RNG as the model does in use."""
+    from transformers import ViltConfig, ViltForQuestionAnswering
+
+    torch.manual_seed(0)
+    config = ViltConfig(**dict(PRESETS[name][1], **fields))
+    model = ViltForQuestionAnswering(config).eval()
+    if not 2 <= text_len <= config.max_position_embeddings:
+        raise ValueError(f"text_len must be in [2, {config.max_position_embeddings}]")
+    if height % config.patch_size or width % config.patch_size:
+        raise ValueError(f"height and width must be multiples of the patch size "
+                         f"{config.patch_size}, got {height}×{width}")
+
+    def make_inputs(batch_size: int) -> tuple:
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(1000, config.vocab_size, (batch_size, text_len), generator=g)
+        ids[:, 0], ids[:, -1] = 101, 102
+        pixels = torch.randn(batch_size, 3, height, width, generator=g)
+        pixel_mask = torch.ones(batch_size, height, width, dtype=torch.long)
+        return ids, torch.ones_like(ids), None, pixels, pixel_mask
+
+    return model, make_inputs
 
 
 register_builder("hf", bench_model, resize="image_size", examples=[
