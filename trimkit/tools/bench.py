@@ -769,8 +769,9 @@ def _measure(spec, recipe, options, base, trim, make_inputs, tasks, batch_sizes,
 def padded_flops(model: nn.Module, call: Callable[..., Any], inputs: tuple) -> float | None:
     """FLOPs of ``call(*inputs)`` with the trimmed ``model`` run padded (``mode=
     "compacted"``: each batch padded to its longest survivor) while it runs in ``"auto"``
-    (where this is what it spends in eval) or ``"packed"`` (where the difference is the
-    waste packing saves); else ``None``."""
+    or ``"packed"``, where the difference to what it spends is the waste packing saves
+    (``"auto"`` packs within a layer only where at least a fifth of the slots would be
+    padding); else ``None``."""
     if not trimkit.is_applied(model):
         return None
     ctx = trimkit.api._applied(model).ctx
