@@ -5,6 +5,10 @@ the kit's seed for models that sample, and the generic adapter's message."""
 
 from __future__ import annotations
 
+import copy
+import pickle
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,11 +21,13 @@ from transformers import (
     ViltForQuestionAnswering,
     ViltModel,
 )
+from trimkit.adapters.hf import ViltAdapter
 
 import trimkit
+from trimkit import ModelDescription
 from trimkit.ops import prefix_attention, prefix_tokens
 from trimkit.state import TokenState
-from trimkit.testing import ConformanceError, check_adapter
+from trimkit.testing import ConformanceError, InvariantError, check_adapter, check_invariants
 
 TEXT, IMAGE_SIDE, PATCH, DIM = 8, 32, 8, 32
 PATCHES = (IMAGE_SIDE // PATCH) ** 2
@@ -293,3 +299,41 @@ def test_gradient_checkpointing_is_refused_and_changes_nothing():
         trimkit.apply(model, "tome")
     assert not trimkit.is_applied(model)
     assert model.vilt.encoder.layer[0].attention.attention.forward == forward
+
+
+class _GridVilt(ViltAdapter):
+    """The shipped adapter stating a patch grid: with ``image_embeds`` in row-major order
+    the patches are the last rows·cols entry tokens, after the text prefix and the CLS."""
+
+    name = "vilt-grid"
+
+    def __init__(self, grid: tuple[int, int]):
+        self.grid = grid
+
+    def describe(self, model):
+        desc = super().describe(model)
+        return ModelDescription(desc.family, {"image": replace(desc.streams["image"],
+                                                               grid=self.grid)})
+
+
+def test_the_grid_is_counted_from_the_end_after_the_prefix():
+    side = IMAGE_SIDE // PATCH
+    check_invariants(make_vqa, embed_inputs(2), "tome", dict(r=2), dict(r=0), output=_logits,
+                     adapter=_GridVilt((side, side)))
+    with pytest.raises(InvariantError, match="after a prefix of 8 and at most 1 protected"):
+        check_invariants(make_vqa, embed_inputs(2), "tome", dict(r=2), dict(r=0),
+                         output=_logits, adapter=_GridVilt((side, side - 1)))
+
+
+def test_copies_and_pickles_are_independent_trimmed_models():
+    model = trimkit.apply(make_vqa(), "pumer", layers=[1, 2])
+    inputs = embed_inputs(3)
+    with torch.no_grad():
+        out = model(*inputs).logits
+        twin = copy.deepcopy(model)
+        thawed = pickle.loads(pickle.dumps(model))
+        assert torch.equal(twin(*inputs).logits, out)
+        assert torch.equal(thawed(*inputs).logits, out)
+        trimkit.remove(twin)
+        assert torch.allclose(twin(*inputs).logits, make_vqa()(*inputs).logits, atol=1e-6)
+        assert torch.equal(model(*inputs).logits, out)
