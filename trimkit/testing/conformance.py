@@ -102,6 +102,7 @@ class Failure:
     merges_only: bool
     error: BaseException
     transforms: bool = False
+    seed: int | None = None
 
     @property
     def message(self) -> str:
@@ -151,12 +152,13 @@ class Failure:
         if self.options is None:
             return "(the options could not be drawn)"
         b = self.batch_size
+        seed = "" if self.seed is None else f", seed={self.seed}"
         if self.transforms:
             return (f"trimkit.testing.check_transform(make_model, make_inputs({b}), "
-                    f"{self.recipe!r}, {self.options!r}, {self.zero_options!r})")
+                    f"{self.recipe!r}, {self.options!r}, {self.zero_options!r}{seed})")
         return (f"trimkit.testing.check_invariants(make_model, make_inputs({b}), "
                 f"{self.recipe!r}, {self.options!r}, {self.zero_options!r}"
-                f"{', merges_only=True' if self.merges_only else ''})")
+                f"{', merges_only=True' if self.merges_only else ''}{seed})")
 
     def __str__(self) -> str:
         lines = [f"{self.recipe}: batch size {self.batch_size}, options {self.options!r}",
@@ -556,7 +558,7 @@ def _run_case(name: str, case: Case, desc: ModelDescription, entry: Mapping[str,
         config(hyp.given(strategy, st.sampled_from(list(batch_sizes)))(prop))()
     except Exception as e:
         options, zero, merges_only, b = seen["last"] or (None, None, False, None)
-        failure = Failure(name, options, zero, b, merges_only, e, transforms)
+        failure = Failure(name, options, zero, b, merges_only, e, transforms, seed)
         return RecipeResult(name, "failed", seen["examples"], failure=failure)
     return RecipeResult(name, "checked", seen["examples"])
 
