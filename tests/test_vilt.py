@@ -337,3 +337,16 @@ def test_copies_and_pickles_are_independent_trimmed_models():
         trimkit.remove(twin)
         assert torch.allclose(twin(*inputs).logits, make_vqa()(*inputs).logits, atol=1e-6)
         assert torch.equal(model(*inputs).logits, out)
+
+
+def test_bench_preset_has_a_resize_baseline_at_the_images_aspect():
+    """`trimkit bench` on ViLT (no static grid: its patches follow the input) finds the
+    resize baseline by the patch size, the images keeping their 384:640 aspect."""
+    from trimkit.tools.bench import benchmark
+
+    spec = ("hf:vilt-b32-finetuned-vqa?hidden_size=32&num_hidden_layers=2&"
+            "num_attention_heads=2&intermediate_size=64&text_len=12")
+    row, = benchmark(spec, "pumer", {"layers": [0]}, batch_sizes=(1,), warmup=0, repeats=1,
+                     memory=False)
+    assert row.resize_side is not None and row.resize_side % 32 == 0 and row.resize_side < 384
+    assert row.gflops_resize < row.gflops_base and row.gflops_trim < row.gflops_base

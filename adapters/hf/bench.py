@@ -54,7 +54,7 @@ PRESETS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
 }
 
 
-def bench_model(name: str, tower: str = "vision", text_len: int = 16, seq_len: int = 128,
+def bench_model(name: str, tower: str = "vision", text_len: int | None = None, seq_len: int = 128,
                 attn: str = "sdpa", new_tokens: int = 20, **fields: Any
                 ) -> tuple[nn.Module, Callable[[int], tuple]] | tuple[nn.Module, Callable, Tasks]:
     """A model of preset ``name`` (eval mode, random weights, attention implementation
@@ -70,7 +70,9 @@ def bench_model(name: str, tower: str = "vision", text_len: int = 16, seq_len: i
     - BERT: ``BertModel`` on ``seq_len`` ids ([CLS], random ids, [SEP]), no padding.
     - ViT: ``ViTModel`` on random images.
     - BLIP (`blip_model`): VQA, captioning or retrieval, timed per task.
-    """
+    - ViLT (`vilt_model`): VQA on 384×640 images and ``text_len`` ids (default 40).
+
+    ``text_len`` defaults to 16 (CLIP, BLIP) or 40 (ViLT)."""
     from transformers import (
         BertConfig,
         BertModel,
@@ -88,10 +90,11 @@ def bench_model(name: str, tower: str = "vision", text_len: int = 16, seq_len: i
         raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
     family, main, text = PRESETS[name]
     torch.manual_seed(0)
+    if family == "vilt":
+        return vilt_model(name, text_len=40 if text_len is None else text_len, **fields)
+    text_len = 16 if text_len is None else text_len
     if family == "blip":
         return blip_model(name, text_len=text_len, new_tokens=new_tokens, **fields)
-    if family == "vilt":
-        return vilt_model(name, **fields)
     if family == "clip":
         if tower not in ("vision", "text", "both"):
             raise ValueError(f"tower must be 'vision', 'text' or 'both', got {tower!r}")
@@ -216,17 +219,23 @@ def blip_model(name: str, text_len: int = 16, new_tokens: int = 20,
 
 
 def vilt_model(name: str, height: int = 384, width: int = 640, text_len: int = 40,
-               **fields: Any) -> tuple[nn.Module, Callable[[int], tuple]]:
+               image_size: int | None = None, **fields: Any
+               ) -> tuple[nn.Module, Callable[[int], tuple]]:
     """A ViLT of preset ``name`` for VQA (random weights; ``fields`` override config fields)
     and its inputs as ViLT's processor shapes them: ``text_len`` ids ([CLS], random ids,
     [SEP]; the published model reads 40), ``height × width`` images (384×640 at the
-    published size; a smaller pair is the resize baseline, run as its own model) with a
-    full ``pixel_mask``. ViLT samples its patches on every forward, so the timed calls draw
-    from torch's global RNG as the model does in use."""
+    published size) with a full ``pixel_mask``. ``image_size`` is the resize hook: the same
+    model (ViLT interpolates its position embeddings to any input) on images that many
+    pixels high, the width following ``height : width`` in whole patches. ViLT samples its
+    patches on every forward, so the timed calls draw from torch's global RNG as the model
+    does in use."""
     from transformers import ViltConfig, ViltForQuestionAnswering
 
     torch.manual_seed(0)
     config = ViltConfig(**dict(PRESETS[name][1], **fields))
+    if image_size is not None:
+        patch = config.patch_size
+        height, width = image_size, max(1, round(image_size * width / height / patch)) * patch
     model = ViltForQuestionAnswering(config).eval()
     if not 2 <= text_len <= config.max_position_embeddings:
         raise ValueError(f"text_len must be in [2, {config.max_position_embeddings}]")

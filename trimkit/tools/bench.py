@@ -193,8 +193,11 @@ def register_builder(prefix: str, builder: Builder, aliases: dict[str, str] | No
     below the native side, builds the same model (the spec's other keywords unchanged) at
     that side, and its ``make_inputs`` returns a ``B×C×side×side`` image batch. It is only
     called for models with a square patch grid (`trimkit.StreamDesc.grid`) whose inputs hold
-    one square image batch of side ``grid × patch``; other models (text-only ones) get no
-    baseline."""
+    one square image batch of side ``grid × patch``, or for models whose streams state no
+    grid (their patch count follows the input, as ViLT's) whose inputs hold one image batch
+    with sides that are multiples of the model's patch (its first ``nn.Conv2d`` whose kernel
+    is its stride): ``side`` is then the images' height, and the builder keeps their aspect
+    ratio. Other models (text-only ones) get no baseline."""
     BUILDERS[prefix] = builder
     ALIASES.update(aliases or {})
     EXAMPLES.extend(examples or [])
@@ -525,12 +528,28 @@ def time_pair(
     return tb, tt
 
 
+def _image_shape(inputs: tuple) -> tuple[int, int] | None:
+    """``(H, W)`` of the one image batch (``B×C×H×W``) among ``inputs``."""
+    images = [a for a in inputs if isinstance(a, torch.Tensor) and a.dim() == 4]
+    if len(images) != 1:
+        return None
+    return int(images[0].shape[-2]), int(images[0].shape[-1])
+
+
 def _image_side(inputs: tuple) -> int | None:
     """The side of the one square image batch (``B×C×H×W``, ``H = W``) among ``inputs``."""
-    images = [a for a in inputs if isinstance(a, torch.Tensor) and a.dim() == 4]
-    if len(images) != 1 or images[0].shape[-1] != images[0].shape[-2]:
-        return None
-    return int(images[0].shape[-1])
+    shape = _image_shape(inputs)
+    return shape[0] if shape is not None and shape[0] == shape[1] else None
+
+
+def _patch_size(model: nn.Module) -> int | None:
+    """The side of the square patches of ``model``'s patch embedding (its first
+    ``nn.Conv2d`` whose kernel is its stride), or None."""
+    for m in model.modules():
+        if (isinstance(m, nn.Conv2d) and m.kernel_size == m.stride
+                and m.kernel_size[0] == m.kernel_size[1] > 1):
+            return int(m.kernel_size[0])
+    return None
 
 
 class _Resizer:
@@ -548,7 +567,8 @@ class _Resizer:
             return self.built[k]
         side = k * self.patch
         model, make, _ = build_with_tasks(self.spec, self.device, **{self.key: side})
-        if _image_side(make(1)) != side:
+        shape = _image_shape(make(1))
+        if shape is None or shape[0] != side:
             raise BenchSetupError(f"{self.key}={side} did not make {side} px inputs "
                                   f"(the builder's resize hook is broken)")
         return model, make
@@ -577,18 +597,29 @@ class _Resizer:
 def _resizer(spec: str, base: nn.Module, make_inputs: MakeInputs, device: torch.device
              ) -> _Resizer | None:
     """The resize baseline of ``spec``'s model, or None: no resize hook in its builder, no
-    square patch grid, or inputs without one square image batch of side grid × patch."""
+    square patch grid, or inputs without one square image batch of side grid × patch (for
+    a model that states no grid: without one image batch whose sides are multiples of its
+    patch embedding's)."""
     key = RESIZE.get(parse_spec(spec)[0])
     if key is None:
         return None
     try:
-        grids = [s.grid for s in trimkit.describe(base).streams.values() if s.grid]
+        streams = trimkit.describe(base).streams.values()
     except (ValueError, TypeError):  # no adapter (UnsupportedModelError is a TypeError)
         return None
-    side = _image_side(make_inputs(1))
-    if len(grids) != 1 or grids[0][0] != grids[0][1] or side is None or side % grids[0][0]:
+    grids = [s.grid for s in streams if s.grid]
+    shape = _image_shape(make_inputs(1))
+    if shape is None:
         return None
-    return _Resizer(spec, key, side // grids[0][0], grids[0][0], device)
+    h, w = shape
+    if not grids:  # the patch count follows the input (ViLT): resize by the patch size
+        patch = _patch_size(base)
+        if patch is None or h % patch or w % patch or h // patch < 2:
+            return None
+        return _Resizer(spec, key, patch, h // patch, device)
+    if len(grids) != 1 or grids[0][0] != grids[0][1] or h != w or h % grids[0][0]:
+        return None
+    return _Resizer(spec, key, h // grids[0][0], grids[0][0], device)
 
 
 def benchmark(
