@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
@@ -92,6 +93,31 @@ def test_segment_attention_equals_each_samples_own(ls, cross, biased, call_cost)
                             scale=1 / math.sqrt(d), groups=groups)
     want = _reference(q, k, v, qs, ks, bias, 1 / math.sqrt(d))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_flex_backend_equals_each_samples_own(case):
+    """The FlexAttention backend (CUDA's default; eager here) gives each sample's own
+    attention, as the grouped one does, with key bias and cross segments; a sample with no
+    keys gets zeros on both."""
+    g = torch.Generator().manual_seed(case)
+    ls = [[5, 9, 3], [1, 16, 2, 7], [4], [3, 0, 6]][case]
+    qs = Segments.from_lengths(ls)
+    ks = qs if case % 2 == 0 else Segments.from_lengths([2, 0, 4, 1][:len(ls)])
+    h, d = 2, 8
+    q = torch.randn(1, h, qs.total, d, generator=g)
+    k, v = (torch.randn(1, h, ks.total, d, generator=g) for _ in range(2))
+    bias = torch.randn(ks.total, generator=g) if case > 1 else None
+    flex = segment_attention(q, k, v, qs, ks, bias, scale=0.3, backend="flex")
+    grouped = segment_attention(q, k, v, qs, ks, bias, scale=0.3, backend="groups")
+    keyless = [i for i in range(len(ls)) if not ks.lengths[i]]
+    want = _reference(q, k, v, qs, ks, bias, 0.3)
+    for i in keyless:
+        want[..., qs.offsets[i]:qs.offsets[i + 1], :] = 0
+    torch.testing.assert_close(flex, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grouped, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        segment_attention(q, k, v, qs, ks, backend="varlen")
 
 
 def test_segment_attention_refuses_mismatched_segments():

@@ -24,7 +24,7 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Segments", "length_groups", "pack", "segment_attention", "unpack"]
+__all__ = ["BACKENDS", "Segments", "length_groups", "pack", "segment_attention", "unpack"]
 
 #: the per-call overhead of one fused attention call, in units of one query·key pair of
 #: work, used to decide how many length groups pay (measured on CPU with heads of width 64:
@@ -106,17 +106,34 @@ def length_groups(lengths: list[int] | tuple[int, ...], call_cost: float = CALL_
     return groups[::-1]
 
 
+#: `segment_attention`'s backends: ``"groups"`` (length groups of padded fused calls, any
+#: device) and ``"flex"`` (one FlexAttention call with a block mask from the segment ids)
+BACKENDS = ("auto", "groups", "flex")
+
+
 def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       q_segments: Segments, k_segments: Segments | None = None,
                       key_bias: torch.Tensor | None = None, scale: float | None = None,
-                      groups: list[list[int]] | None = None) -> torch.Tensor:
+                      groups: list[list[int]] | None = None, backend: str = "auto"
+                      ) -> torch.Tensor:
     """Attention of packed queries (1×H×ΣNq×d) to packed keys and values (1×H×ΣNk×d) in
     which query segment ``i`` reads key segment ``i`` only (``k_segments``: the queries'
     own for self-attention). ``key_bias`` (ΣNk float) is added to every logit of a key
-    (e.g. log size, or a large negative value on dead keys). Returns 1×H×ΣNq×d."""
+    (e.g. log size, or a large negative value on dead keys). Returns 1×H×ΣNq×d.
+
+    ``backend``: ``"groups"`` runs samples of similar length as one padded fused call per
+    group (`length_groups`; the CPU default); ``"flex"`` runs one FlexAttention call whose
+    block mask pairs each query segment with its key segment, skipping the blocks outside
+    them (the default on CUDA, compiled there; eager elsewhere, for checking). Queries of a
+    sample with no keys get zeros."""
     k_segments = q_segments if k_segments is None else k_segments
     if q_segments.batch != k_segments.batch:
         raise ValueError(f"{q_segments.batch} query segments but {k_segments.batch} key ones")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "flex" or (backend == "auto" and q.is_cuda and groups is None):
+        out = _flex_segments(q, k, v, q_segments, k_segments, key_bias, scale)
+        return _zero_keyless(out, q_segments, k_segments)
     if groups is None:
         longest = [max(a, b) for a, b in zip(q_segments.lengths, k_segments.lengths,
                                               strict=True)]
@@ -139,7 +156,60 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         mask = None if key_bias is None and full else bias[:, None, None, :]
         o = F.scaled_dot_product_attention(gq, gk, gv, attn_mask=mask, scale=scale)
         out[0][:, q_idx[q_real]] = o.transpose(0, 1)[:, q_real]
+    return _zero_keyless(out, q_segments, k_segments)
+
+
+def _flex_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_segments: Segments,
+                   k_segments: Segments, key_bias: torch.Tensor | None,
+                   scale: float | None) -> torch.Tensor:
+    """`segment_attention` as one FlexAttention call: the block mask keeps query·key pairs
+    of the same sample, the score modifier adds ``key_bias``. Query segments whose key
+    segment is empty give zeros."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    q_ids, k_ids = q_segments.ids(q.device), k_segments.ids(q.device)
+
+    def same_sample(b, h, qi, ki):
+        return q_ids[qi] == k_ids[ki]
+
+    score_mod = None
+    if key_bias is not None:
+        bias = key_bias.to(q.dtype)
+
+        def score_mod(score, b, h, qi, ki):
+            return score + bias[ki]
+
+    mask = create_block_mask(same_sample, None, None, q.shape[-2], k.shape[-2],
+                             device=q.device)
+    return _flex()(q, k, v, score_mod=score_mod, block_mask=mask, scale=scale)
+
+
+def _zero_keyless(out: torch.Tensor, q_segments: Segments, k_segments: Segments
+                  ) -> torch.Tensor:
+    """Zeros for the queries of samples that have no key to read."""
+    for i in range(q_segments.batch):
+        if q_segments.lengths[i] and not k_segments.lengths[i]:
+            out[..., q_segments.offsets[i]:q_segments.offsets[i + 1], :] = 0
     return out
+
+
+def _flex():
+    """FlexAttention, compiled where that makes it fast (CUDA), eager elsewhere."""
+    import warnings
+
+    from torch.nn.attention.flex_attention import flex_attention
+
+    global _FLEX
+    if _FLEX is None:
+        _FLEX = torch.compile(flex_attention, dynamic=True) if torch.cuda.is_available() \
+            else flex_attention
+    if _FLEX is flex_attention:
+        warnings.filterwarnings("ignore", message=".*flex_attention called without "
+                                "torch.compile.*")
+    return _FLEX
+
+
+_FLEX = None
 
 
 def _group_positions(segments: Segments, group: Iterable[int], device: torch.device,
