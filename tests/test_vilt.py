@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import (
     ViltConfig,
+    ViltForImageAndTextRetrieval,
     ViltForImagesAndTextClassification,
     ViltForMaskedLM,
     ViltForQuestionAnswering,
@@ -134,6 +135,7 @@ def test_zero_trimming_is_the_model_within_1e_6(mode):
 @pytest.mark.parametrize("cls, out", [
     (ViltForMaskedLM, lambda o: o.logits),
     (ViltModel, lambda o: o.last_hidden_state),
+    (ViltForImageAndTextRetrieval, lambda o: o.logits),
 ])
 def test_other_heads_keep_their_output_shapes_and_read_restored_positions(cls, out):
     """The MLM head reads the text where the input put it: last_hidden_state keeps the
