@@ -109,22 +109,23 @@ class _Leave:
         if not site.ctx.enabled and not site.ctx.observe:
             return None
         x = site.leave(args[0])
-        site.ctx.call.scratch[("residual", site.key)] = x
+        site.ctx.call.scratch[("residual", site.key)] = (args[0], x)
         return (x, *args[1:])
 
 
 class _Residual:
     """Forward pre-hook of a layer's FFN output (``ViltOutput(hidden_states, input_tensor)``):
-    its residual is the sum the site left, not the layer's untrimmed one."""
+    its residual is the sum the site left, not the layer's untrimmed one (the very tensor
+    `_Leave` received)."""
 
     def __init__(self, site: Site):
         self.site = site
 
     def __call__(self, module: nn.Module, args: tuple) -> tuple | None:
-        x = self.site.ctx.call.scratch.pop(("residual", self.site.key), None)
-        if x is None or len(args) < 2:
+        left = self.site.ctx.call.scratch.pop(("residual", self.site.key), None)
+        if left is None or len(args) < 2 or args[1] is not left[0]:
             return None
-        return (args[0], x, *args[2:])
+        return (args[0], left[1], *args[2:])
 
 
 def _entry_masks(output: Any, arguments: dict, module: nn.Module
