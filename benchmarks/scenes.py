@@ -80,6 +80,7 @@ __all__ = [
     "make_scene",
     "patch_loader",
     "predict",
+    "sincos_positions",
     "train_baseline",
 ]
 
@@ -422,18 +423,22 @@ SCENES_MODEL: dict = dict(
     vision_heads=6, hidden_size=192, num_fusion_layers=2, num_heads=6)
 
 #: Its training, two stages with AdamW and one-cycle cosine schedules (`easy_vqa.fit`).
-#: Stage 1 (`PatchWarmup`): the CLIP tower alone, taught what every patch shows,
-#: ``patch_epochs`` passes at ``patch_lr`` over batches of ``patch_images_per_batch``
-#: scenes. Stage 2: the whole METER (MiniLM frozen) on the questions, ``epochs`` passes at
-#: ``lr`` (the tower at ``lr * vision_lr_scale``) over batches of ``images_per_batch``
-#: scenes with all their questions. The answers are balanced by construction, so no
-#: resampling. With ``autocast="bf16"`` the training forwards run under CPU autocast in
-#: bfloat16 (the weights, the optimizer and evaluation stay float32): on a CPU with AVX-512
-#: BF16 a step takes 1.4–1.8× less time; ``None`` trains in float32.
+#: The tower's patch position embeddings start from 2-D sine-cosine values
+#: (``positions="sincos"``, `sincos_positions`; ``None`` keeps the random ones), so it
+#: knows which patches are neighbours before it learns shapes. Stage 1 (`PatchWarmup`):
+#: the CLIP tower alone, taught what every patch shows, ``patch_epochs`` passes at
+#: ``patch_lr`` over batches of ``patch_images_per_batch`` scenes (it learns colours in a
+#: few dozen steps, shapes far more slowly). Stage 2: the whole METER (MiniLM frozen) on
+#: the questions, ``epochs`` passes at ``lr`` (the tower at ``lr * vision_lr_scale``) over
+#: batches of ``images_per_batch`` scenes with all their questions. The answers are
+#: balanced by construction, so no resampling. With ``autocast="bf16"`` the training
+#: forwards run under CPU autocast in bfloat16 (the weights, the optimizer and evaluation
+#: stay float32): on a CPU with AVX-512 BF16 a step takes 1.4–1.7× less time; ``None``
+#: trains in float32.
 SCENES_TRAINING: dict = dict(
-    seed=0, patch_epochs=2, patch_lr=2e-3, patch_images_per_batch=32, epochs=3, lr=1e-3,
-    vision_lr_scale=0.3, images_per_batch=8, weight_decay=0.01, warmup=0.1, grad_clip=1.0,
-    autocast="bf16")
+    seed=0, positions="sincos", patch_epochs=4, patch_lr=2e-3, patch_images_per_batch=32,
+    epochs=3, lr=1e-3, vision_lr_scale=0.3, images_per_batch=8, weight_decay=0.01,
+    warmup=0.1, grad_clip=1.0, autocast="bf16")
 
 #: the checkpoint `train_baseline` writes by default (``trimkit.benchmarks/data``)
 SHIPPED_BASELINE = Path(__file__).parent / "data" / "scenes_baseline.pt"
@@ -443,6 +448,21 @@ _PATCH_CLASSES = 1 + len(SHAPES) * len(COLORS)
 def build_model(seed: int = 0) -> nn.Module:
     """`SCENES_MODEL` seeded with ``seed``, the pretrained MiniLM loaded and frozen."""
     return ev.build_model(seed, **SCENES_MODEL)
+
+
+def sincos_positions(grid: int, width: int) -> torch.Tensor:
+    """(1 + grid²)×width position embeddings: zeros for the CLS, then per patch (row-major)
+    sines and cosines of its column and row at ``width / 4`` frequencies each (MAE's 2-D
+    embedding)."""
+    if width % 4:
+        raise ValueError(f"width {width} is not a multiple of 4")
+    d = width // 4
+    omega = 1.0 / 10000 ** (torch.arange(d, dtype=torch.float64) / d)
+    y, x = torch.meshgrid(torch.arange(grid, dtype=torch.float64),
+                          torch.arange(grid, dtype=torch.float64), indexing="ij")
+    ox, oy = x.flatten()[:, None] * omega, y.flatten()[:, None] * omega
+    pe = torch.cat([ox.sin(), ox.cos(), oy.sin(), oy.cos()], dim=1)
+    return torch.cat([torch.zeros(1, width, dtype=torch.float64), pe]).float()
 
 
 class PatchWarmup(nn.Module):
@@ -570,6 +590,13 @@ def _stages(model: nn.Module, train: ScenesSplit, feats: torch.Tensor, mask: tor
     common = dict(weight_decay=cfg["weight_decay"], warmup=cfg["warmup"],
                   grad_clip=cfg["grad_clip"], log=log)
     out = {}
+    if cfg["positions"] == "sincos":
+        grid = model.config.image_size // model.config.patch_size
+        with torch.no_grad():
+            model.vit_model.positional_embedding.copy_(
+                sincos_positions(grid, model.config.vision_width))
+    elif cfg["positions"] is not None:
+        raise ValueError(f"positions must be 'sincos' or None, got {cfg['positions']!r}")
     torch.manual_seed(cfg["seed"])
     warmup = PatchWarmup(model)
     for name, module, loader, kw in (

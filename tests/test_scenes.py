@@ -231,3 +231,16 @@ def test_train_saves_a_checkpoint_that_loads(tmp_path, monkeypatch):
         assert torch.equal(v, loaded.state_dict()[k]), k
     monkeypatch.setitem(sc.SCENES_TRAINING, "epochs", 2)  # other settings: not this model
     assert sc.load_baseline(path) is None
+
+
+def test_sincos_positions_know_neighbours():
+    pe = sc.sincos_positions(16, 192)
+    assert pe.shape == (257, 192) and bool((pe[0] == 0).all())
+    patches = pe[1:]
+    assert len(torch.unique(patches, dim=0)) == 256  # every patch its own position
+    sim = torch.nn.functional.cosine_similarity(patches[:, None], patches[None], dim=-1)
+    # patch (5, 5) is more like its right and lower neighbours than like far patches
+    here = 5 * 16 + 5
+    assert min(sim[here, here + 1], sim[here, here + 16]) > max(sim[here, 15], sim[here, 250])
+    with pytest.raises(ValueError, match="multiple of 4"):
+        sc.sincos_positions(4, 6)
