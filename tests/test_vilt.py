@@ -55,14 +55,13 @@ def _text(b: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def pixel_inputs(b: int, seed: int = 0) -> tuple:
-    """Images (some with their right half left out by ``pixel_mask``) and texts, in the
-    order of the model's positional arguments."""
+    """Images (every other one with its right half left out by ``pixel_mask``) and texts,
+    in the order of the model's positional arguments."""
     g = torch.Generator().manual_seed(seed)
     ids, mask = _text(b, g)
     pixels = torch.randn(b, 3, IMAGE_SIDE, IMAGE_SIDE, generator=g)
     pixel_mask = torch.ones(b, IMAGE_SIDE, IMAGE_SIDE, dtype=torch.long)
-    half = torch.rand(b, generator=g) < 0.5
-    pixel_mask[half, :, IMAGE_SIDE // 2:] = 0
+    pixel_mask[::2, :, IMAGE_SIDE // 2:] = 0  # every other image: its right half
     return ids, mask, None, pixels, pixel_mask
 
 
@@ -81,6 +80,13 @@ def perturb_embeds(inputs: tuple) -> tuple:
     ids, mask, _, _, image_mask, _, embeds = inputs
     embeds = torch.where(image_mask[..., None].bool(), embeds, torch.full_like(embeds, 3.0))
     return ids.masked_fill(mask == 0, 7), mask, None, None, image_mask, None, embeds
+
+
+def perturb_pixels(inputs: tuple) -> tuple:
+    """Other text padding, and other pixels where ``pixel_mask`` leaves the image out."""
+    ids, mask, _, pixels, pixel_mask = inputs
+    pixels = torch.where(pixel_mask[:, None].bool(), pixels, torch.full_like(pixels, 5.0))
+    return ids.masked_fill(mask == 0, 7), mask, None, pixels, pixel_mask
 
 
 def _logits(out) -> torch.Tensor:
@@ -109,7 +115,7 @@ def test_conformance_with_sampled_patches_needs_a_seed():
         check_adapter(make_vqa, pixel_inputs, recipes=["tome"], batch_sizes=(2,),
                       output=_logits)
     report = check_adapter(make_vqa, pixel_inputs, max_examples=4, batch_sizes=(1,),
-                           output=_logits, seed=0, shrink=False,
+                           output=_logits, seed=0, shrink=False, perturb_padding=perturb_pixels,
                            recipes=["tome", "pumer", "attn_prune"])
     assert set(report.checked) == {"tome", "pumer", "attn_prune"}
 

@@ -402,10 +402,11 @@ def _call(model: nn.Module, make_inputs: Callable[[int], tuple], b: int,
 def _random_forward(b: int, seed: int | None) -> str:
     """Why two untrimmed calls on the same inputs can differ, and what to do."""
     if seed is None:
-        return (f"the untrimmed model gives different outputs on two calls with the same "
-                f"inputs (make_inputs({b})): its own forward draws random numbers in eval (as "
-                f"ViLT samples its image patches with torch.multinomial). Pass seed= to "
-                f"check_adapter: torch's global RNG is then seeded before every forward")
+        return (f"the untrimmed model's forward on make_inputs({b}) draws random numbers in "
+                f"eval (it advanced torch's global RNG, as ViLT does when it samples its "
+                f"image patches with torch.multinomial), so two calls on the same inputs may "
+                f"differ. Pass seed= to check_adapter: torch's global RNG is then seeded "
+                f"before every forward")
     return (f"the untrimmed model gives different outputs on two calls with the same inputs "
             f"(make_inputs({b})) even with torch's global RNG seeded (seed={seed}) before "
             f"each: its randomness comes from elsewhere (another generator, or state its "
@@ -444,11 +445,14 @@ def _structure(make_model: Callable[[], nn.Module], make_inputs: Callable[[int],
     refs: dict[int, torch.Tensor] = {}
     with torch.no_grad():
         for b in batch_sizes:
+            rng = torch.get_rng_state()
             try:
                 _, out = _call(model, make_inputs, b, output, seed)
             except Exception as e:
                 raise _structural(name, [f"the untrimmed model failed on make_inputs({b}): "
                                          f"{type(e).__name__}: {e}"]) from e
+            if seed is None and not torch.equal(torch.get_rng_state(), rng):
+                raise _structural(name, [_random_forward(b, seed)])
             if not isinstance(out, torch.Tensor) or out.dim() < 1 or out.shape[0] != b:
                 got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
                 raise _structural(name, [f"output(model(*make_inputs({b}))) must be a tensor "
