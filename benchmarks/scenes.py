@@ -24,7 +24,7 @@ draws from ``PCG64(SeedSequence([DATA_SEED, split_id, i]))`` (train and test hav
 split ids, so their seeds are disjoint), only through uniform doubles (whose stream numpy
 fixes), and is drawn with integer arithmetic on 4×4 supersampled coverage. The same
 arguments give byte-identical images and questions on any machine, and the generator is
-fast enough (~5,500 scenes in a few seconds) that no data ships.
+fast enough (about 2 ms a scene, 10 s for the train split) that no data ships.
 
 `load_split` returns a `ScenesSplit`, an easy-VQA `VQASplit` with the scene records added,
 so `easy_vqa.image_loader`, `fit`, `evaluate`, `text_features` and `flops_per_example` (and
