@@ -205,10 +205,17 @@ def test_the_dataset_feeds_both_training_stages(tmp_path):
                                                torch.zeros(1, dtype=torch.long)))
             assert int(one.argmax(-1)) == int(got[q])
     # the demo's example dataset takes a split as it takes easy-VQA's
-    from trimkit.benchmarks.bench_vqa import _Questions
+    from trimkit.benchmarks.bench_vqa import _forward, _loss, _Questions
 
-    image, f, m, label = _Questions(split, feats, mask)[5]
+    examples = _Questions(split, feats, mask)
+    image, f, m, label = examples[5]
     assert image.shape == (3, 128, 128) and f.shape[-1] == 384 and 0 <= label < 13
+    # ... and the batches of the demo's fine-tuning loop run through the model
+    batch = next(iter(torch.utils.data.DataLoader(examples, batch_size=4)))
+    model.train()
+    loss = _loss(_forward(model, batch), batch)
+    loss.backward()
+    assert torch.isfinite(loss) and model.vit_model.conv1.weight.grad is not None
 
 
 def test_train_saves_a_checkpoint_that_loads(tmp_path, monkeypatch):
