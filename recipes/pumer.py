@@ -204,11 +204,7 @@ class PuMer(Recipe):
     def _single_stream(stream: StreamDesc, spec: Any, prune: float | None,
                        m_img: float | None, m_txt: float, prop: bool) -> dict:
         """A reducer after the attention of each chosen layer of a shared stream."""
-        if isinstance(spec, dict):  # {stream: layers} names the one stream
-            unknown = sorted(set(spec) - {stream.name})
-            if unknown:
-                raise ValueError(f"layers names streams {unknown}; this model has only "
-                                 f"{stream.name!r}")
+        if isinstance(spec, dict):  # {stream: layers}: the option checked the names
             spec = spec.get(stream.name, [])
         own = stream.attention_layers()
         layers = ([own[j] for j in default_layers(len(own), SINGLE_DEPTHS)] if spec is None

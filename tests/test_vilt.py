@@ -358,3 +358,17 @@ def test_bench_preset_has_a_resize_baseline_at_the_images_aspect():
                      memory=False)
     assert row.resize_side is not None and row.resize_side % 32 == 0 and row.resize_side < 384
     assert row.gflops_resize < row.gflops_base and row.gflops_trim < row.gflops_base
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(layers=[4]), r"layers must be indices in \[0, 4\) of stream 'image'"),
+    (dict(layers={"text": [1]}), "layers names stream 'text'"),
+    (dict(image_merge_ratio=1.5), "image_merge_ratio must be"),
+])
+def test_bad_pumer_options_on_vilt_are_refused_and_change_nothing(options, match):
+    model = make_vqa()
+    attention = model.vilt.encoder.layer[0].attention.attention
+    with pytest.raises(ValueError, match=match):
+        trimkit.apply(model, "pumer", **options)
+    assert not trimkit.is_applied(model) and "forward" not in attention.__dict__
+    assert not model.vilt._forward_pre_hooks and not model.vilt.embeddings._forward_hooks
