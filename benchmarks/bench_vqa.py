@@ -50,14 +50,14 @@ PUMER: dict = dict(prune_ratio=0.2, image_merge_ratio=0.2, text_merge_ratio=0.2)
 #: the frozen MiniLM's weights, loaded from their package rather than saved with a model
 _FROZEN = "text_transformer."
 #: bump when the trimmers' architecture changes, so cached fine-tunes are not reused
-_VERSION = 3
+_VERSION = 4
 
 
 def smarttrim_options(desc: trimkit.ModelDescription) -> dict:
-    """`SMARTTRIM` with its layers: every image layer after the first, every text layer."""
-    return dict(SMARTTRIM, layers={
-        "image": list(range(1, len(desc.streams["image"].layers))),
-        "text": list(range(len(desc.streams["text"].layers)))})
+    """`SMARTTRIM` at the recipe's default placement: on this METER every image layer after
+    the first CLIP block and every text layer (the frozen MiniLM's too, which never run
+    here: the text features are cached, so the text stream starts at the fusion stack)."""
+    return dict(SMARTTRIM)
 
 
 def _say(msg: str) -> None:
@@ -117,8 +117,11 @@ def _fine_tune(base: nn.Module, target: float | None, train_set, cache: Path, cf
                                f"unexpected {unexpected}")
         _say(f"{name}: loaded the fine-tuned model from {path}")
         return model.eval(), saved["info"]
+    # smarttrim says how much faster its thresholds train (preset="paper": no faster)
+    scale = trimkit.api._applied(model).options.get(
+        "threshold_scale", cfg["threshold_lr"] / cfg["trimmer_lr"])
     opt = torch.optim.AdamW(param_groups(model, cfg["lr"], trimmer_lr=cfg["trimmer_lr"],
-                                         threshold_lr=cfg["threshold_lr"]))
+                                         threshold_lr=scale * cfg["trimmer_lr"]))
     loader = torch.utils.data.DataLoader(train_set, batch_size=cfg["batch_size"], shuffle=True,
                                          drop_last=True)
     t0 = time.perf_counter()
@@ -201,8 +204,8 @@ def _budget_from(res: dict, entry: dict[str, float], desc_small, desc_base) -> d
         prev = 1.0
         for small, big in zip(_segments(small_desc.layers), _segments(big_desc.layers),
                               strict=True):
-            if not small or not big:
-                continue
+            if not small or not big or any((stream, i) not in res["tokens"] for i in small):
+                continue  # a segment that did not run (the text encoder, features cached)
             toks = [res["tokens"][(stream, i)].mean().item() / entry[stream] for i in small]
             heads = [res["heads"][(stream, i)].mean().item()
                      / small_desc.layers[i].num_heads for i in small]

@@ -115,8 +115,9 @@ def _points(base: nn.Module, args: argparse.Namespace, train_set, cache: Path) -
         points.append(Point("resize", f"{side}px", model, prepare, shown=side == RESIZE_SHOWN))
     for recipe, (option, values, shown) in SWEEPS.items():
         for v in values:
-            # the frozen MiniLM is shared: no recipe touches it (the text stream starts at
-            # the fusion layers)
+            # the frozen MiniLM is shared: these recipes place nothing in it, so apply
+            # leaves it alone (and the cached text features start the text stream at the
+            # fusion layers)
             model = copy.deepcopy(base, {id(base.text_transformer): base.text_transformer})
             model = trimkit.apply(model, recipe, **{option: v}).eval()
             points.append(Point(recipe, f"{option}={v}", model, shown=v == shown))

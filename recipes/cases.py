@@ -95,7 +95,8 @@ def _smarttrim(desc: ModelDescription, entry: Mapping[str, int]) -> Any:
         if not (tokens or heads):
             tokens = True
         layers = {s: draw(layer_subsets(desc, s, attention_only=False)) for s in streams}
-        zero = dict(tokens=tokens, heads=heads, streams=streams, layers=layers)
+        # no cost loss, so no target ratio that a random placement must be able to reach
+        zero = dict(tokens=tokens, heads=heads, streams=streams, layers=layers, lambda_cost=0.0)
         budget = draw(st.sampled_from([None, 0.3, 0.75]))
         return dict(zero, stable_init=False, budget=budget), zero, False
 

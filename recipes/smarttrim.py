@@ -1,17 +1,37 @@
 """SmartTrim (Wang et al., LREC-COLING 2024, arXiv 2305.15033): learned per-instance token and
 head trimmers, trained with self-distillation, a cost loss and a curriculum.
 
-Placement (default): every cross-modal layer of a stream that has them (METER's fusion
-stack), else every layer after the first quarter of the depth (a ViT). Each placed layer gets
-a cross-modal-aware token trimmer and a head trimmer at its entry (`trimkit.learned`).
+Placement (default), as the paper puts it, within the layers of the whole backbone: in a
+model with a fusion stack (some layer cross-attends to another stream: METER, BLIP), every
+layer of each stream, except the first few of an image tower (a stream with a patch grid:
+``skip`` of its encoder's layers, by default a sixth of them rounded up), so the uni-modal
+encoders (the image tower, the text encoder) and the cross-modal layers; in a model without
+one (a ViT), every layer after the first quarter of the depth. Each placed layer gets a
+token trimmer and a head trimmer at its entry (`trimkit.learned`); a token trimmer's global
+term reads its own stream's pooled token in a uni-modal layer, and its own and the other
+stream's in a cross-modal one (``cross_modal=False``: its own only, the paper's ablation).
+
+`apply` refuses (`ValueError`, the model unchanged) a ``ratio`` below the lowest cost ratio
+the placement can reach (`trimkit.cost.lowest_ratio`: every token trimmer down to the
+protected tokens and one more, every head trimmer to one head, the layers before the first
+token trimmer of a stream untouched), and says which layers hold the cost it cannot reduce;
+`trimkit.train` checks the same again when it builds the objective.
 
 Training (``trimkit.train``, or `objective` in your own loop): the trimmed pass's task loss
 + ``lambda_sd`` · KL from the same model run untrimmed (temperature ``temperature``; its own
 task loss too with ``teacher_loss``) + ``lambda_cost`` · (achieved cost ratio − target)²,
 the target going linearly from 1 to ``ratio`` over the first ``warmup`` fraction of the
 steps. Stable initialisation starts every keep logit at ``init_logit`` (everything kept);
-the paper's ablation shows training collapses without it. Both parts of the curriculum can
-be switched off (``stable_init=False``, ``warmup=0``).
+the paper's ablation shows training collapses without it. The paper's ablations are options:
+``stable_init=False``, ``warmup=0`` (no curriculum), ``lambda_sd=0`` (no self-distillation),
+``cross_modal=False``, ``heads=False`` (tokens only), ``tokens=False`` (heads only).
+
+trimkit adds stabilisers the paper does not have, on by default (docs/smarttrim.md says
+what each changes and why): Gumbel noise annealed to 0 (``anneal_noise``), logits bounded
+around the threshold (``span``), normalised pooled tokens (``norm_pooled``), thresholds
+trained at ``threshold_scale`` × the trimmers' learning rate by ``trimkit.train``, and
+``lambda_cost=1000``. ``preset="paper"`` turns them all off (options given explicitly still
+win).
 
 Inference keeps a token or head where its logit is positive (counts differ per instance;
 a batch is packed to its longest survivor); ``budget`` instead keeps fixed fractions per
@@ -20,22 +40,49 @@ layer (top by logit), for a latency budget.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
 from trimkit import ModelDescription, Option, Recipe, SitePlan, register_recipe
+from trimkit.cost import LowestRatio, Reach, lowest_ratio
 from trimkit.learned import HeadTrimmer, TokenTrimmer
 from trimkit.recipe import LAYERS, STREAMS, check_ratio
 
+#: what ``preset="paper"`` sets, unless given explicitly: trimkit's stabilisers off
+PAPER = dict(anneal_noise=False, span=None, norm_pooled=False, threshold_scale=1.0,
+             lambda_cost=10.0)
 
-def _default_layers(stream) -> list[int]:
-    cross = [i for i, layer in enumerate(stream.layers) if layer.cross_attention]
-    if cross:
-        return cross
+
+def fused(desc: ModelDescription) -> bool:
+    """Whether the model has a fusion stack: some layer reads another stream."""
+    return any(layer.cross_stream is not None for s in desc.streams.values()
+               for layer in s.layers)
+
+
+def encoder_depth(stream) -> int:
+    """The stream's leading layers that read no other stream (its uni-modal encoder)."""
+    return next((i for i, layer in enumerate(stream.layers) if layer.cross_stream is not None),
+                len(stream.layers))
+
+
+def default_layers(desc: ModelDescription, name: str, skip: int | None = None) -> list[int]:
+    """SmartTrim's default layers in stream ``name`` (see the module docstring): with a
+    fusion stack, all but the first ``skip`` layers of an image tower (default: a sixth of
+    it, rounded up) and every other layer; without one, the layers after the first
+    quarter."""
+    stream = desc.streams[name]
     depth = len(stream.layers)
-    return list(range(depth // 4, depth))
+    if not fused(desc):
+        return list(range(depth // 4, depth))
+    start = 0
+    if stream.grid is not None:  # an image tower: its first layers stay
+        encoder = encoder_depth(stream)
+        start = min(encoder, math.ceil(encoder / 6) if skip is None else skip)
+    return list(range(start, depth))
 
 
 def _budget(value: Any, key: tuple[str, int]) -> tuple[float | None, float | None]:
@@ -85,8 +132,15 @@ class SmartTrim(Recipe):
                               "them in)", kind=(bool, STREAMS)),
         "streams": Option(None, "streams to trim (default: all)", kind=STREAMS),
         "layers": Option(None, "layer indices (a list for every trimmed stream, or a dict "
-                               "stream -> list); default: the cross-modal layers, else the "
-                               "layers after the first quarter", kind=LAYERS),
+                               "stream -> list); default: with a fusion stack, every layer "
+                               "but the first few of an image tower (skip), else the layers "
+                               "after the first quarter", kind=LAYERS),
+        "skip": Option(None, "layers of an image tower left untrimmed at its start under the "
+                             "default placement of a model with a fusion stack (default: a "
+                             "sixth of the tower, rounded up)", kind=int, low=0),
+        "cross_modal": Option(True, "token trimmers of cross-modal layers also read the other "
+                                    "stream's pooled token (False: their own stream's only, "
+                                    "the paper's ablation)", kind=bool),
         "hidden": Option(None, "width of the trimmers' MLPs (default: width / 4)", kind=int,
                          low=1),
         "rank": Option(None, "rank of the bilinear global score (default: width / 4)",
@@ -100,8 +154,15 @@ class SmartTrim(Recipe):
                               kind=bool),
         "init_logit": Option(4.0, "the starting keep logit under stable_init", kind=float),
         "span": Option(6.0, "how far a trimmer's input-dependent score may move a logit from "
-                            "its layer's threshold (logit = threshold + span·tanh(score/span))",
-                       kind=float, low=0, low_open=True),
+                            "its layer's threshold (logit = threshold + span·tanh(score/span); "
+                            "None: unbounded, threshold + score)",
+                       kind=float, low=0, low_open=True, none=True),
+        "norm_pooled": Option(True, "the pooled tokens enter a token trimmer's global score "
+                                    "layer-normalised", kind=bool),
+        "threshold_scale": Option(10.0, "trimkit.train's default optimizer trains the "
+                                        "trimmers' thresholds at this multiple of trimmer_lr "
+                                        "(when threshold_lr is not given)", kind=float, low=0,
+                                  low_open=True),
         "warmup": Option(0.5, "fraction of the training steps over which the target goes "
                               "linearly from 1 to ratio (0: no scheduler)", kind=float, low=0,
                          high=1),
@@ -119,7 +180,20 @@ class SmartTrim(Recipe):
                                "at every trimmed layer, or a dict (stream, layer) -> "
                                "(token fraction, head fraction); default: learned thresholds",
                          kind=(float, dict), low=0, high=1, low_open=True),
+        "reach_tokens": Option(32, "tokens entering a stream whose length varies per input "
+                                   "(text), as the check that ratio is reachable assumes",
+                               kind=int, low=1),
+        "preset": Option("trimkit", "'trimkit' (its stabilisers on) or 'paper' (off: "
+                                    f"{', '.join(f'{k}={v}' for k, v in PAPER.items())}; "
+                                    "options given explicitly win)",
+                         choices=("trimkit", "paper")),
     }
+
+    def resolve(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        """The options, with ``preset="paper"``'s values where not given explicitly."""
+        if overrides.get("preset") == "paper":
+            overrides = {**PAPER, **overrides}
+        return super().resolve(overrides)
 
     def _layers(self, desc: ModelDescription, options: dict) -> dict[str, list[int]]:
         names = options["streams"] or list(desc.streams)
@@ -131,7 +205,7 @@ class SmartTrim(Recipe):
             spec = options["layers"]
             if isinstance(spec, dict):
                 spec = spec.get(name, [])
-            layers = _default_layers(stream) if spec is None else spec
+            layers = default_layers(desc, name, options["skip"]) if spec is None else spec
             if isinstance(layers, int):
                 layers = [layers]
             depth = len(stream.layers)
@@ -159,10 +233,11 @@ class SmartTrim(Recipe):
                 ops: list[nn.Module] = []
                 if name in tokens:
                     other = None
-                    if layer.cross_stream is not None:
+                    if layer.cross_stream is not None and options["cross_modal"]:
                         other = _paired_dim(desc, layer)
                     ops.append(TokenTrimmer(layer.dim, other_dim=other, rank=options["rank"],
-                                            budget=tok_budget, **common))
+                                            budget=tok_budget, norm_pooled=options["norm_pooled"],
+                                            **common))
                 if name in heads and not layer.keys_only:  # its heads are the reader's
                     cross = 0
                     if layer.cross_attention:
@@ -171,18 +246,32 @@ class SmartTrim(Recipe):
                                            budget=head_budget, **common))
                 if ops:
                     plans[(name, i)] = SitePlan(pre=ops)
+        check_reachable(desc, {k: p.pre for k, p in plans.items()}, options,
+                        lambda: self._default_floor(desc, options))
         return plans
+
+    def _default_floor(self, desc: ModelDescription, options: dict) -> float | None:
+        """The lowest ratio of the default placement, where the options chose another."""
+        if options["layers"] is None and options["streams"] is None:
+            return None
+        default = dict(options, layers=None, streams=None, lambda_cost=0.0)
+        plans = self.plan(desc, default)
+        return reach(desc, {k: p.pre for k, p in plans.items()}, options).ratio
 
     def objective(self, model: nn.Module, loss_fn: Callable, forward: Callable | None,
                   total_steps: int, options: dict) -> Any:
         """The `trimkit.tools.objectives.SelfDistillationObjective` that `trimkit.train` runs for
         this recipe (see the module docstring)."""
+        from trimkit.api import _applied
         from trimkit.tools.objectives import (
             NoiseSchedule,
             RatioSchedule,
             SelfDistillationObjective,
         )
 
+        desc = _applied(model).description
+        check_reachable(desc, {(site.stream, site.layer): list(site.pre)
+                               for site in model.trimkit.values()}, options)
         schedule = RatioSchedule(options["ratio"], round(options["warmup"] * total_steps))
         return SelfDistillationObjective(
             model, loss_fn, schedule=schedule, forward=forward,
@@ -191,6 +280,81 @@ class SmartTrim(Recipe):
             teacher_loss=options["teacher_loss"],
             noise_schedule=NoiseSchedule(1.0, 0.0, total_steps) if options["anneal_noise"]
             else None)
+
+
+class _OpsFlops:
+    """The ops' own FLOPs on ``n`` tokens entering their layer (`Reach.flops`)."""
+
+    def __init__(self, ops: list[nn.Module]):
+        self.ops = ops
+
+    def __call__(self, n: float) -> float:
+        tokens = torch.tensor([float(n)])
+        return float(sum(float(torch.as_tensor(op.flops(tokens)).reshape(-1)[0])
+                         for op in self.ops))
+
+
+def reach(desc: ModelDescription, ops: Mapping[tuple[str, int], list[nn.Module]],
+          options: dict) -> LowestRatio:
+    """The lowest cost ratio SmartTrim's ``ops`` (per ``(stream, layer)``) can reach
+    (`trimkit.cost.lowest_ratio`), with ``reach_tokens`` entering a stream of varying
+    length."""
+    spec = {}
+    for key, got in ops.items():
+        heads = [op for op in got if isinstance(op, HeadTrimmer)]
+        spec[key] = Reach(tokens=any(isinstance(op, TokenTrimmer) for op in got),
+                          heads=bool(heads), cross_heads=any(op.cross_heads for op in heads),
+                          flops=_OpsFlops(list(got)))
+    tokens = {name: float(options["reach_tokens"]) for name in desc.streams}
+    return lowest_ratio(desc, spec, tokens)
+
+
+def _ranges(layers: list[int]) -> str:
+    """``[0, 1, 2, 5]`` as ``"0-2, 5"``."""
+    out, start = [], None
+    for a, b in zip(layers, [*layers[1:], None], strict=True):
+        start = a if start is None else start
+        if b != a + 1:
+            out.append(f"{start}" if start == a else f"{start}-{a}")
+            start = None
+    return ", ".join(out)
+
+
+def check_reachable(desc: ModelDescription, ops: Mapping[tuple[str, int], list[nn.Module]],
+                    options: dict, default: Callable[[], float | None] | None = None) -> None:
+    """A `ValueError` when ``options["ratio"]`` is below the lowest cost ratio ``ops`` can
+    reach (`reach`), naming the layers that hold the cost no trimmer reduces; nothing when
+    the cost loss is off (``lambda_cost=0``: no target is pursued)."""
+    if options["lambda_cost"] <= 0:
+        return
+    got = reach(desc, ops, options)
+    target = options["ratio"]
+    if target >= got.ratio:
+        return
+    spec = {k: Reach(tokens=any(isinstance(op, TokenTrimmer) for op in v))
+            for k, v in ops.items()}
+    untrimmed = got.untrimmed(spec)
+    full = sum(hi for _, hi in got.layers.values())
+    held = sum(got.layers[(s, i)][1] for s, layers in untrimmed.items() for i in layers)
+    where = "; ".join(f"{s} {_ranges(costly)}" for s, v in sorted(untrimmed.items())
+                      if (costly := [i for i in v if got.layers[(s, i)][1] > 0]))
+    varying = [s for s, d in desc.streams.items() if d.num_tokens is None]
+    assumed = (f" with {options['reach_tokens']} tokens entering "
+               f"{' and '.join(varying)} (reach_tokens)" if varying else "")
+    entered = [f"{s} from its layer {e}" for s, e in got.entries.items() if e]
+    if entered:
+        assumed += f", {' and '.join(entered)}"
+    hint = ""
+    floor = default() if default is not None else None
+    if floor is not None and floor <= target:
+        hint = f" (the default placement, layers=None, reaches {floor:.3f})"
+    raise ValueError(
+        f"smarttrim: ratio={target:g} is below {got.ratio:.3f}, the lowest cost ratio this "
+        f"placement can reach{assumed}: every token trimmer down to its protected tokens and "
+        f"one more, every head trimmer to one head. The layers with no token trimmer at or "
+        f"before them ({where or 'none'}) hold {held / full:.0%} of the cost untrimmed. Add "
+        f"trimmers there with layers=...{hint}, or set ratio >= {got.ratio:.3f}. Nothing was "
+        f"changed.")
 
 
 def _stream_set(desc: ModelDescription, value: Any) -> set[str]:

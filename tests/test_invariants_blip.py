@@ -78,7 +78,8 @@ def test_smarttrim_invariants(draw, budget, tokens, heads):
     make_model, args, out, perturb, kind = setup(draw)
     if not (tokens or heads):
         tokens = True
-    opts = dict(tokens=tokens, heads=heads)  # the default placement: every kind of layer
+    # the default placement: every kind of layer; no cost loss, so no target to reach
+    opts = dict(tokens=tokens, heads=heads, lambda_cost=0.0)
     check_invariants(make_model, args, "smarttrim", dict(stable_init=False, budget=budget, **opts),
                      opts, output=out, perturb_padding=perturb)
 

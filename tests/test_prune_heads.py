@@ -281,11 +281,14 @@ def test_meter_silent_heads_go_everywhere_and_the_model_reloads():
     silence(model.vit_model.transformer.resblocks[1].attn.out_proj, 0, w)
     silence(model.cross_modal_text_layers[0].attention.output.dense, 1, d)
     silence(model.cross_modal_image_layers[1].crossattention.output.dense, 0, d)
+    r = cfg.text_hidden // cfg.text_heads
+    silence(model.text_transformer.encoder.layer[1].attention.output.dense, 0, r)
     x = meter_inputs()
     with torch.no_grad():
         ref = model(*x)
     p0, f0 = params(model), trimkit.count_flops(model, *x)
-    spec = {"image.1": [0], "text.0": [1], "image.3.cross": [0]}
+    # the text stream is RoBERTa's 2 layers, then the fusion layers
+    spec = {"image.1": [0], "text.1": [0], "text.2": [1], "image.3.cross": [0]}
     trimkit.apply(model, "prune_heads", heads=spec)
     with torch.no_grad():
         assert torch.allclose(model(*x), ref, atol=1e-5)
@@ -297,11 +300,16 @@ def test_meter_silent_heads_go_everywhere_and_the_model_reloads():
     assert (ca.num_attention_heads, ca.all_head_size) == (1, d)
     layers = trimkit.describe(model).streams["image"].layers
     assert layers[1].num_heads == 1 and layers[3].cross_num_heads == 1 and layers[3].num_heads == 2
-    # params: three heads' q, k, v (+ bias) and output columns
-    assert p0 - params(model) == 2 * (4 * w * cfg.vision_width + 3 * w) + (4 * d * 32 + 3 * d)
+    roberta = model.text_transformer.encoder.layer[1].attention.self
+    assert (roberta.num_attention_heads, roberta.all_head_size) == (1, r)
+    assert trimkit.describe(model).streams["text"].layers[1].num_heads == 1
+    # params: four heads' q, k, v (+ bias) and output columns
+    assert p0 - params(model) == (2 * (4 * w * cfg.vision_width + 3 * w) + (4 * d * 32 + 3 * d)
+                                  + (4 * r * 32 + 3 * r))
     b, n, t = 2, 17, 6  # image tokens, text tokens
     proj = lambda rows, width: 2 * b * rows * width * 32  # noqa: E731
     expected = (proj(n, 4 * w) + 4 * b * n * n * w  # CLIP block: q, k, v, out; attention
+                + proj(t, 4 * r) + 4 * b * t * t * r  # RoBERTa self-attention
                 + proj(t, 4 * d) + 4 * b * t * t * d  # text self-attention
                 + proj(n, 2 * d) + proj(t, 2 * d) + 4 * b * n * t * d)  # image cross-attention
     assert f0 - trimkit.count_flops(model, *x) == expected

@@ -36,12 +36,16 @@ sides.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
 import torch
 
 from .describe import HeadLayout, LayerDesc, ModelDescription
 from .sites import TrimContext
 
-__all__ = ["expected_ratio", "layer_flops"]
+__all__ = ["LowestRatio", "Reach", "expected_ratio", "layer_flops", "lowest_ratio"]
 
 
 def _skips_projections(layout: HeadLayout | None) -> bool:
@@ -96,3 +100,110 @@ def expected_ratio(desc: ModelDescription, ctx: TrimContext) -> torch.Tensor:
         full = full + layer_flops(layer, n0, n0, None, m0, None)
     return spent / full
 
+
+
+@dataclass(frozen=True)
+class Reach:
+    """The most the ops of one layer can save, for `lowest_ratio`: with ``tokens``, from the
+    layer's attention on the stream keeps only its protected tokens and one more; with
+    ``heads`` (``cross_heads``), one head of its self- (cross-) attention stays on;
+    ``flops(n)``: the ops' own FLOPs on ``n`` tokens entering the layer."""
+
+    tokens: bool = False
+    heads: bool = False
+    cross_heads: bool = False
+    flops: Callable[[float], float] | None = None
+
+
+@dataclass
+class LowestRatio:
+    """What `lowest_ratio` found: the ``ratio``, the ``entries`` it assumed (the layer each
+    stream enters at, cheapest first), and per described layer that runs ``(stream,
+    index) -> (FLOPs at the floor, FLOPs untrimmed)``, trimmers' own in the first."""
+
+    ratio: float
+    entries: dict[str, int]
+    layers: dict[tuple[str, int], tuple[float, float]]
+
+    def untrimmed(self, reach: Mapping[tuple[str, int], Reach]) -> dict[str, list[int]]:
+        """Per stream, the layers that run with no token trimmer at or before them: the
+        cost that no trimmer of this placement can reduce."""
+        out: dict[str, list[int]] = {}
+        seen: set[str] = set()
+        for (stream, i) in sorted(self.layers, key=lambda k: (k[0], k[1])):
+            r = reach.get((stream, i))
+            if r is not None and r.tokens:
+                seen.add(stream)
+            if stream not in seen:
+                out.setdefault(stream, []).append(i)
+        return out
+
+
+def lowest_ratio(desc: ModelDescription, reach: Mapping[tuple[str, int], Reach],
+                 tokens: Mapping[str, float]) -> LowestRatio:
+    """The lowest cost ratio (`expected_ratio`, trimmers' own FLOPs included) that ops able
+    to save at most what ``reach`` says can reach on one instance with ``tokens[stream]``
+    tokens entering each stream (the stream's ``num_tokens`` where it is static): every
+    token trimmer keeps only the protected tokens and one more from its layer on, every
+    head trimmer one head. A stream with several `StreamDesc.entries` (a model that also
+    takes its encoder's output from outside) is costed from each: the lowest over them is
+    what some forward can reach."""
+    choices = [[(name, e) for e in s.entries] for name, s in desc.streams.items()]
+    best: LowestRatio | None = None
+    for combo in itertools.product(*choices):
+        found = _floor(desc, reach, tokens, dict(combo))
+        if best is None or found.ratio < best.ratio:
+            best = found
+    assert best is not None
+    return best
+
+
+def _floor(desc: ModelDescription, reach: Mapping[tuple[str, int], Reach],
+           tokens: Mapping[str, float], entries: dict[str, int]) -> LowestRatio:
+    """`lowest_ratio` with each stream entering at ``entries[stream]``."""
+    counts: dict[str, dict[int, tuple[float, float]]] = {}  # layer -> (entering, after ops)
+    n0: dict[str, float] = {}
+    for name, s in desc.streams.items():
+        n = float(s.num_tokens if s.num_tokens is not None else tokens[name])
+        n0[name] = n
+        floor = min(n, float(s.num_protected + 1))
+        per, now = {}, n
+        for i in range(entries[name], len(s.layers)):
+            r = reach.get((name, i))
+            before = now
+            if r is not None and r.tokens:
+                now = min(now, floor)
+            per[i] = (before, now)
+        counts[name] = per
+    spent, full, layers = 0.0, 0.0, {}
+    for name, s in desc.streams.items():
+        for i, (before, after) in counts[name].items():
+            layer = s.layers[i]
+            r = reach.get((name, i)) or Reach()
+            m = m0 = None
+            if layer.cross_attention is not None and layer.cross_stream in counts:
+                m0 = n0[layer.cross_stream]
+                m = _keys(desc, layer, counts[layer.cross_stream])
+            lo = layer_flops(layer, after, after, 1 if r.heads else None, m,
+                             1 if r.cross_heads else None)
+            lo += r.flops(before) if r.flops is not None else 0.0
+            hi = layer_flops(layer, n0[name], n0[name], None, m0, None)
+            layers[(name, i)] = (float(lo), float(hi))
+            spent, full = spent + lo, full + hi
+    return LowestRatio(spent / full if full else 1.0, dict(entries), layers)
+
+
+def _keys(desc: ModelDescription, layer: LayerDesc,
+          other: dict[int, tuple[float, float]]) -> float:
+    """The keys ``layer``'s cross-attention reads of the other stream: as the paired layer
+    entered (side-by-side streams), as the paired keys-only layer left them, else as the
+    other stream ends."""
+    stream = desc.streams[layer.cross_stream]
+    for j, o in enumerate(stream.layers):
+        if j in other and o.pair is not None and o.pair == layer.pair:
+            if desc.parallel and not o.keys_only:
+                return other[j][0]
+            if o.keys_only:
+                return other[j][1]
+    last = max(other)
+    return other[last][1]

@@ -105,11 +105,14 @@ def _stable_init(last: nn.Linear, bias: nn.Parameter, init_logit: float | None) 
         nn.init.constant_(bias, init_logit)
 
 
-def _bounded(bias: torch.Tensor, score: torch.Tensor, span: float) -> torch.Tensor:
+def _bounded(bias: torch.Tensor, score: torch.Tensor, span: float | None) -> torch.Tensor:
     """Keep logits ``bias + span · tanh(score / span)``: the input-dependent part stays within
     ``± span`` of the layer's threshold ``bias``. Unbounded scores drift to where the
     straight-through gradient (through ``sigmoid'``) vanishes, and a shift of the threshold,
-    which is what the cost loss asks for, then no longer reaches them."""
+    which is what the cost loss asks for, then no longer reaches them. ``span=None``: the
+    paper's unbounded ``bias + score``."""
+    if span is None:
+        return bias + score
     return bias + span * torch.tanh(score / span)
 
 
@@ -119,15 +122,19 @@ class TokenTrimmer(TokenOp):
     (own pooled token, other stream's pooled token) and ``b`` the layer's threshold.
 
     ``other_dim`` is the width of the other stream's tokens (``None``: single-modality layer,
-    ``g = W_g c_s``); ``c_o`` is the other stream's pooled token as its latest state holds
-    it (zeros while that stream is absent or at another width). ``budget`` (a fraction)
-    switches inference to a fixed budget: each instance keeps the top ``ceil(budget · E)`` of
-    its E live unprotected tokens by logit.
+    or the ablation without cross-modal awareness: ``g = W_g LN(c_s)``, and the trimmer reads
+    nothing of another stream); ``c_o`` is the other stream's pooled token as its latest
+    state holds it (zeros while that stream is absent or at another width). ``budget`` (a
+    fraction) switches inference to a fixed budget: each instance keeps the top
+    ``ceil(budget · E)`` of its E live unprotected tokens by logit. ``span=None`` leaves the
+    score unbounded (``π_i = b + s_i``) and ``norm_pooled=False`` feeds the pooled tokens to
+    ``W_g`` as they are, as the paper does (`trimkit.recipes.smarttrim`, ``preset="paper"``).
     """
 
     def __init__(self, dim: int, *, other_dim: int | None = None, hidden: int | None = None,
                  rank: int | None = None, init_logit: float | None = 4.0, tau: float = 1.0,
-                 budget: float | None = None, span: float = 6.0):
+                 budget: float | None = None, span: float | None = 6.0,
+                 norm_pooled: bool = True):
         super().__init__()
         hidden = hidden or max(dim // 4, 8)
         self.rank = rank or max(dim // 4, 8)
@@ -137,8 +144,9 @@ class TokenTrimmer(TokenOp):
         # pooled tokens enter the global score normalised too: a raw residual-stream vector
         # can be large, and the bilinear product of two learned projections of it saturates
         # the logits (and kills their gradient) within a few fast optimizer steps
-        self.other_norm = nn.LayerNorm(other_dim) if other_dim else None
-        self.span = float(span)
+        self.norm_pooled = bool(norm_pooled)
+        self.other_norm = nn.LayerNorm(other_dim) if other_dim and norm_pooled else None
+        self.span = None if span is None else float(span)
         self.local = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(),
                                    nn.Linear(hidden, 1, bias=False))
         self.token_proj = nn.Linear(dim, self.rank, bias=False)
@@ -159,7 +167,8 @@ class TokenTrimmer(TokenOp):
         return self.budget is None
 
     def extra_repr(self) -> str:
-        return f"cross={self.other_dim is not None}, tau={self.tau}, budget={self.budget}"
+        return (f"cross={self.other_dim is not None}, tau={self.tau}, budget={self.budget}, "
+                f"span={self.span}, norm_pooled={self.norm_pooled}")
 
     def flops(self, tokens: torch.Tensor) -> torch.Tensor:
         dim, hidden = self.token_proj.in_features, self.local[0].out_features
@@ -169,7 +178,8 @@ class TokenTrimmer(TokenOp):
     def logits(self, state: TokenState, site: Site) -> torch.Tensor:
         """B×N keep logits."""
         ctx = site.ctx
-        pooled = [self.norm(pooled_token(state, ctx.protected.get(site.stream, 0) > 0))]
+        own = pooled_token(state, ctx.protected.get(site.stream, 0) > 0)
+        pooled = [self.norm(own) if self.norm_pooled else own]
         if self.other_dim is not None:
             other = ctx.keys_state(site.cross_stream, site.pair) if site.cross_stream else None
             if other is not None and other.segments is not None:
@@ -180,8 +190,8 @@ class TokenTrimmer(TokenOp):
                 # in its own encoder): the global score uses the stream's own token only
                 pooled.append(state.x.new_zeros(state.x.shape[0], self.other_dim))
             else:
-                pooled.append(self.other_norm(
-                    pooled_token(other, ctx.protected.get(site.cross_stream, 0) > 0)))
+                c_o = pooled_token(other, ctx.protected.get(site.cross_stream, 0) > 0)
+                pooled.append(self.other_norm(c_o) if self.other_norm is not None else c_o)
         h = self.norm(state.x)
         g = self.global_proj(torch.cat(pooled, -1).to(h.dtype))  # B×r
         bilinear = (self.token_proj(h) * g[:, None]).sum(-1) / math.sqrt(self.rank)
@@ -216,13 +226,13 @@ class HeadTrimmer(TokenOp):
 
     def __init__(self, dim: int, heads: int, *, cross_heads: int = 0, hidden: int | None = None,
                  init_logit: float | None = 4.0, tau: float = 1.0, budget: float | None = None,
-                 span: float = 6.0):
+                 span: float | None = 6.0):
         super().__init__()
         hidden = hidden or max(dim // 4, 8)
         self.heads, self.cross_heads = heads, cross_heads
         self.tau, self.budget = float(tau), budget
         self.noise = 1.0
-        self.span = float(span)
+        self.span = None if span is None else float(span)
         self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(),
                                  nn.Linear(hidden, heads + cross_heads, bias=False))
         self.bias = nn.Parameter(torch.zeros(heads + cross_heads))

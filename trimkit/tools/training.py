@@ -207,8 +207,9 @@ def train(model: nn.Module, train_loader: DataLoader, loss_fn: LossFn | None = N
     one step is ``grad_accum`` micro-batches, the gradient being their mean. With the
     default optimizer (AdamW), learned trimmers, which start from scratch while the model
     is only fine-tuned, train at ``trimmer_lr`` and their thresholds at ``threshold_lr``
-    (default 10 × ``trimmer_lr``; see `trimkit.learned.param_groups`). See
-    docs/training.md for every argument, checkpoints and multi-process launches.
+    (default ``trimmer_lr`` × the applied recipe's ``threshold_scale`` option, 10 where it
+    has none; see `trimkit.learned.param_groups`). See docs/training.md for every
+    argument, checkpoints and multi-process launches.
 
     A step whose loss (any term of it) or gradient is NaN or infinite stops the run with a
     `NonFiniteLossError` naming the step and the terms, before the optimizer moves, so the
@@ -252,8 +253,11 @@ def train(model: nn.Module, train_loader: DataLoader, loss_fn: LossFn | None = N
     if not params:
         raise ValueError("the model has no parameter that requires grad")
     if optimizer is None:
+        # the recipe may say how much faster its thresholds train (smarttrim: threshold_scale)
+        scale = (_applied(model).options.get("threshold_scale", 10.0) if is_applied(model)
+                 else 10.0)
         groups = param_groups(model, lr, trimmer_lr=trimmer_lr,
-                              threshold_lr=10 * trimmer_lr if threshold_lr is None
+                              threshold_lr=scale * trimmer_lr if threshold_lr is None
                               else threshold_lr)
         optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     elif not isinstance(optimizer, torch.optim.Optimizer):
