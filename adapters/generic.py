@@ -28,7 +28,7 @@ import inspect
 import operator
 import re
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import torch
@@ -36,7 +36,15 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from trimkit import Adapter, HeadLayout, LayerDesc, ModelDescription, StreamDesc, register_adapter
+from trimkit import (
+    Adapter,
+    HeadLayout,
+    LayerDesc,
+    ModelDescription,
+    StreamDesc,
+    TokenInput,
+    register_adapter,
+)
 from trimkit.heads import MULTIHEAD_TYPES
 from trimkit.hooks import Patches, Restore, Undo, per_call
 from trimkit.rewrite import RewriteError, find_attention, residual_after, trace_module
@@ -411,6 +419,79 @@ def _optional_inputs(module: nn.Module) -> list[str]:
     return [p.name for p in params if p.default is None]
 
 
+def _depends(node: fx.Node, target: fx.Node) -> bool:
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n is target:
+            return True
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return False
+
+
+def _placeholder(gm: fx.GraphModule, name: str) -> fx.Node | None:
+    return next((n for n in gm.graph.nodes if n.op == "placeholder"
+                 and str(n.target).lstrip("*") == name), None)
+
+
+def _side_inputs(block: nn.Module, child: str, names: list[str]
+                 ) -> tuple[bool, tuple[TokenInput, ...]] | str:
+    """What the block's optional inputs ``names`` are, read from the graphs with each given
+    as a tensor: ``(masks, token_inputs)``, where ``masks`` says some input reaches the
+    attention's mask (a bias over the entry tokens, read at their entry positions) and
+    ``token_inputs`` are those that reach its queries and keys only (rotary tables,
+    rows per token: gathered to follow the tokens); else why one is neither. A block that
+    does not trace with them given has them read as masks, checked at each call."""
+    if not names:
+        return False, ()
+    try:
+        gm = trace_module(block, tuple(names))
+    except RewriteError:
+        # a module that branches on them in Python (torch's own layers): read as masks,
+        # as before; the check at each call stays the net (`_check_side_inputs`)
+        return True, ()
+    calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == child]
+    module = block.get_submodule(child)
+    params = [p.name for p in list(inspect.signature(type(module).forward).parameters.values())
+              [1:]]
+    masks, tokens = False, []
+    for name in names:
+        node = _placeholder(gm, name)
+        if node is None or not node.users:
+            continue
+        if len(calls) != 1 or set(node.users) != {calls[0]}:
+            return (f"uses its input {name!r} outside its attention {child!r}, where trimmed "
+                    f"tokens could not follow it")
+        call = calls[0]
+        inner = [k for k, v in call.kwargs.items() if v is node]
+        inner += [params[i] for i, v in enumerate(call.args) if v is node and i < len(params)]
+        if isinstance(module, MULTIHEAD_TYPES) or len(inner) != 1:
+            return f"passes its input {name!r} to {child!r} in a way the graphs do not show"
+        try:
+            agm = trace_module(module, (inner[0],))
+        except RewriteError as err:
+            return f"cannot trace {child!r} with its input {inner[0]!r} given: {err}"
+        ph, found = _placeholder(agm, inner[0]), find_attention(agm)
+        if ph is None or len(found) != 1:
+            return f"passes its input {name!r} to {child!r} in a way the graphs do not show"
+        spec = found[0]
+
+        def reaches(key: str, spec: dict = spec, ph: fx.Node = ph) -> bool:
+            return isinstance(spec[key], fx.Node) and _depends(spec[key], ph)
+
+        if reaches("attn_mask") and not any(reaches(k) for k in ("q", "k", "v")):
+            masks = True
+        elif (reaches("q") or reaches("k")) and not reaches("v") and not reaches("attn_mask"):
+            tokens.append(TokenInput(name, axis=-2, rank=4))  # combined with B×H×N×d q, k
+        else:
+            return (f"passes its input {name!r} to its attention, where it neither masks the "
+                    f"scores nor acts on the queries and keys only, so trimmed tokens could "
+                    f"not follow it")
+    return masks, tuple(tokens)
+
+
 def _mlp_width(block: nn.Module, attention: str, dim: int) -> int | None:
     widths = [m.out_features for n, m in block.named_modules()
               if isinstance(m, nn.Linear) and m.in_features == dim
@@ -538,8 +619,13 @@ def discover(model: nn.Module, num_protected: int | None = None) -> Discovery:
                          head_dim=None if attn.heads * attn.head_dim == attn.dim
                          else attn.head_dim,
                          mlp_dim=_mlp_width(module, relative, attn.dim), heads=heads)
-        side = _optional_inputs(module)
-        layers.setdefault(container, []).append((int(index), desc, attn.masked or bool(side)))
+        side = _side_inputs(module, child, _optional_inputs(module))
+        if isinstance(side, str):
+            broken.add(container)
+            problems.append(f"{block} ({type(module).__name__}) {side}")
+            continue
+        desc = replace(desc, token_inputs=side[1])
+        layers.setdefault(container, []).append((int(index), desc, attn.masked or side[0]))
     for container in broken & set(layers):  # a stream with a gap would run blocks unadapted
         problems.append(f"the blocks of {container or 'the model'} are left untrimmed: one "
                         f"of them cannot be placed")
@@ -554,7 +640,12 @@ def discover(model: nn.Module, num_protected: int | None = None) -> Discovery:
         name = names[container]
         protected = (num_protected if num_protected is not None
                      else _protected(model, dim, all_blocks) if len(containers) == 1 else 0)
-        streams[name] = StreamDesc(name, tuple(d for _, d, _ in items),
+        # a token input covers the tokens after the protected ones at most
+        lead = 0 if protected == 0 else None
+        descs = tuple(replace(d, token_inputs=tuple(replace(t, leading=lead)
+                                                    for t in d.token_inputs))
+                      for _, d, _ in items)
+        streams[name] = StreamDesc(name, descs,
                                    num_protected=protected,
                                    positional=any(m for _, _, m in items))
     return Discovery(streams, problems)
@@ -563,7 +654,8 @@ def discover(model: nn.Module, num_protected: int | None = None) -> Discovery:
 # ------------------------------------------------------------------------------ adapter
 
 def _check_side_inputs(ctx: TrimContext, stream: str, path: str, first: bool, trimmed: bool,
-                       module: nn.Module, args: tuple, kwargs: dict) -> None:
+                       follows: frozenset[str], module: nn.Module, args: tuple,
+                       kwargs: dict) -> None:
     if not args or not isinstance(args[0], torch.Tensor):
         return
     entry = per_call(ctx, ("entry tokens", stream), dict)  # this call's, not another's
@@ -575,8 +667,8 @@ def _check_side_inputs(ctx: TrimContext, stream: str, path: str, first: bool, tr
     named = [(f"argument {i}", a) for i, a in enumerate(args[1:], 1)]
     named += list(kwargs.items())
     for name, value in named:
-        if not isinstance(value, torch.Tensor):
-            continue
+        if not isinstance(value, torch.Tensor) or name in follows:
+            continue  # token inputs the engine gathers
         if value.dim() >= 2 and value.shape[-1] == value.shape[-2] == n0:
             continue  # an attention bias over the entry tokens: read at entry positions
         raise RuntimeError(
@@ -642,7 +734,7 @@ class GenericAdapter(Adapter):
                 trimmed = False
                 for i, layer in enumerate(stream.layers):
                     check = partial(_check_side_inputs, ctx, stream.name, layer.block, i == 0,
-                                    trimmed)
+                                    trimmed, frozenset(t.arg for t in layer.token_inputs))
                     patches.hook(model.get_submodule(layer.block), check, pre=True, kwargs=True)
                     site = sites[(stream.name, i)]
                     trimmed = trimmed or bool(len(site.pre) or len(site.post))

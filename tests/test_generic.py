@@ -240,14 +240,16 @@ def test_what_the_generic_adapter_cannot_place_is_said_and_nothing_changes(model
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
-def test_rotary_embeddings_after_trimming_are_refused_in_words():
-    """EVA-02 style rotary embeddings are per-token inputs the generic adapter cannot
-    realign: the first forward after tokens were trimmed says so (and untrimmed runs)."""
+def test_rotary_embeddings_are_found_and_follow_the_tokens():
+    """EVA-02 style rotary embeddings are per-token inputs: the generic adapter declares
+    them (`LayerDesc.token_inputs`) and the engine gathers them at the trimmed tokens
+    (tests/test_token_inputs.py checks the rest)."""
     model = Eva(**VIT, use_rot_pos_emb=True).eval()
     x = inputs("image", 2)
+    ref = model(*x)
     trimkit.apply(model, "tome", r=2)
-    with pytest.raises(RuntimeError, match="rotary embeddings"):
-        model(*x)
+    assert [t.arg for t in trimkit.describe(model).stream().layers[1].token_inputs] == ["rope"]
+    assert model(*x).shape == ref.shape
     with trimkit.trimming_disabled(model):
-        model(*x)
+        assert torch.equal(model(*x), ref)
     trimkit.remove(model)

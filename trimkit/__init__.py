@@ -23,7 +23,7 @@ from .api import (
     set_mode,
     trimming_disabled,
 )
-from .describe import HeadLayout, LayerDesc, ModelDescription, StreamDesc
+from .describe import HeadLayout, LayerDesc, ModelDescription, StreamDesc, TokenInput
 from .heads import pruned_heads
 from .recipe import Option, Recipe, SitePlan
 from .registry import register_adapter, register_recipe
@@ -70,6 +70,7 @@ __all__ = [
     "SitePlan",
     "StreamDesc",
     "TaskObjective",
+    "TokenInput",
     "TokenOp",
     "TokenState",
     "TrainResult",

@@ -25,7 +25,7 @@ from .rewrite import (
 )
 from .sites import Site, TrimContext
 
-__all__ = ["Adapter", "Undo", "install_fx_sites"]
+__all__ = ["Adapter", "Undo", "follow_token_inputs", "install_fx_sites"]
 
 
 class Adapter:
@@ -107,11 +107,29 @@ class _RouteBlock:
         gm.add_submodule("trimkit_leave", self.site.leave)
         extra = () if layer.mask_arg is None else (layer.mask_arg,)
         insert_at_input(gm, "trimkit_enter", layer.stream_arg, extra)
+        follow_token_inputs(gm, self.site, layer)
         after = layer.leave_after or layer.attention.split(".")[0]
         if layer.residual:
             insert_after_residual(gm, after, "trimkit_leave")
         else:
             insert_after_output(gm, after, "trimkit_leave")
+
+
+def follow_token_inputs(gm: fx.GraphModule, site: Site, layer: LayerDesc) -> None:
+    """Route each of the block's token inputs (`LayerDesc.token_inputs`) through a call
+    point of ``site`` that gathers it at the tokens the block's enter (``trimkit_enter``)
+    left, before anything reads it."""
+    enter = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == "trimkit_enter")
+    placeholders = {n.target: n for n in gm.graph.nodes if n.op == "placeholder"}
+    for i, spec in enumerate(layer.token_inputs):
+        node = placeholders.get(spec.arg)  # fx renames an argument it specialised on
+        if node is None or not node.users:
+            continue  # not a tensor in this call (``None``): nothing to follow
+        name = f"trimkit_follow_{i}"
+        gm.add_submodule(name, site.follow(spec))
+        with gm.graph.inserting_after(enter):
+            new = gm.graph.call_module(name, (enter, node))
+        node.replace_all_uses_with(new, delete_user_cb=lambda u, new=new: u is not new)
 
 
 def install_fx_sites(model: nn.Module, desc: ModelDescription,

@@ -215,6 +215,8 @@ def apply(model: nn.Module, recipe: str, *, mode: str = "auto",
     ctx.scored = frozenset(site.stream for site in sites.values()
                            if "cross_scores" in site.needs)
     ctx.packable = _packable(desc)
+    ctx.follows = frozenset(s.name for s in desc.streams.values()
+                            if any(layer.token_inputs for layer in s.layers))
     with Patches() as patches:
         patches.add(*adapter.install(model, desc, sites, ctx))
         _install_exits(patches, model, desc, sites)
@@ -255,8 +257,10 @@ def _run_ends(layers: tuple, i: int) -> bool:
 
 def _packable(desc: ModelDescription) -> frozenset[str]:
     """Streams that may run packed (a packed stream's model code sees one 1×ΣN sequence
-    between its layers; `trimkit.packed`): those whose masks are not positional."""
-    return frozenset(name for name, s in desc.streams.items() if not s.positional)
+    between its layers; `trimkit.packed`): those whose masks are not positional and whose
+    token inputs cover every token (`trimkit.describe.TokenInput.leading`)."""
+    return frozenset(name for name, s in desc.streams.items() if not s.positional
+                     and all(t.leading == 0 for layer in s.layers for t in layer.token_inputs))
 
 
 def remove(model: nn.Module) -> nn.Module:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["HeadLayout", "LayerDesc", "ModelDescription", "StreamDesc"]
+__all__ = ["HeadLayout", "LayerDesc", "ModelDescription", "StreamDesc", "TokenInput"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,30 @@ class HeadLayout:
 
 
 @dataclass(frozen=True)
+class TokenInput:
+    """A block input indexed by the stream's entry tokens (a rotary table, position ids):
+    the engine gathers it at each call so that its rows follow the tokens (a dropped token's
+    row disappears, a merged token keeps its destination's, `trimkit.ops.gather_token_input`).
+
+    - ``arg``: the name of the block's forward parameter that receives it.
+    - ``axis``: its token axis, counted from the end (negative).
+    - ``rank``: its rank when it holds rows per sample (batch first); an input of lower
+      rank is shared by the batch and gains its batch axis in front, plus singleton axes up
+      to ``rank`` (a rotary table N×d combined with B×H×N×d queries: ``rank=4``).
+    - ``leading``: how many leading tokens of every sample the input does not cover (the
+      model slices them off before using it, e.g. a CLS token it does not rotate); ``None``
+      when only the call tells: the input covers the last M of the N0 entry tokens, and
+      the N0 − M before them must be protected. A stream packs only where every input
+      covers every token (``leading=0``).
+    """
+
+    arg: str
+    axis: int = -2
+    rank: int | None = None
+    leading: int | None = None
+
+
+@dataclass(frozen=True)
 class LayerDesc:
     """One transformer layer of a stream.
 
@@ -85,6 +109,8 @@ class LayerDesc:
       ``attention`` names the cross-attention there, and its cost is counted where it is
       read (`trimkit.cost`). Such a layer has no attention of its own: recipes that score
       or match tokens with a layer's self-attention skip it.
+    - ``token_inputs``: the block's further inputs indexed by the stream's entry tokens
+      (`TokenInput`), which the engine gathers to follow the tokens.
     """
 
     block: str
@@ -105,6 +131,7 @@ class LayerDesc:
     heads: HeadLayout | None = None
     cross_heads: HeadLayout | None = None
     keys_only: bool = False
+    token_inputs: tuple[TokenInput, ...] = ()
 
 
 @dataclass(frozen=True)

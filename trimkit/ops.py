@@ -31,6 +31,7 @@ __all__ = [
     "entry_positions",
     "fuse_tokens",
     "gather_entry_mask",
+    "gather_token_input",
     "gumbel_sigmoid_st",
     "keep_top",
     "keep_count",
@@ -739,6 +740,66 @@ def entry_positions(state: TokenState) -> torch.Tensor:
     else:
         pos = torch.full((b, n + 1), -1, dtype=torch.long, device=src.device)
         pos = pos.scatter_reduce(1, src.masked_fill(src < 0, n), entry, "amax")[:, :n]
+    return pos.masked_fill(pos < 0, n0 - 1)
+
+
+def gather_token_input(value: torch.Tensor, state: TokenState, *, axis: int = -2,
+                       rank: int | None = None, leading: int | None = None) -> torch.Tensor:
+    """A block input indexed by the stream's entry tokens (`trimkit.describe.TokenInput`:
+    a rotary table, position ids) gathered so that its rows follow the current tokens:
+    each token takes the row of its entry position (`entry_positions`; a merged token its
+    latest member's), a dropped token's row is gone, padding slots take some valid row.
+
+    ``value`` covers the last M of the N0 entry tokens along ``axis``; the first
+    N0 − M tokens (``leading``, when stated) stay in the first slots (they must be
+    protected) and get no row. Shared by the batch (rank below ``rank``), it gains a batch
+    axis in front. In packed execution the rows of each sample's segment are concatenated
+    (only where ``leading`` is 0). Needs ``state.source``."""
+    if axis >= 0:
+        raise ValueError(f"the token axis of a token input is counted from the end, got {axis}")
+    src = state.source
+    if src is None:
+        raise ValueError("gathering a token input needs a state that tracks its source")
+    b, n0 = src.shape
+    m = value.shape[axis]
+    lead = n0 - m
+    if lead < 0 or (leading is not None and lead != leading):
+        raise RuntimeError(f"trimkit: a token input of shape {tuple(value.shape)} has {m} rows "
+                           f"along axis {axis}, but the stream entered with {n0} tokens"
+                           + ("" if leading is None else f" of which {leading} lead uncovered"))
+    rank = value.dim() if rank is None else rank
+    if value.dim() < rank:
+        value = value.reshape((1,) * (rank - value.dim()) + tuple(value.shape))
+    if value.shape[0] not in (1, b):
+        raise RuntimeError(f"trimkit: a token input of shape {tuple(value.shape)} holds "
+                           f"{value.shape[0]} samples, the batch has {b}")
+    segments = state.segments
+    if segments is not None:
+        if lead:
+            raise RuntimeError("trimkit: a token input that leaves leading tokens uncovered "
+                               "cannot follow a packed stream")
+        n = max(segments.lengths, default=0)
+        pos = _entry_positions(src, n)
+    else:
+        pos = entry_positions(state)[:, lead:] - lead
+    table = value.movedim(axis, 1).expand(b, *value.movedim(axis, 1).shape[1:])
+    rest = table.shape[2:]
+    idx = pos.reshape(*pos.shape, *(1,) * len(rest)).expand(*pos.shape, *rest)
+    out = table.gather(1, idx)
+    if segments is not None:
+        live = torch.arange(pos.shape[1], device=pos.device)[None] < torch.tensor(
+            segments.lengths, device=pos.device)[:, None]
+        out = out[live][None]
+    return out.movedim(1, axis)
+
+
+def _entry_positions(src: torch.Tensor, n: int) -> torch.Tensor:
+    """`entry_positions` of a state whose per-sample rows hold ``n`` slots (``source``
+    counts slots within each sample, also in packed execution)."""
+    b, n0 = src.shape
+    entry = torch.arange(n0, device=src.device).expand(b, n0)
+    pos = torch.full((b, n + 1), -1, dtype=torch.long, device=src.device)
+    pos = pos.scatter_reduce(1, src.masked_fill(src < 0, n), entry, "amax")[:, :n]
     return pos.masked_fill(pos < 0, n0 - 1)
 
 

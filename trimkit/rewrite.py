@@ -193,8 +193,9 @@ def patch_forward(module: nn.Module, edit: GraphEdit) -> Patch:
     return Patch(module, spec)
 
 
-def _trace_defaults(spec: _Specialised) -> fx.GraphModule:
-    args = [torch.empty(0) if p.default is inspect.Parameter.empty else p.default
+def _trace_defaults(spec: _Specialised, given: tuple[str, ...] = ()) -> fx.GraphModule:
+    args = [torch.empty(0) if p.default is inspect.Parameter.empty or p.name in given
+            else p.default
             for p in list(spec.signature.parameters.values())[1:]
             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     try:
@@ -206,11 +207,12 @@ def _trace_defaults(spec: _Specialised) -> fx.GraphModule:
                            f"{type(err).__name__}: {err}") from err
 
 
-def trace_module(module: nn.Module) -> fx.GraphModule:
+def trace_module(module: nn.Module, given: tuple[str, ...] = ()) -> fx.GraphModule:
     """``module``'s own forward as `torch.fx` traces it for `patch_forward` (children as
-    leaves, arguments with defaults at their defaults, tensors elsewhere), unedited: what a
-    graph edit would see. A `RewriteError` says why when it does not trace."""
-    return _trace_defaults(_Specialised(module, lambda gm: None))
+    leaves, arguments with defaults at their defaults, tensors elsewhere and for the
+    arguments named in ``given``), unedited: what a graph edit would see. A `RewriteError`
+    says why when it does not trace."""
+    return _trace_defaults(_Specialised(module, lambda gm: None), given)
 
 
 # ---------------------------------------------------------------------------- graph edits

@@ -28,6 +28,7 @@ from .ops import (
     compact,
     entry_positions,
     gather_entry_mask,
+    gather_token_input,
     key_attention,
     live_head_rows,
     prefix_attention,
@@ -228,6 +229,9 @@ class TrimContext:
     #: streams whose tokens are scored wherever a cross-attention reads them as keys (some
     #: op needs ``"cross_scores"``)
     scored: frozenset[str] = frozenset()
+    #: streams whose layers take inputs indexed by their entry tokens
+    #: (`trimkit.describe.TokenInput`), gathered at every layer: they track their source
+    follows: frozenset[str] = frozenset()
     #: streams that may run packed (`trimkit.packed`): read by no cross-attention, with no
     #: positional masks; others stay padded whatever the mode
     packable: frozenset[str] = frozenset()
@@ -305,7 +309,7 @@ class TrimContext:
         state = TokenState.start(x, num_protected=self.protected.get(stream, 0),
                                  protected=protected, padding_mask=pad, prefix=prefix,
                                  track_source=(self.track_source or stream in self.positional
-                                               or prefix > 0))
+                                               or stream in self.follows or prefix > 0))
         call.states[stream] = state
         if self.record_costs:
             call.entry_counts[stream] = state.keep.float().sum(1)
@@ -357,6 +361,18 @@ class _Core(_Point):
 
 class _CrossCore(_Core):
     cross = True
+
+
+class _Follow(_Point):
+    """Gathers one of the layer's token inputs (`trimkit.describe.TokenInput`) at the
+    tokens its enter left (``x``, which orders the call after it)."""
+
+    def __init__(self, site: Site, spec: object):
+        super().__init__(site)
+        self.spec = spec
+
+    def forward(self, x: torch.Tensor, value: object) -> object:
+        return self.site.follow_(value, self.spec)
 
 
 def _soft_count(keep: torch.Tensor) -> torch.Tensor:
@@ -494,6 +510,24 @@ class Site(nn.Module):
                 if gates is not None:
                     call.cost[key] = gates.float().sum(1)
         return state.x
+
+    def follow(self, spec: object) -> nn.Module:
+        """A call point that gathers the token input ``spec`` (a
+        `trimkit.describe.TokenInput`) at this layer's tokens: `follow_`."""
+        return _Follow(self, spec)
+
+    def follow_(self, value: object, spec: object) -> object:
+        """``value``, an input of the layer indexed by the stream's entry tokens, with its
+        rows at the stream's current tokens (`trimkit.ops.gather_token_input`); anything
+        but a tensor, or a call with trimming off, passes unchanged."""
+        ctx = self.ctx
+        if not (ctx.enabled and isinstance(value, torch.Tensor)):
+            return value
+        state = ctx.call.states.get(self.stream)
+        if state is None or state.source is None:
+            return value
+        return gather_token_input(value, state, axis=spec.axis, rank=spec.rank,
+                                  leading=spec.leading)
 
     def exit_(self, x: torch.Tensor) -> torch.Tensor:
         """At the layer's output (after its MLP): under per-layer packing
