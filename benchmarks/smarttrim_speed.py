@@ -298,6 +298,12 @@ def _meter_base(smart: nn.Module, test_set, desc, args: argparse.Namespace) -> N
                                   - desc.streams["image"].num_protected)}
     counts = {k: v - desc.streams[k[0]].num_protected for k, v in counts.items()}
     shares = replay_shares(counts, entry_small, desc, big, ["image"])
+    kept = torch.stack([s for k, s in sorted(shares.items())])[-1]
+    # the timed examples spread evenly over the recorded ones: sample j of the batch (and
+    # the j-th single) replays example j * step
+    bs = args.batch_size
+    step = max(1, len(kept) // bs)
+    shares = {key: s[::step][:bs] for key, s in shares.items()}
     holder = {"offset": 0}
     entry_big = {"image": big.streams["image"].num_tokens - big.streams["image"].num_protected}
     RECIPES[Replay.name] = Replay()
@@ -306,7 +312,7 @@ def _meter_base(smart: nn.Module, test_set, desc, args: argparse.Namespace) -> N
                              entry=entry_big, holder=holder)
     finally:
         del RECIPES[Replay.name]
-    bs, cfg = args.batch_size, base.config
+    cfg = base.config
     g = torch.Generator().manual_seed(0)
     singles = [(torch.randn(1, 3, cfg.image_size, cfg.image_size, generator=g),
                 torch.randint(3, cfg.vocab_size, (1, 40), generator=g),
@@ -338,16 +344,18 @@ def _meter_base(smart: nn.Module, test_set, desc, args: argparse.Namespace) -> N
     speeds = {}
     for b, inputs in ((1, stamped), (bs, stamped_batch)):
         times = time_calls([(at(base), inputs)] + [(at(trim, m), inputs) for m in MODES],
-                           warmup=1, repeats=max(1, args.repeats // 2))
+                           warmup=1, repeats=args.repeats)
         tb = statistics.median(times[0])
         for m, t in zip(MODES, times[1:], strict=True):
             speeds[(m, b)] = tb / statistics.median(t)
     trimkit.set_mode(trim, "auto")
-    kept = torch.stack([s for k, s in sorted(shares.items())])[-1]
+    timed = torch.stack([s for k, s in sorted(shares.items())])[-1]
     print()
     print(f"meter-base (published sizes, random weights) replaying the per-example image "
           f"token shares of the first {len(kept)} easy-VQA test examples; share kept at the "
-          f"last layer {kept.mean():.2f} ± {kept.std():.2f} ({kept.min():.2f}–{kept.max():.2f})")
+          f"last layer {kept.mean():.2f} ± {kept.std():.2f} ({kept.min():.2f}–{kept.max():.2f}); "
+          f"the {len(timed)} timed, evenly spread over them: {timed.mean():.2f} ± "
+          f"{timed.std():.2f}")
     print()
     print("\n".join([*_header(bs), _row("smarttrim replay", ratio, padded_ratio, speeds, bs,
                                         None)]))
