@@ -96,6 +96,8 @@ def evaluate(model: nn.Module, test_set, flop_examples: list, batch_size: int = 
     loader = torch.utils.data.DataLoader(test_set, batch_size=batch_size)
     correct, ratios, tokens = 0, [], []
     applied = trimkit.is_applied(model)
+    if applied:  # padded, one row per sample: the recorded counts are per sample
+        trimkit.set_mode(model, "compacted")
     for batch in loader:
         if applied:
             with trimkit.recording_costs(model) as costs:
@@ -106,6 +108,8 @@ def evaluate(model: nn.Module, test_set, flop_examples: list, batch_size: int = 
         else:
             out = _forward(model, batch)
         correct += int((out.argmax(-1) == batch[-1]).sum())
+    if applied:
+        trimkit.set_mode(model, "auto")
     flops = statistics.mean(
         trimkit.count_flops(model, images[None], attention_mask=mask[None],
                             text_embeds=feats[None])
