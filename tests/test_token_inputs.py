@@ -267,11 +267,12 @@ def test_an_input_the_engine_cannot_follow_is_refused_by_apply(misuse):
 
 
 def _families() -> dict:
-    fams = {name: (f, kind) for name, (f, kind, _) in generic_models.FAMILIES.items()
-            if generic_models.FAMILIES[name][2] is None}
-    fams.update({name: (make, f"image{size}") for name, (make, size) in ROTARY.items()})
-    fams.update({"table": (TableViT, "image"),
-                 **{f"table-{m}": (lambda m=m: TableViT(misuse=m), "image")
+    """name -> (factory, inputs of a batch of 2, adapter to force)"""
+    fams = {name: (f, generic_models.inputs(kind, 2), adapter)
+            for name, (f, kind, adapter) in generic_models.FAMILIES.items()}
+    fams.update({name: (make, images(size)(2), None) for name, (make, size) in ROTARY.items()})
+    fams.update({"table": (TableViT, images(32)(2), None),
+                 **{f"table-{m}": (lambda m=m: TableViT(misuse=m), images(32)(2), None)
                     for m in CANNOT_FOLLOW}})
     return fams
 
@@ -286,15 +287,13 @@ def test_the_generic_adapter_s_families_either_run_trimmed_or_are_refused_by_app
     recipe, `apply` either raises with the model unchanged, or every execution mode runs a
     batch and trims."""
     accepted, refused = set(), set()
-    for name, (make, kind) in _families().items():
-        size = int(kind[5:] or 32)
-        x = images(size)(2)
+    for name, (make, x, adapter) in _families().items():
         torch.manual_seed(0)
         model = make().eval()  # one instance: the generic adapter reads its graphs once
         before = {k: v.clone() for k, v in model.state_dict().items()}
         for recipe, options in OPTIONS.items():
             try:
-                trimkit.apply(model, recipe, **options)
+                trimkit.apply(model, recipe, adapter=adapter, **options)
             except (trimkit.UnsupportedModelError, ValueError):
                 assert not trimkit.is_applied(model), (name, recipe)
                 assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
