@@ -675,8 +675,9 @@ def _check_side_inputs(ctx: TrimContext, stream: str, path: str, first: bool, tr
             f"trimkit (generic adapter): {path} receives {name} of shape "
             f"{tuple(value.shape)} besides its tokens, and earlier layers of stream "
             f"{stream!r} trimmed tokens; it is not an attention bias over the {n0} entry "
-            f"tokens, so it cannot follow them (per-token inputs such as rotary embeddings "
-            f"or position ids need a hand-written adapter, docs/adapters.md)")
+            f"tokens, and the graphs did not show it as a per-token input of the queries and "
+            f"keys (LayerDesc.token_inputs), so it cannot follow them: a hand-written "
+            f"adapter can declare it (docs/adapters.md)")
 
 
 def _fingerprint(model: nn.Module) -> tuple:
