@@ -221,11 +221,12 @@ def test_packed_execution_equals_masked_and_compacted(counts, merge, gate):
         del RECIPES["_ragged"]
 
 
-def test_auto_packs_within_layers_where_it_pays():
+def test_auto_packs_within_layers_where_it_pays(monkeypatch):
     """``"auto"`` packs a ragged batch inside each layer (attention and MLP run on the live
     tokens only) and hands it back one row per sample between layers, as the model's own
     code expects; fixed counts never pack; ``"packed"`` stays packed between layers; all
     three give the compacted outputs."""
+    monkeypatch.setattr("trimkit.sites.AUTO_PACK_MIN_WIDTH", 16)  # this ViT is 16 wide
     RECIPES["_ragged"] = _Ragged()
     try:
         x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
@@ -257,12 +258,12 @@ def test_auto_packs_within_layers_where_it_pays():
 
 
 def test_auto_packs_only_where_enough_slots_are_padding():
-    from trimkit.sites import AUTO_PACK_WASTE, pays_to_pack
+    from trimkit.sites import AUTO_PACK_MIN_WIDTH, AUTO_PACK_WASTE, pays_to_pack
     from trimkit.state import TokenState
 
-    def state(counts: list[int], n: int) -> TokenState:
+    def state(counts: list[int], n: int, width: int = AUTO_PACK_MIN_WIDTH) -> TokenState:
         keep = torch.arange(n)[None, :] < torch.tensor(counts)[:, None]
-        return TokenState.start(torch.zeros(len(counts), n, 2), padding_mask=~keep)
+        return TokenState.start(torch.zeros(len(counts), n, width), padding_mask=~keep)
 
     n = 20
     waste = int(AUTO_PACK_WASTE * 2 * n)
@@ -270,3 +271,4 @@ def test_auto_packs_only_where_enough_slots_are_padding():
     assert not pays_to_pack(state([n, n - waste + 1], n))
     assert not pays_to_pack(state([3], n))  # one sample: nothing to pack
     assert not pays_to_pack(state([n, n], n))
+    assert not pays_to_pack(state([n, 1], n, width=AUTO_PACK_MIN_WIDTH - 1))  # too narrow

@@ -785,17 +785,23 @@ class Site(nn.Module):
 
 
 #: ``mode="auto"`` packs a layer's batch when at least this share of its padded slots
-#: would be padding (`pays_to_pack`); measured with ``benchmarks/packed_speed.py``
+#: would be padding (`pays_to_pack`)
 AUTO_PACK_WASTE = 0.2
+#: ... and its hidden states are at least this wide: in narrower layers the per-layer
+#: gathers and the grouped attention calls cost more than the padding they save
+#: (``trimkit bench-packed``: slower packed at widths 64 and 128, faster at 768)
+AUTO_PACK_MIN_WIDTH = 256
 
 
 def pays_to_pack(state: TokenState) -> bool:
     """Whether packing a compacted batch pays under ``mode="auto"``: two or more samples,
-    hard decisions, and at least `AUTO_PACK_WASTE` of the padded slots dead (fixed counts
-    per sample, as `tome` or `attn_prune` give, never pack)."""
+    hard decisions, hidden states at least `AUTO_PACK_MIN_WIDTH` wide, and at least
+    `AUTO_PACK_WASTE` of the padded slots dead (fixed counts per sample, as `tome` or
+    `attn_prune` give, never pack)."""
     keep = state.keep
     b, n = keep.shape
-    if b <= 1 or n == 0 or keep.dtype != torch.bool or not state.has_dead:
+    if (b <= 1 or n == 0 or keep.dtype != torch.bool or not state.has_dead
+            or state.x.shape[-1] < AUTO_PACK_MIN_WIDTH):
         return False
     return int(keep.sum()) <= (1.0 - AUTO_PACK_WASTE) * b * n
 
