@@ -246,8 +246,9 @@ class SmartTrim(Recipe):
                                            budget=head_budget, **common))
                 if ops:
                     plans[(name, i)] = SitePlan(pre=ops)
-        check_reachable(desc, {k: p.pre for k, p in plans.items()}, options,
-                        lambda: self._default_floor(desc, options))
+        if options["budget"] is None:  # a budget keeps fixed fractions; `train` checks then
+            check_reachable(desc, {k: p.pre for k, p in plans.items()}, options,
+                            lambda: self._default_floor(desc, options))
         return plans
 
     def _default_floor(self, desc: ModelDescription, options: dict) -> float | None:
