@@ -137,9 +137,10 @@ def test_meter_default_placement_and_counts_per_layer(image_size):
     beside it reduces before its attention, by what the text layer's cross-attention saw.
     Every count follows the formula, the same for the whole batch."""
     model = trimkit.apply(_meter(image_size=image_size), "pumer")
-    vision = model.config.vision_layers
+    # each stream's layers: its encoder's first (CLIP tower, text encoder), then the fusion
+    vision, text = model.config.vision_layers, model.config.text_layers
     assert _plan(model) == {
-        **{f"text_{i}": ([], ["MergeTokens"]) for i in range(4)},
+        **{f"text_{text + i}": ([], ["MergeTokens"]) for i in range(4)},
         **{f"image_{vision + i}": (["ReduceByCrossAttention"], []) for i in range(4)}}
     args = _meter_inputs(image_size=image_size)
     with torch.no_grad():
@@ -157,7 +158,8 @@ def test_meter_default_placement_and_counts_per_layer(image_size):
     for i in range(6):
         if i < 4:
             t = [e - min(round(0.2 * e), e // 2) for e in t]
-        assert [int(v) - 1 for v in stats[("text", i)].tokens_out] == t, f"text layer {i}"
+        assert [int(v) - 1 for v in stats[("text", text + i)].tokens_out] == t, \
+            f"text layer {i}"
 
 
 def test_meter_batch_stays_dense_and_matches_masked_execution():
