@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .describe import HeadLayout, LayerDesc, ModelDescription
-from .mha import multihead_attention_forward, route_multihead_attention
+from .mha import multihead_attention_forward, packed_qkv, route_multihead_attention
 from .ops import live_head_rows
 
 __all__ = [
@@ -164,12 +164,17 @@ class PrunedMultiheadAttention(nn.Module):
         dd = {"device": device, "dtype": dtype}
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, head_dim
         self.kdim, self.vdim = kdim or embed_dim, vdim or embed_dim
-        self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
+        #: one ``in_proj_weight`` for q, k and v (else three); ``_qkv_same_embed_dim`` stays
+        #: False so that torch's fused encoder-layer kernel (nn.TransformerEncoderLayer's
+        #: inference fast path), which reads heads as ``embed_dim // num_heads`` wide,
+        #: never takes a pruned attention
+        self.packed_qkv = self.kdim == embed_dim and self.vdim == embed_dim
+        self._qkv_same_embed_dim = False
         self.batch_first, self.dropout = batch_first, dropout
         self.bias_k = self.bias_v = None
         self.add_zero_attn = False
         inner = num_heads * head_dim
-        if self._qkv_same_embed_dim:
+        if self.packed_qkv:
             self.in_proj_weight = nn.Parameter(torch.empty(3 * inner, embed_dim, **dd))
             for name in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
                 self.register_parameter(name, None)
@@ -197,7 +202,7 @@ class PrunedMultiheadAttention(nn.Module):
                   batch_first=mha.batch_first, dropout=mha.dropout, kdim=mha.kdim,
                   vdim=mha.vdim, device=ref.device, dtype=ref.dtype)
         with torch.no_grad():
-            if mha._qkv_same_embed_dim:
+            if packed_qkv(mha):
                 rows = head_rows(kept, d, h, 3, ref.device)
                 new.in_proj_weight.copy_(mha.in_proj_weight.index_select(0, rows))
                 new.in_proj_weight.requires_grad_(mha.in_proj_weight.requires_grad)

@@ -23,6 +23,14 @@ from .rewrite import Patch, RewriteError
 __all__ = ["multihead_attention_forward", "route_multihead_attention"]
 
 
+def packed_qkv(mha: nn.Module) -> bool:
+    """Whether an ``nn.MultiheadAttention`` (or a head-pruned one) holds q, k and v in one
+    ``in_proj_weight``."""
+    if hasattr(mha, "packed_qkv"):
+        return bool(mha.packed_qkv)
+    return bool(mha._qkv_same_embed_dim)
+
+
 def _mha_mask(mha: nn.Module, b: int, n: int, m: int, dtype: torch.dtype,
               attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None
               ) -> torch.Tensor | None:
@@ -58,14 +66,14 @@ def multihead_attention_forward(
     m, h, d = key.shape[1], mha.num_heads, mha.head_dim
     bias = mha.in_proj_bias
     bq, bk, bv = bias.chunk(3) if bias is not None else (None, None, None)
-    if mha._qkv_same_embed_dim:
+    if packed_qkv(mha):
         wq, wk, wv = mha.in_proj_weight.chunk(3)
     else:
         wq, wk, wv = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
     # a core that skips heads gated off in the whole batch names the rows to compute
     # (the returned weights would read every head's q and k)
     live = None if need_weights else getattr(core, "live_rows", None)
-    if mha._qkv_same_embed_dim and query is key and key is value:
+    if packed_qkv(mha) and query is key and key is value:
         rows = None if live is None else live(d, h, 3, qkv=True)
         if rows is None:
             qkv = F.linear(query, mha.in_proj_weight, bias)
