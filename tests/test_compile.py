@@ -115,7 +115,7 @@ def test_adaptive_recipe_compiles_with_dynamic_shapes(name):
     """SmartTrim keeps a different number of tokens and heads per sample: compiled with
     ``dynamic=True`` it matches eager for two batch sizes."""
     # head gates on the timm ViT; tokens only on the generic model, to keep the test short
-    model, kind = build(name, "smarttrim", dict(init_logit=0.0, layers=[1],
+    model, kind = build(name, "smarttrim", dict(init_logit=0.0, layers=[1], ratio=0.9,
                                                 heads=name == "timm"))
     torch.manual_seed(1)
     with torch.no_grad():  # trimmers whose decisions differ per sample

@@ -210,7 +210,8 @@ def _smarttrim_vit(heads: bool) -> torch.nn.Module:
         return VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4,
                                  num_classes=5)
     model = jitter(make)().eval()
-    trimkit.apply(model, "smarttrim", init_logit=0.0, layers=[1], heads=heads, tokens=not heads)
+    trimkit.apply(model, "smarttrim", init_logit=0.0, layers=[1], heads=heads, tokens=not heads,
+                  ratio=0.9)  # one trimmed layer of two: 0.5 is out of its reach
     torch.manual_seed(1)
     with torch.no_grad():
         for p in model.trimkit.parameters():
