@@ -53,8 +53,8 @@ def test_torchscript_exporter_works_too(tmp_path):
 
 
 @pytest.mark.parametrize("options,why", [
-    (dict(init_logit=0.0, layers=[1]), "heads are gated per instance"),
-    (dict(init_logit=0.0, layers=[1], heads=False), "learned threshold decides"),
+    (dict(init_logit=0.0, layers=[1], ratio=0.9), "heads are gated per instance"),
+    (dict(init_logit=0.0, layers=[1], heads=False, ratio=0.9), "learned threshold decides"),
 ])
 def test_adaptive_recipes_are_refused_with_the_reason(options, why, tmp_path):
     model, kind = build("timm", "smarttrim", options)

@@ -451,7 +451,7 @@ def assert_untouched(model: nn.Module, snap: tuple[dict, set]) -> None:
                                   r"model does not have; its streams are \['image'\]"),
     (dict(init_logit=math.nan), r"init_logit must be a finite number, got nan"),
     (dict(tau=math.nan), r"tau must be a finite number > 0, got nan"),
-    (dict(span=math.inf), r"span must be a finite number > 0, got inf"),
+    (dict(span=math.inf), r"span must be a finite number > 0 or None, got inf"),
     (dict(hidden=0), r"hidden must be an int >= 1 or None, got 0"),
     (dict(rank=2.5), r"rank must be an int >= 1 or None, got 2\.5"),
     (dict(budget={("bogus", 1): 0.5}), r"budget has the key \('bogus', 1\)"),
