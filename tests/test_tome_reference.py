@@ -383,28 +383,3 @@ def test_dense_prefix_path_equals_the_general_one():
             assert fast[2].all() and fast[0].shape[1] == min(r, (15 - p) // 2)
             # the leading protected tokens stay first
             assert fast[3][:, :p].tolist() == [list(range(p))] * 3
-
-
-@pytest.mark.parametrize("seed", range(4))
-def test_merge_with_order_is_merge_then_permute(seed):
-    """`merge_tokens(..., order=)` reorders in the same pass: the same state as merging,
-    then `permute_tokens`; tokens that take no source keep their values exactly."""
-    g = torch.Generator().manual_seed(seed)
-    b, n = 3, 14
-    live = torch.rand(b, n, generator=g) > 0.2
-    protected = torch.zeros(b, n, dtype=torch.bool)
-    protected[:, 0] = True
-    protected &= live
-    state = TokenState.start(torch.randn(b, n, 6, generator=g), protected=protected,
-                             padding_mask=~live, track_source=True)
-    state.size = torch.randint(1, 4, (b, n), generator=g).float()
-    state.sized = True
-    src, dst, valid, order = tome_matching(torch.randn(b, n, 4, generator=g), 4, live,
-                                           protected)
-    one = merge_tokens(state, src, dst, valid, order=order)
-    two = permute_tokens(merge_tokens(state, src, dst, valid), order)
-    for f in ("x", "keep", "size", "protected", "source"):
-        torch.testing.assert_close(getattr(one, f), getattr(two, f), rtol=0, atol=0)
-    plain = merge_tokens(state, src, dst, valid)
-    untouched = torch.zeros(b, n, dtype=torch.long).scatter_add(1, dst, valid.long()) == 0
-    assert torch.equal(plain.x[untouched], state.x[untouched])

@@ -187,16 +187,6 @@ def _stable_order(values: torch.Tensor, k: int | None = None, descending: bool =
     return order if k is None else order[..., :k]
 
 
-def _rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``x`` (B×N×…) at the rows ``idx`` (B×M long) of each sample: B×M×…. The same as
-    ``gather`` along dim 1 with the index expanded over the trailing dims, as one
-    ``index_select`` of whole rows (on CPU an order of magnitude faster)."""
-    b, n = x.shape[:2]
-    flat = (idx + torch.arange(b, device=idx.device)[:, None] * n).reshape(-1)
-    return x.reshape(b * n, *x.shape[2:]).index_select(0, flat).view(*idx.shape,
-                                                                      *x.shape[2:])
-
-
 def _slot_map(state: TokenState) -> torch.Tensor:
     b, n = state.keep.shape
     return torch.arange(n, device=state.keep.device).expand(b, n).clone()
@@ -354,7 +344,9 @@ def _general_matching(
     a_idx = _stable_order((~is_a).to(torch.uint8), n_a_max)
     b_idx = _stable_order((~is_b).to(torch.uint8), n_b_max)
     m = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    a, bm = _rows(m, a_idx), _rows(m, b_idx)
+    d = m.shape[-1]
+    a = m.gather(1, a_idx[..., None].expand(-1, -1, d))
+    bm = m.gather(1, b_idx[..., None].expand(-1, -1, d))
     scores = a @ bm.transpose(-1, -2)
     ok = is_a.gather(1, a_idx)[:, :, None] & is_b.gather(1, b_idx)[:, None, :]
     scores = scores.masked_fill(~ok, -math.inf)
@@ -436,7 +428,9 @@ def tome_matching(
             return empty, empty, empty.bool(), None
         a_idx = _stable_order((~is_a).to(torch.uint8), na)
         b_idx = _stable_order((~is_b).to(torch.uint8), nb)
-        scores = _rows(m, a_idx) @ _rows(m, b_idx).transpose(-1, -2)
+        d = m.shape[-1]
+        scores = (m.gather(1, a_idx[..., None].expand(-1, -1, d))
+                  @ m.gather(1, b_idx[..., None].expand(-1, -1, d)).transpose(-1, -2))
         ok = ok_a.gather(1, a_idx)[:, :, None] & ok_b.gather(1, b_idx)[:, None, :]
         scores = scores.masked_fill(~ok, -math.inf)
         idx = torch.arange(n, device=dev)
@@ -483,89 +477,55 @@ def _merged_order(is_a: torch.Tensor, is_b: torch.Tensor, lead: torch.Tensor,
     return _stable_order(key)
 
 
-def _inverse(order: torch.Tensor) -> torch.Tensor:
-    """B×N long: where each slot goes under ``order`` (a permutation per sample)."""
-    slots = torch.arange(order.shape[1], device=order.device).expand_as(order)
-    return torch.empty_like(order).scatter(1, order, slots)
-
-
 def permute_tokens(state: TokenState, order: torch.Tensor, *, prefix_kept: bool = False
                    ) -> TokenState:
     """``state`` with its slots in ``order`` (B×N long, a permutation per sample, e.g.
     `tome_matching`'s): every field follows its token, ``source`` included. The dead count
     stays known; a known protected prefix only with ``prefix_kept`` (``order`` keeps the
     leading protected tokens first, as `tome_matching`'s does)."""
-    return _permuted(state, _rows(state.x, order), order, None, prefix_kept, state.dead_count)
-
-
-def _permuted(state: TokenState, x: torch.Tensor, order: torch.Tensor,
-              slot_map: torch.Tensor | None, prefix_kept: bool, dead: int | None
-              ) -> TokenState:
-    """``state``'s masks and sizes in ``order`` around ``x`` (already in it); ``source``
-    through ``slot_map`` (old slot → slot before the reorder; ``None``: the identity)."""
+    d = state.x.shape[-1]
+    x = state.x.gather(1, order[..., None].expand(-1, -1, d))
     keep, size, protected = (t.gather(1, order) for t in (state.keep, state.size,
                                                           state.protected))
     source = None
     if state.source is not None:
-        to = _inverse(order)
-        source = _remap_source(state.source, to if slot_map is None else to.gather(1, slot_map))
+        slots = torch.arange(order.shape[1], device=order.device).expand_as(order)
+        source = _remap_source(state.source, torch.empty_like(order).scatter(1, order, slots))
     new = replace(state, x=x, keep=keep, size=size, protected=protected, source=source,
                   packed=False)
-    return new.knowing(dead, state.protected_prefix if prefix_kept else None)
+    return new.knowing(state.dead_count, state.protected_prefix if prefix_kept else None)
 
 
 def merge_tokens(
     state: TokenState, src: torch.Tensor, dst: torch.Tensor, valid: torch.Tensor,
-    all_valid: bool = False, *, order: torch.Tensor | None = None, prefix_kept: bool = False,
+    all_valid: bool = False,
 ) -> TokenState:
     """Merge token ``src[b, i]`` into ``dst[b, i]`` where ``valid``: size-weighted average.
 
     Sources become dead; destinations carry the summed size. Total size is conserved.
-    Only the destinations' rows are computed; every other token keeps its value exactly.
     ``all_valid``: every pair is known to be valid (distinct live sources, as
     `bipartite_soft_matching` gives with ``prefix``), so the state keeps knowing its dead
     count (`drop_tokens`).
-
-    ``order`` (B×N long, `tome_matching`'s): the merged state is also put in that slot
-    order, as `permute_tokens` would (with ``prefix_kept``), in the same pass over the
-    hidden states.
     """
     if src.shape[1] == 0:
-        return state if order is None else permute_tokens(state, order,
-                                                          prefix_kept=prefix_kept)
+        return state
     x, size = state.x, state.size
-    b, n, d = x.shape
+    d = x.shape[-1]
     w = size.gather(1, src) * valid.to(size.dtype)
+    idx = dst[..., None].expand(-1, -1, d)
+    moved = x.gather(1, src[..., None].expand(-1, -1, d)) * w[..., None]
     new_size = size.scatter_add(1, dst, w)
-    # each pair's destination: its own weighted value plus every source that moves into it
-    same = dst[:, :, None] == dst[:, None, :]
-    into = same.to(x.dtype) @ (_rows(x, src) * w[..., None].to(x.dtype))
-    x_dst = _rows(x, dst)
-    merged = ((x_dst * size.gather(1, dst)[..., None] + into)
-              / new_size.gather(1, dst)[..., None]).to(x.dtype)
-    merged = torch.where((same & valid[:, None, :]).any(2)[..., None], merged, x_dst)
+    total = (x * size[..., None]).scatter_add(1, idx, moved)
+    new_x = total / new_size[..., None]
     gone = torch.zeros(state.keep.shape, dtype=torch.bool, device=x.device)
     gone = gone.scatter(1, src, valid)
-    smap = None
+    source = None
     if state.source is not None:
         smap = _slot_map(state).scatter(1, src, torch.where(valid, dst, src))
-    dead = None
-    if state.dead_count is not None and all_valid:
-        dead = state.dead_count + src.shape[1]
-    merged_state = replace(state, size=new_size, keep=_dead(state.keep, gone), sized=True,
-                           has_dead=True, packed=False)
-    base = torch.arange(b, device=x.device)[:, None] * n  # first row of each sample
-    if order is None:
-        rows = (dst + base).reshape(-1)
-        new_x = torch.index_copy(x.reshape(b * n, d), 0, rows, merged.reshape(-1, d))
-        new = replace(merged_state, x=new_x.view(b, n, d),
-                      source=None if smap is None else _remap_source(state.source, smap))
-        return _add_dead(state, new, src.shape[1] if all_valid else None)
-    # reorder in the same pass: gather into the new order, then write the destinations
-    at = (_inverse(order).gather(1, dst) + base).reshape(-1)
-    new_x = _rows(x, order)
-    new_x.view(b * n, d).index_copy_(0, at, merged.reshape(-1, d))
-    return _permuted(merged_state, new_x, order, smap, prefix_kept, dead)
+        source = _remap_source(state.source, smap)
+    new = replace(state, x=new_x, size=new_size, keep=_dead(state.keep, gone), source=source,
+                  sized=True, has_dead=True, packed=False)
+    return _add_dead(state, new, src.shape[1] if all_valid else None)
 
 
 def topk_by_score(scores: torch.Tensor, keep_ratio: float, eligible: torch.Tensor) -> torch.Tensor:
@@ -706,7 +666,7 @@ def _gather_slots(state: TokenState, idx: torch.Tensor, pad: torch.Tensor | None
     ``None``) marks padding slots, which become dead, of size 1 and unprotected."""
     b, n = state.keep.shape
     m = idx.shape[1]
-    x = _rows(state.x, idx)
+    x = state.x.gather(1, idx[..., None].expand(-1, -1, state.x.shape[-1]))
     keep, size, protected = (t.gather(1, idx) for t in (state.keep, state.size,
                                                          state.protected))
     slots = torch.arange(m, device=idx.device).expand(b, m)

@@ -13,6 +13,7 @@ from .ops import (
     keep_top,
     merge_count,
     merge_tokens,
+    permute_tokens,
     prefix_tokens,
     prune_keep_count,
     tome_matching,
@@ -80,19 +81,24 @@ class MergeTokens(TokenOp):
         eligible = state.live & ~state.protected
         keys = site.captured["keys"]
         prefix = state.dense_prefix()
-        r: int | torch.Tensor
         if prefix is not None:  # counts known on the host: no device sync, static shapes
             e = int(eligible.shape[1]) - prefix
             r = self.r if self.r is not None else merge_count(e, self.ratio)
+            if self.order == "original":
+                src, dst, valid = bipartite_soft_matching(keys, r, eligible, prefix)
+                return merge_tokens(state, src, dst, valid, all_valid=True)
+            src, dst, valid, order = tome_matching(keys, r, state.live, state.protected,
+                                                   prefix)
+            state = merge_tokens(state, src, dst, valid, all_valid=True)
         else:
-            r = self.r if self.r is not None else merge_count(eligible, self.ratio)
-        known = prefix is not None  # then every returned pair is valid
-        if self.order == "original":
-            src, dst, valid = bipartite_soft_matching(keys, r, eligible, prefix)
-            return merge_tokens(state, src, dst, valid, all_valid=known)
-        src, dst, valid, order = tome_matching(keys, r, state.live, state.protected, prefix)
-        return merge_tokens(state, src, dst, valid, all_valid=known, order=order,
-                            prefix_kept=True)
+            r_: int | torch.Tensor = self.r if self.r is not None else merge_count(
+                eligible, self.ratio)
+            if self.order == "original":
+                src, dst, valid = bipartite_soft_matching(keys, r_, eligible)
+                return merge_tokens(state, src, dst, valid)
+            src, dst, valid, order = tome_matching(keys, r_, state.live, state.protected)
+            state = merge_tokens(state, src, dst, valid)
+        return state if order is None else permute_tokens(state, order, prefix_kept=True)
 
 
 class ReduceByCrossAttention(TokenOp):
