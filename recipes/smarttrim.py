@@ -349,13 +349,15 @@ def check_reachable(desc: ModelDescription, ops: Mapping[tuple[str, int], list[n
     floor = default() if default is not None else None
     if floor is not None and floor <= target:
         hint = f" (the default placement, layers=None, reaches {floor:.3f})"
+    last = (f"or set ratio >= {got.ratio:.3f}" if got.ratio <= 1 else
+            "or turn the cost target off with lambda_cost=0 (these trimmers cost more than "
+            "they can save)")
     raise ValueError(
         f"smarttrim: ratio={target:g} is below {got.ratio:.3f}, the lowest cost ratio this "
         f"placement can reach{assumed}: every token trimmer down to its protected tokens and "
         f"one more, every head trimmer to one head. The layers with no token trimmer at or "
         f"before them ({where or 'none'}) hold {held / full:.0%} of the cost untrimmed. Add "
-        f"trimmers there with layers=...{hint}, or set ratio >= {got.ratio:.3f}. Nothing was "
-        f"changed.")
+        f"trimmers there with layers=...{hint}, {last}. Nothing was changed.")
 
 
 def _stream_set(desc: ModelDescription, value: Any) -> set[str]:

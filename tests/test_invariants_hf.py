@@ -177,9 +177,9 @@ def test_smarttrim_invariants(model_draw, budget, tokens, heads, data):
         layers = {"image": layers, "text": layers}
     check_invariants(make, inputs, "smarttrim",
                      dict(stable_init=False, budget=budget, tokens=tokens, heads=heads,
-                          layers=layers),
-                     dict(tokens=tokens, heads=heads, layers=layers), output=output,
-                     perturb_padding=perturb)
+                          lambda_cost=0.0, layers=layers),
+                     dict(tokens=tokens, heads=heads, layers=layers, lambda_cost=0.0),
+                     output=output, perturb_padding=perturb)
 
 
 @SETTINGS

@@ -105,8 +105,8 @@ def test_smarttrim_invariants(vit, budget, tokens, heads, data):
     layers = data.draw(st.lists(st.integers(0, cfg["depth"] - 1), min_size=1, max_size=3))
     check_invariants(factory(cfg, fused), images(cfg, batch), "smarttrim",
                      dict(stable_init=False, budget=budget, tokens=tokens, heads=heads,
-                          layers=layers),
-                     dict(tokens=tokens, heads=heads, layers=layers))
+                          lambda_cost=0.0, layers=layers),
+                     dict(tokens=tokens, heads=heads, layers=layers, lambda_cost=0.0))
 
 
 @SETTINGS

@@ -131,8 +131,9 @@ def test_smarttrim_invariants(case, budget, tokens, heads, streams):
               "text": list(range(n_layers(case, "text")))}
     check_invariants(factory(case), inputs, "smarttrim",
                      dict(stable_init=False, budget=budget, tokens=tokens, heads=heads,
-                          streams=streams, layers=layers),
-                     dict(tokens=tokens, heads=heads, streams=streams, layers=layers),
+                          lambda_cost=0.0, streams=streams, layers=layers),
+                     dict(tokens=tokens, heads=heads, streams=streams, layers=layers,
+                          lambda_cost=0.0),
                      output=both, perturb_padding=padding_perturbation(case))
 
 

@@ -196,6 +196,20 @@ def test_an_unreachable_ratio_is_refused_and_the_model_left_unchanged():
     trimkit.remove(trimkit.apply(model, "smarttrim", ratio=0.3, layers=fusion, lambda_cost=0))
 
 
+def test_a_placement_that_cannot_save_says_turn_the_target_off():
+    """A head trimmer on a one-head ViT costs something and saves nothing (floor above 1):
+    no ratio is reachable, so the error points at lambda_cost=0, which applies."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    model = VisionTransformer(img_size=16, patch_size=4, embed_dim=8, depth=2, num_heads=1,
+                              num_classes=3).eval()
+    with pytest.raises(ValueError, match=r"lambda_cost=0 \(these trimmers cost more"):
+        trimkit.apply(model, "smarttrim", ratio=1.0, tokens=False, layers=[0])
+    assert not trimkit.is_applied(model)
+    trimkit.remove(trimkit.apply(model, "smarttrim", ratio=1.0, tokens=False, layers=[0],
+                                 lambda_cost=0))
+
+
 def test_train_checks_the_target_again():
     """A target set after apply (here in the applied options) is checked when trimkit.train
     builds the objective, before any step: the model is unchanged."""
