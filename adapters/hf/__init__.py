@@ -2,13 +2,16 @@
 `AttentionInterface` registry and hooks on their layers (see `trimkit.adapters.hf.adapter`
 and docs/huggingface.md); BLIP (`trimkit.adapters.hf.blip`, docs/blip.md); ViLT
 (`trimkit.adapters.hf.vilt`, a single-stream VLM whose image stream has the text as its
-prefix)."""
+prefix); LLaVA (`trimkit.adapters.hf.llava`, a decoder VLM whose language model drops image
+tokens from its later layers and KV cache, `trimkit.adapters.hf.decoder`, docs/llava.md)."""
 
 from . import bench
 from .adapter import HFAdapter, UnsupportedConfigError, pooled_positions
 from .attention import ATTN_IMPLEMENTATION, trimkit_attention
 from .blip import BlipAdapter
+from .llava import LlavaAdapter
 from .vilt import ViltAdapter
 
-__all__ = ["ATTN_IMPLEMENTATION", "BlipAdapter", "HFAdapter", "UnsupportedConfigError",
-           "ViltAdapter", "bench", "pooled_positions", "trimkit_attention"]
+__all__ = ["ATTN_IMPLEMENTATION", "BlipAdapter", "HFAdapter", "LlavaAdapter",
+           "UnsupportedConfigError", "ViltAdapter", "bench", "pooled_positions",
+           "trimkit_attention"]

@@ -57,6 +57,10 @@ __all__ = ["HFAdapter", "UnsupportedConfigError", "describe_tower", "encoder_tow
 
 IMAGE, TEXT = "image", "text"
 
+#: tests for models that hold these towers but belong to another Hugging Face adapter (a
+#: decoder VLM, `trimkit.adapters.hf.llava`): `HFAdapter.detect` leaves them to it
+DEFERRED: list = []
+
 
 @dataclass(frozen=True)
 class _Kind:
@@ -248,7 +252,8 @@ class HFAdapter(Adapter):
             return False
         from transformers import PreTrainedModel
 
-        return isinstance(model, PreTrainedModel) and bool(_towers(model))
+        return (isinstance(model, PreTrainedModel) and bool(_towers(model))
+                and not any(test(model) for test in DEFERRED))
 
     def describe(self, model: nn.Module) -> ModelDescription:
         towers = _towers(model)

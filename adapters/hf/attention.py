@@ -35,8 +35,8 @@ from torch import nn
 from trimkit.hooks import Undo, untouched
 from trimkit.sites import Site
 
-__all__ = ["ATTN_IMPLEMENTATION", "Binding", "original_implementation", "route_attention",
-           "trimkit_attention", "trimkit_mask"]
+__all__ = ["ATTN_IMPLEMENTATION", "Binding", "Intercept", "original_implementation",
+           "route_attention", "trimkit_attention", "trimkit_mask"]
 
 #: the name trimkit's attention function is registered under
 ATTN_IMPLEMENTATION = "trimkit"
@@ -52,6 +52,18 @@ class Binding:
 
     site: Site
     plain: bool
+
+
+class Intercept:
+    """Base of bindings that run around the model's own implementation instead of a site's
+    core (e.g. recording one query row's attention, `trimkit.adapters.hf.decoder`): called as
+    ``intercept(fn, module, query, key, value, attention_mask, dropout=, scaling=, **kwargs)``
+    with ``fn`` the implementation the model had before trimkit; returns what ``fn``
+    returns."""
+
+    def __call__(self, fn: Callable, module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+                 value: torch.Tensor, attention_mask: Any, **kwargs: Any) -> Any:
+        return fn(module, query, key, value, attention_mask, **kwargs)
 
 
 #: where an attention module keeps its `Binding`: in its own instance ``__dict__`` (a global
@@ -101,6 +113,10 @@ def trimkit_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     by the core: the trimming state carries padding and dead tokens per layer, and a causal
     mask is rebuilt from the tokens' entry positions (`trimkit.sites`)."""
     binding = module.__dict__.get(_BINDING)
+    if isinstance(binding, Intercept):
+        fn = _function(module, original_implementation(module.config))
+        return binding(fn, module, query, key, value, attention_mask, dropout=dropout,
+                       scaling=scaling, **kwargs)
     site = None if binding is None else binding.site
     if site is None or not site.ctx.enabled or (binding.plain
                                                 and untouched(site.ctx, site.stream)):
@@ -190,7 +206,7 @@ class _Route:
                     del _CONFIGS[id(config)]
 
 
-def route_attention(model: nn.Module, bindings: dict[nn.Module, Binding]) -> Undo:
+def route_attention(model: nn.Module, bindings: dict[nn.Module, Binding | Intercept]) -> Undo:
     """Register trimkit's attention function, set it on ``model`` and bind each attention
     module to its site; return what undoes all of it (the implementations come back as they
     were, bit for bit, once no trimmed model shares their config)."""

@@ -1,0 +1,288 @@
+"""LLaVA-style decoder VLMs (tiny random models): FastV in the language model (prefill,
+KV cache, generate), the vision tower's recipes, and the adapter's refusals."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from llava_models import IMAGE_TOKEN, PATCHES, PROMPTS, batch, model, prompt
+from trimkit.adapters.hf.decoder import kept_tokens
+from trimkit.adapters.hf.llava import image_token_count
+
+import trimkit
+
+NEW = 5
+
+
+def _generate(m, inputs, **kwargs):
+    with torch.no_grad():
+        out = m.generate(**inputs, max_new_tokens=NEW, do_sample=False, **kwargs)
+    return out[:, -NEW:]
+
+
+def _logits(m, inputs, **kwargs):
+    with torch.no_grad():
+        return m(**inputs, **kwargs).logits
+
+
+def _prefill(m, inputs):
+    """The cache a prefill leaves, and its logits."""
+    with torch.no_grad():
+        out = m(**inputs, use_cache=True)
+    return out.cache, out.logits
+
+
+# ----------------------------------------------------------------------------- the adapter
+
+def test_detected_by_the_llava_adapter_with_its_two_streams():
+    m = model()
+    assert trimkit.find_adapter(m).name == "llava"
+    desc = trimkit.describe(m)
+    assert set(desc.streams) == {"image", "language"}
+    assert desc.streams["image"].num_tokens == PATCHES + 1
+    assert desc.streams["language"].positional
+    assert len(desc.streams["language"].layers) == 4
+    # the Hugging Face encoder adapter leaves the model to it, but can be forced
+    from trimkit.registry import ADAPTERS
+
+    assert not ADAPTERS["hf"].detect(m)
+
+
+# ------------------------------------------------------------------ zero trimming, remove
+
+@pytest.mark.parametrize("text", ["llama", "qwen2"])
+def test_keeping_everything_changes_nothing(text):
+    m = model(text)
+    inputs = batch(PROMPTS)
+    ref, greedy, beams = _logits(m, inputs), _generate(m, inputs), _generate(m, inputs,
+                                                                             num_beams=3)
+    trimkit.apply(m, "fastv", keep=1.0)
+    assert torch.equal(_logits(m, inputs), ref)
+    assert torch.equal(_generate(m, inputs), greedy)
+    assert torch.equal(_generate(m, inputs, num_beams=3), beams)
+    cache, _ = _prefill(m, inputs)
+    assert kept_tokens(cache) is None
+
+
+def test_remove_restores_outputs_state_and_attention():
+    m = model()
+    inputs = batch(PROMPTS)
+    ref, greedy = _logits(m, inputs), _generate(m, inputs)
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    trimkit.apply(m, "fastv", keep=0.25)
+    assert not torch.equal(_generate(m, inputs), greedy)
+    trimkit.remove(m)
+    assert torch.equal(_logits(m, inputs), ref)
+    assert torch.equal(_generate(m, inputs), greedy)
+    assert m.config.text_config._attn_implementation == "sdpa"
+    after = m.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
+
+
+# ---------------------------------------------------------------- what FastV keeps, where
+
+def test_later_layers_cache_only_the_kept_image_tokens():
+    m = model()
+    inputs = batch(PROMPTS)
+    real = inputs["attention_mask"].sum(1)
+    trimkit.apply(m, "fastv", layer=2, keep=0.25)
+    cache, logits = _prefill(m, inputs)
+    n = inputs["input_ids"].shape[1]
+    kept = math.ceil(0.25 * PATCHES)
+    # each sample keeps its text and 4 of its 16 image tokens; the batch is padded to the
+    # longest survivor (the sample without padding)
+    assert [cache.layers[j].get_seq_length() for j in range(4)] == [n, n, n - 12, n - 12]
+    level = kept_tokens(cache).levels[0]
+    assert level.first == 2
+    assert level.live.sum(1).tolist() == (real - PATCHES + kept).tolist()
+    ids = inputs["input_ids"].gather(1, level.index)
+    assert ((ids == IMAGE_TOKEN) & level.live).sum(1).tolist() == [kept] * 3
+    assert logits.shape[1] == n  # logits keep the prompt's length
+
+
+def test_kept_tokens_are_the_top_by_the_last_tokens_attention():
+    """The scores equal the attention weights of the untrimmed model run eagerly."""
+    m = model(attn="eager")
+    inputs = batch(PROMPTS)
+    with torch.no_grad():
+        att = m(**inputs, output_attentions=True).attentions[1]  # layer K = 2 ranks
+    scores = att[:, :, -1, :].mean(1)
+    image = inputs["input_ids"] == IMAGE_TOKEN
+    top = scores.masked_fill(~image, -1).topk(8, dim=1).indices.sort(dim=1).values
+    trimkit.apply(m, "fastv", layer=2, keep=0.5)
+    cache, _ = _prefill(m, inputs)
+    level = kept_tokens(cache).levels[0]
+    ids = inputs["input_ids"].gather(1, level.index)
+    for b in range(3):
+        kept = level.index[b][(ids[b] == IMAGE_TOKEN) & level.live[b]]
+        assert kept.tolist() == top[b].tolist()
+
+
+def _manual(m, inputs, index: torch.Tensor, k: int) -> torch.Tensor:
+    """FastV by hand on one unpadded sample: the first ``k`` layers on every token, the rest
+    on the tokens at ``index`` with their own positions (causal, SDPA); last logits."""
+    inner = m.model
+    ids = inputs["input_ids"]
+    embeds = inner.get_input_embeddings()(ids)
+    feats = inner.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+    feats = torch.cat(list(feats))
+    embeds = embeds.masked_scatter((ids == IMAGE_TOKEN)[..., None], feats)
+    lang = inner.language_model
+    pos = torch.arange(ids.shape[1])[None]
+    tables = lang.rotary_emb(embeds, pos)
+    h = embeds
+    for i, layer in enumerate(lang.layers):
+        if i == k:
+            h, pos = h[:, index], pos[:, index]
+            tables = tuple(t[:, index] for t in tables)
+        h = layer(h, attention_mask=None, position_embeddings=tables, position_ids=pos)
+    return m.lm_head(lang.norm(h))[:, -1]
+
+
+@pytest.mark.parametrize("text", ["llama", "qwen2"])
+def test_trimmed_prefill_and_decoding_equal_fastv_by_hand(text):
+    m = model(text)
+    inputs = batch(PROMPTS[:1])
+    trimkit.apply(m, "fastv", layer=2, keep=0.5)
+    with torch.no_grad():
+        out = m(**inputs, use_cache=True)
+        index = kept_tokens(out.cache).levels[0].index[0]
+        with trimkit.trimming_disabled(m):
+            want = _manual(m, inputs, index, 2)
+        torch.testing.assert_close(out.logits[:, -1], want, atol=1e-5, rtol=0)
+        # a decoding step reads the kept tokens from the cache: the same as the prompt and
+        # the new token run by hand with the same tokens kept
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        step = m(input_ids=nxt, cache=out.cache, use_cache=True,
+                 attention_mask=torch.ones(1, inputs["input_ids"].shape[1] + 1, dtype=torch.long))
+        longer = dict(inputs, input_ids=torch.cat([inputs["input_ids"], nxt], 1))
+        n = inputs["input_ids"].shape[1]
+        with trimkit.trimming_disabled(m):
+            want = _manual(m, longer, torch.cat([index, torch.tensor([n])]), 2)
+        torch.testing.assert_close(step.logits[:, -1], want, atol=1e-5, rtol=0)
+
+
+def test_a_sample_decodes_the_same_alone_and_in_a_left_padded_batch():
+    m = model()
+    trimkit.apply(m, "fastv", layer=1, keep=0.4)
+    inputs = batch(PROMPTS)
+    together = _logits(m, inputs)[:, -1]
+    tokens = _generate(m, inputs)
+    beams = _generate(m, inputs, num_beams=2)
+    for b, p in enumerate(PROMPTS):
+        alone = batch([p])
+        alone["pixel_values"] = inputs["pixel_values"][b:b + 1]
+        torch.testing.assert_close(_logits(m, alone)[:, -1], together[b:b + 1], atol=1e-5,
+                                   rtol=0)
+        assert torch.equal(_generate(m, alone), tokens[b:b + 1])
+        assert torch.equal(_generate(m, alone, num_beams=2), beams[b:b + 1])
+
+
+def test_eager_and_sdpa_agree():
+    inputs = batch(PROMPTS)
+    got = []
+    for attn in ("sdpa", "eager"):
+        m = trimkit.apply(model(attn=attn), "fastv", keep=0.3)
+        got.append((_logits(m, inputs)[:, -1], _generate(m, inputs)))
+    torch.testing.assert_close(got[0][0], got[1][0], atol=1e-5, rtol=0)
+    assert torch.equal(got[0][1], got[1][1])
+
+
+def test_attn_prune_on_the_language_stream_is_fastv_and_may_prune_twice():
+    inputs = batch(PROMPTS)
+    fastv = _logits(trimkit.apply(model(), "fastv", layer=2, keep=0.5), inputs)
+    m = trimkit.apply(model(), "attn_prune", stream="language", layers=[1], keep_ratio=0.5)
+    assert torch.equal(_logits(m, inputs), fastv)
+    trimkit.remove(m)
+    trimkit.apply(m, "attn_prune", stream="language", layers=[0, 2], keep_ratio=0.5)
+    cache, _ = _prefill(m, inputs)
+    n = inputs["input_ids"].shape[1]
+    assert [cache.layers[j].get_seq_length() for j in range(4)] == [n, n - 8, n - 8, n - 12]
+    assert len(_generate(m, inputs)[0]) == NEW
+
+
+def test_inputs_embeds_and_no_cache():
+    m = model()
+    inputs = batch(PROMPTS)
+    trimkit.apply(m, "fastv", keep=0.25)
+    want = _logits(m, inputs)
+    embeds = m.get_input_embeddings()(inputs["input_ids"])
+    got = _logits(m, dict(inputs, input_ids=None, inputs_embeds=embeds))
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(_logits(m, inputs, use_cache=False), want, atol=1e-6, rtol=0)
+
+
+def test_a_deep_copy_is_an_independent_trimmed_model():
+    m = trimkit.apply(model(), "fastv", keep=0.25)
+    inputs = batch(PROMPTS)
+    want = _generate(m, inputs)
+    twin = copy.deepcopy(m)
+    assert torch.equal(_generate(twin, inputs), want)
+    trimkit.remove(twin)
+    assert torch.equal(_generate(m, inputs), want)
+
+
+def test_trimming_disabled_runs_the_whole_generation_untrimmed():
+    m = model()
+    inputs = batch(PROMPTS)
+    greedy = _generate(m, inputs)
+    trimkit.apply(m, "fastv", keep=0.25)
+    with trimkit.trimming_disabled(m):
+        assert torch.equal(_generate(m, inputs), greedy)
+
+
+# --------------------------------------------------------------------------- refusals
+
+def test_bad_options_and_recipes_leave_the_model_unchanged():
+    m = model()
+    inputs = batch(PROMPTS)
+    ref = _logits(m, inputs)
+    with pytest.raises(ValueError, match=r"layer must be in \[1, 3\]"):
+        trimkit.apply(m, "fastv", layer=4)
+    with pytest.raises(ValueError, match="keep must be"):
+        trimkit.apply(m, "fastv", keep=0.0)
+    with pytest.raises(ValueError, match="only drops tokens"):
+        trimkit.apply(m, "tome", stream="language", r=2)
+    with pytest.raises(ValueError, match="only drops tokens"):
+        trimkit.apply(m, "attn_prune", stream="language", layers=[1], fuse=True)
+    assert not trimkit.is_applied(m)
+    assert m.config.text_config._attn_implementation == "sdpa"
+    assert torch.equal(_logits(m, inputs), ref)
+
+
+def test_fastv_needs_a_language_stream():
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=2, num_attention_heads=4,
+                                            image_size=32, patch_size=8)).eval()
+    with pytest.raises(ValueError, match="'language' stream"):
+        trimkit.apply(clip, "fastv")
+
+
+def test_unsupported_attention_is_refused():
+    m = model()
+    m.set_attn_implementation("flex_attention")
+    with pytest.raises(trimkit.UnsupportedConfigError, match="'sdpa' or 'eager'"):
+        trimkit.apply(m, "fastv")
+    assert not trimkit.is_applied(m)
+
+
+# ------------------------------------------------------------------- the vision tower
+
+def test_vision_recipes_change_the_image_token_count():
+    m = model()
+    inputs = batch(PROMPTS)
+    assert image_token_count(m) == PATCHES
+    trimkit.apply(m, "tome", r=2)
+    count = image_token_count(m)
+    assert count == PATCHES - 2 * 2  # two merging layers before LLaVA's layer -2
+    with pytest.raises(ValueError, match="image_token_count"):
+        _logits(m, inputs)
+    short = batch([prompt([1, 5, 6], [7, 8, 9], count), prompt([1, 5], [7, 8], count)])
+    assert _generate(m, short).shape == (2, NEW)
+    trimkit.remove(m)
+    assert image_token_count(m) == PATCHES
