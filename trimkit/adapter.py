@@ -82,10 +82,15 @@ class _RouteAttention:
             mod = gm.get_submodule(dropout)
             dropout = float(getattr(mod, "p", 0.0)) if mod.training else 0.0
         out = spec["out"]
+        kwargs = dict(attn_mask=spec["attn_mask"], dropout_p=dropout,
+                      is_causal=spec["is_causal"], scale=spec["scale"])
         with gm.graph.inserting_before(out):
-            new = gm.graph.call_module("trimkit_core", (spec["q"], spec["k"], spec["v"]), dict(
-                attn_mask=spec["attn_mask"], dropout_p=dropout, is_causal=spec["is_causal"],
-                scale=spec["scale"]))
+            if spec.get("mix") is not None:  # talking heads: the core mixes them
+                kwargs["mix"] = tuple(None if t is None else gm.graph.get_attr(t)
+                                      for t in spec["mix"])
+                self.core.mixes_heads()
+            new = gm.graph.call_module("trimkit_core", (spec["q"], spec["k"], spec["v"]),
+                                       kwargs)
         out.replace_all_uses_with(new)
         gm.graph.erase_node(out)
         for node in spec["erase"]:

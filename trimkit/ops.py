@@ -13,6 +13,7 @@ those columns only.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -162,13 +163,17 @@ def query_attention(
     bias: torch.Tensor | None,
     scale: float,
     row_weights: torch.Tensor | None = None,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Attention that a few query rows pay every key, averaged over heads and rows: B×N.
 
     Computes only ``q_rows · kᵀ`` (B×H×R×N), never the full attention map, so the main
-    attention can stay on a fused kernel. ``row_weights`` as in `key_attention`.
+    attention can stay on a fused kernel. ``row_weights`` as in `key_attention`;
+    ``transform`` acts on the logits before the bias (talking heads mix them there).
     """
     logits = torch.matmul(q_rows, k.transpose(-2, -1)) * scale
+    if transform is not None:
+        logits = transform(logits)
     if bias is not None:
         logits = logits + bias
     return key_attention(torch.softmax(logits.float(), dim=-1), row_weights)

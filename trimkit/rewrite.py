@@ -250,6 +250,12 @@ def find_attention(gm: fx.GraphModule) -> list[dict]:
     ``softmax(q @ kᵀ [* s] [+ mask]) [→ dropout] @ v``. Each result names the node whose
     output is the attention product (``out``) and its ``q, k, v, attn_mask, scale,
     dropout`` (nodes or constants; ``dropout`` is a dropout module's target or a float).
+
+    The explicit form may mix its heads (talking-heads attention, Shazeer et al. 2020): an
+    ``nn.Linear`` from H to H over the head axis of the logits before the softmax and/or of
+    the weights after it, written ``permute(0, 2, 3, 1) → linear → permute(0, 3, 1, 2)``.
+    ``mix`` then names those modules' targets, ``(before, after)`` (either may be
+    ``None``); it is ``None`` for attention that keeps its heads apart.
     """
     found = []
     for node in gm.graph.nodes:
@@ -260,7 +266,7 @@ def find_attention(gm: fx.GraphModule) -> list[dict]:
             found.append(dict(out=node, q=spec["query"], k=spec["key"], v=spec["value"],
                               attn_mask=spec.get("attn_mask"), dropout=spec.get("dropout_p", 0.0),
                               is_causal=spec.get("is_causal", False), scale=spec.get("scale"),
-                              erase=[]))
+                              erase=[], mix=None))
         elif _is_call(node, {torch.softmax, F.softmax}, ("softmax",)):
             spec = _explicit_attention(node)
             if spec is not None:
@@ -273,10 +279,15 @@ def _explicit_attention(softmax: fx.Node) -> dict | None:
     if dim not in (-1, 3):
         return None
     node, mask, scale, chain = softmax.args[0], None, 1.0, [softmax]
+    before = None
     while isinstance(node, fx.Node) and not _is_call(node, _MATMUL, ("matmul",)):
         chain.append(node)
         adds = _ADD | ADDITIVE_MASK_FUNCTIONS
-        if _is_call(node, adds, ("add", "__add__")) and len(node.args) == 2:
+        mixed = _head_mix(node, up=True)
+        if mixed is not None and before is None and mask is None:
+            before, node = mixed[0], mixed[1]
+            chain.extend(mixed[2][1:])
+        elif _is_call(node, adds, ("add", "__add__")) and len(node.args) == 2 and before is None:
             node, mask = node.args
         elif (_is_call(node, {operator.mul, torch.mul}, ("mul",)) and len(node.args) == 2
               and isinstance(node.args[1], (int, float))):
@@ -293,8 +304,13 @@ def _explicit_attention(softmax: fx.Node) -> dict | None:
     k = _transposed_key(kt) if isinstance(kt, fx.Node) else None
     if k is None:
         return None
-    probs, dropout = softmax, 0.0
+    probs, dropout, after = softmax, 0.0, None
     users = list(probs.users)
+    mixed = _head_mix(users[0], up=False) if len(users) == 1 else None
+    if mixed is not None:
+        after, probs = mixed[0], mixed[1]
+        chain.extend(mixed[2])
+        users = list(probs.users)
     if len(users) == 1 and users[0].op == "call_module":
         probs, dropout = users[0], users[0].target
         chain.append(probs)
@@ -303,8 +319,51 @@ def _explicit_attention(softmax: fx.Node) -> dict | None:
             or users[0].args[0] is not probs):
         return None
     out = users[0]
+    mix = None if before is None and after is None else (before, after)
     return dict(out=out, q=q, k=k, v=out.args[1], attn_mask=mask, dropout=dropout,
-                is_causal=False, scale=scale, erase=chain)
+                is_causal=False, scale=scale, erase=chain, mix=mix)
+
+
+def _permutes(node: fx.Node, dims: tuple[int, ...]) -> bool:
+    if not _is_call(node, {torch.permute}, ("permute",)):
+        return False
+    given = node.args[1:] if len(node.args) > 2 else node.args[1] if len(node.args) == 2 \
+        else node.kwargs.get("dims")
+    return tuple(given or ()) == dims
+
+
+def _head_mix(node: fx.Node, up: bool) -> tuple[str, fx.Node, list[fx.Node]] | None:
+    """A mix of the heads of a B×H×N×M map through an ``nn.Linear`` H → H, written
+    ``permute(0, 2, 3, 1) → linear → permute(0, 3, 1, 2)``: found from its last node walking
+    to the inputs (``up``; returns the map it mixes), or from its first walking to the users
+    (returns its output). Returns the linear's target, that node and the mix's nodes."""
+    def linear(n: fx.Node | None) -> bool:
+        if n is None or n.op != "call_module":
+            return False
+        m = n.graph.owning_module.get_submodule(n.target)
+        return (isinstance(m, nn.Linear) and m.in_features == m.out_features
+                and type(m).forward is nn.Linear.forward)
+
+    def next_(n: fx.Node | None) -> fx.Node | None:
+        if n is None:
+            return None
+        if up:
+            return n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+        users = list(n.users)
+        return users[0] if len(users) == 1 else None
+
+    first = node
+    if not _permutes(first, (0, 3, 1, 2) if up else (0, 2, 3, 1)):
+        return None
+    lin = next_(first)
+    if not linear(lin) or len(lin.users) != 1:
+        return None
+    last = next_(lin) if up else list(lin.users)[0]
+    if last is None or not _permutes(last, (0, 2, 3, 1) if up else (0, 3, 1, 2)):
+        return None
+    if up and not isinstance(last.args[0], fx.Node):
+        return None
+    return lin.target, (last.args[0] if up else last), [first, lin, last]
 
 
 def _depends_on(node: fx.Node, target: fx.Node) -> bool:

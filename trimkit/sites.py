@@ -7,7 +7,8 @@ pass (or an attention hook) calls from inside the model's own forward:
   the *pre* token ops (trimmers that decide before attention), compacts;
 - ``site.core(q, k, v, …)`` in place of the attention product: adds the key bias (dead keys,
   log-size), records what the ops asked for (mean keys, the attention a query row pays),
-  applies head gates, and stays on ``scaled_dot_product_attention``;
+  applies head gates, and stays on ``scaled_dot_product_attention`` (talking-heads
+  attention, whose heads mix, is written out: ``mix``);
 - ``site.leave(x)`` after the attention's residual sum: runs the *post* ops (merging,
   score-based pruning), compacts, records statistics.
 """
@@ -348,9 +349,15 @@ class _Leave(_Point):
 class _Core(_Point):
     cross = False
 
-    def forward(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None):
+    def forward(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                mix=None):
         return self.site.attend_(q, k, v, attn_mask, dropout_p, is_causal, scale,
-                                 cross=self.cross)
+                                 cross=self.cross, mix=mix)
+
+    def mixes_heads(self) -> None:
+        """Declare (at install) that this attention mixes its heads (``mix``): its q, k and
+        v projections then compute every head, which every head's weights read."""
+        self.site.mixed.add(self.cross)
 
     def live_rows(self, head_dim: int, num_heads: int, sections: int = 1, *,
                   qkv: bool = False) -> torch.Tensor | None:
@@ -421,6 +428,8 @@ class Site(nn.Module):
         self.pre = nn.ModuleList(pre or [])
         self.post = nn.ModuleList(post or [])
         self.needs = frozenset().union(*(op.needs for op in [*self.pre, *self.post]))
+        #: the attentions (False: self, True: cross) whose heads mix (talking heads)
+        self.mixed: set[bool] = set()
         self.ctx: TrimContext = TrimContext()
         object.__setattr__(self, "enter", _Enter(self))
         object.__setattr__(self, "core", _Core(self))
@@ -570,9 +579,10 @@ class Site(nn.Module):
         trimming enabled, some head gated off in every instance. ``None``: every head runs.
 
         ``qkv`` asks for the q, k, v projections, which compute every head while the site
-        records keys or query scores from its self-attention (they average over all heads).
+        records keys or query scores from its self-attention (they average over all heads),
+        and where the attention mixes its heads (talking heads: each reads every head).
         The answer is read once per forward (one device sync) and kept with the gates."""
-        if qkv and not cross and self.needs & SELF_RECORDS:
+        if qkv and (cross in self.mixed or (not cross and self.needs & SELF_RECORDS)):
             return None
         call = self.call
         gates = call.cross_head_gates if cross else call.head_gates
@@ -619,35 +629,46 @@ class Site(nn.Module):
 
     # -- the attention core, in named steps ----------------------------------------------
     def attend_(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                cross=False):
-        """SDPA with the key stream's bias; records what the ops need (self-attention only)."""
+                cross=False, mix=None):
+        """SDPA with the key stream's bias; records what the ops need (self-attention only).
+
+        ``mix``: ``(before, after)``, the ``nn.Linear`` H → H (or ``None``) that mix the
+        heads of the logits before the softmax and of the weights after it (talking-heads
+        attention); the product is then written out (`_mixed_attention`)."""
         state, keys = self._attention_states(k, cross)
         if keys is None:
+            if mix is not None:
+                return _mixed_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, mix,
+                                        None)[0]
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                                   dropout_p=dropout_p, is_causal=is_causal,
                                                   scale=scale)
-        if keys.segments is not None and not cross:
+        packed = keys.segments is not None or (state is not None and state.segments is not None)
+        if packed and not cross and mix is None:
             return self._attend_packed(q, k, v, attn_mask, is_causal, scale, keys)
-        if cross and (keys.segments is not None
-                      or (state is not None and state.segments is not None)):
-            return self._cross_packed(q, k, v, attn_mask, dropout_p, is_causal, scale, state,
-                                      keys)
+        if packed:
+            return self._attend_unpacked(q, k, v, attn_mask, dropout_p, is_causal, scale,
+                                         state, keys, cross, mix)
         return self._attend_rows(q, k, v, attn_mask, dropout_p, is_causal, scale, state,
-                                 keys, cross)
+                                 keys, cross, mix)
 
     def _attend_rows(self, q, k, v, attn_mask, dropout_p, is_causal, scale,
-                     state: TokenState | None, keys: TokenState, cross: bool) -> torch.Tensor:
+                     state: TokenState | None, keys: TokenState, cross: bool,
+                     mix=None) -> torch.Tensor:
         """The attention of streams laid out one row per sample (masked or compacted)."""
         attn_mask, is_causal, positional = self._masks(q, k, attn_mask, is_causal, state,
                                                        keys, cross)
-        self._record(q, k, attn_mask, scale, state, keys, cross, positional)
-        return self._product(q, k, v, attn_mask, dropout_p, is_causal, scale, state, cross)
+        self._record(q, k, attn_mask, scale, state, keys, cross, positional, mix)
+        return self._product(q, k, v, attn_mask, dropout_p, is_causal, scale, state, cross,
+                             keys, mix)
 
-    def _cross_packed(self, q, k, v, attn_mask, dropout_p, is_causal, scale,
-                      state: TokenState | None, keys: TokenState) -> torch.Tensor:
-        """Cross-attention where the reading or the read stream runs packed: both are laid
-        out one row per sample for the product (what it records, e.g. the attention each
-        key receives, is then per sample as the ops expect), and the output is packed
+    def _attend_unpacked(self, q, k, v, attn_mask, dropout_p, is_causal, scale,
+                         state: TokenState | None, keys: TokenState, cross: bool,
+                         mix=None) -> torch.Tensor:
+        """Attention where the reading or the read stream runs packed but the product needs
+        one row per sample: a cross-attention (what it records, e.g. the attention each key
+        receives, is then per sample as the ops expect), or one that mixes its heads. Both
+        streams are laid out one row per sample for the product, and the output is packed
         again where the queries were."""
         rows = state
         if state is not None and state.segments is not None:
@@ -655,9 +676,9 @@ class Site(nn.Module):
             q = _unpack_heads(q, state.segments)
         if keys.segments is not None:
             k, v = (_unpack_heads(t, keys.segments) for t in (k, v))
-            keys = unpack_state(keys)
+            keys = unpack_state(keys) if cross else rows
         out = self._attend_rows(q, k, v, attn_mask, dropout_p, is_causal, scale, rows, keys,
-                                True)
+                                cross, mix)
         if state is not None and state.segments is not None:
             out = out.transpose(1, 2)[rows.keep][None].transpose(1, 2)
         return out
@@ -707,7 +728,7 @@ class Site(nn.Module):
         return attn_mask, is_causal, positional
 
     def _record(self, q, k, attn_mask, scale, state: TokenState | None, keys: TokenState,
-                cross: bool, positional: bool) -> None:
+                cross: bool, positional: bool, mix=None) -> None:
         """What the ops asked to see of this attention: the keys read across (costs), the
         mean keys and the attention the scoring query row pays (self-attention)."""
         call = self.call
@@ -723,7 +744,9 @@ class Site(nn.Module):
                 rows, row_mask = self._query_row(q, state), _row_mask(attn_mask)
             else:
                 rows, row_mask = _scoring_rows(q, attn_mask, state)
-            call.captured["query_scores"] = query_attention(rows, k, row_mask, s)
+            before = None if mix is None else mix[0]
+            call.captured["query_scores"] = query_attention(
+                rows, k, row_mask, s, transform=None if before is None else _HeadMix(before))
         if "prefix_scores" in self.needs:
             s = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
             call.captured["prefix_scores"] = prefix_attention(q, k, attn_mask, s, state)
@@ -761,12 +784,23 @@ class Site(nn.Module):
         return out
 
     def _product(self, q, k, v, attn_mask, dropout_p, is_causal, scale,
-                 state: TokenState | None, cross: bool) -> torch.Tensor:
+                 state: TokenState | None, cross: bool, keys: TokenState | None = None,
+                 mix=None) -> torch.Tensor:
         """The attention product under this forward's head gates: written out where the
-        keys are scored for another stream's ops, over the live heads only where a whole
-        batch gated some off, else fused."""
+        keys are scored for another stream's ops or the heads mix (``mix``), over the live
+        heads only where a whole batch gated some off, else fused."""
         gates = self.call.cross_head_gates if cross else self.call.head_gates
         key_stream = self.cross_stream if cross else self.stream
+        if mix is not None:
+            weights = None if keys is None else _key_weights(
+                keys, key_stream in self.ctx.proportional)
+            out, probs = _mixed_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, mix,
+                                          weights)
+            if cross and key_stream in self.ctx.scored:
+                scores = key_attention(probs.detach(), _row_weights(state, q.shape[-2]))
+                self.ctx.call.cross_scores[(key_stream, self.pair)] = CrossScores(
+                    scores, k.detach().mean(1))
+            return out if gates is None else out * gates.to(out.dtype)[:, :, None, None]
         if cross and key_stream in self.ctx.scored:
             out, scores = _scored_attention(q, k, v, attn_mask, dropout_p, is_causal, scale,
                                              _row_weights(state, q.shape[-2]))
@@ -887,6 +921,59 @@ def _scored_attention(q, k, v, attn_mask, dropout_p, is_causal, scale,
     if dropout_p > 0:
         weights = F.dropout(weights, dropout_p)
     return torch.matmul(weights, v), scores
+
+
+class _HeadMix:
+    """An ``nn.Linear`` H → H applied over the head axis of a B×H×N×M map."""
+
+    def __init__(self, linear: nn.Module):
+        self.linear = linear
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        return self.linear(t.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def _key_weights(keys: TokenState, proportional: bool) -> torch.Tensor | None:
+    """B×N: how much of each key a term that reaches every key alike should see (the bias
+    of a mix after the softmax): its keep (0 when dead, a soft keep's value in training)
+    times, under proportional attention, its size; ``None`` when every key counts 1."""
+    keep, w = keys.keep, None
+    if keys.has_dead or (keep.dtype != torch.bool and keep.requires_grad):
+        w = keep.float()
+    if proportional and keys.sized:
+        w = keys.size.float() if w is None else w * keys.size.float()
+    return w
+
+
+def _mixed_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, mix,
+                     weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Talking-heads attention written out (Shazeer et al. 2020): the logits' heads mixed by
+    ``mix[0]`` before the softmax (the key bias, ``attn_mask``, added after it, so a dead
+    key stays out of every head), the weights' heads mixed by ``mix[1]`` after it. That
+    linear's bias reaches every key alike; it reaches each key by its ``weights`` (B×N,
+    `_key_weights`; ``None``: 1), so that a dead key is read by no head and a merged one
+    counts as the tokens it stands for where attention is proportional. Returns the product
+    and the weights after the softmax, before the second mix."""
+    before, after = mix
+    logits = torch.matmul(q, k.transpose(-2, -1))
+    if scale is None:
+        logits = logits * (1.0 / math.sqrt(q.shape[-1]))
+    elif scale != 1.0:
+        logits = logits * scale
+    if before is not None:
+        logits = _HeadMix(before)(logits)
+    if is_causal:
+        logits = logits + additive_mask(_causal_mask(q, k), logits.dtype)
+    if attn_mask is not None:
+        logits = logits + additive_mask(attn_mask, logits.dtype)
+    probs = logits.softmax(dim=-1)
+    mixed = probs if after is None else _HeadMix(after)(probs)
+    if after is not None and after.bias is not None and weights is not None:
+        unread = 1.0 - weights.to(mixed.dtype)
+        mixed = mixed - after.bias.to(mixed.dtype)[None, :, None, None] * unread[:, None, None, :]
+    if dropout_p > 0:
+        mixed = F.dropout(mixed, dropout_p)
+    return torch.matmul(mixed, v), probs
 
 
 def _attend_live_heads(q, k, v, attn_mask, dropout_p, is_causal, scale, gates: torch.Tensor,
