@@ -286,3 +286,58 @@ def test_vision_recipes_change_the_image_token_count():
     assert _generate(m, short).shape == (2, NEW)
     trimkit.remove(m)
     assert image_token_count(m) == PATCHES
+
+
+def _visionzip_by_hand(m, pixels, dominant: int, contextual: int) -> torch.Tensor:
+    """VisionZip from the untrimmed tower's layer -2 (eager attention weights, keys averaged
+    over heads), through the projector."""
+    tower = m.model.vision_tower
+    layer = tower.encoder.layers[-2]
+    seen = {}
+    handle = layer.self_attn.k_proj.register_forward_hook(
+        lambda mod, args, out: seen.__setitem__("k", out))
+    with torch.no_grad():
+        out = tower(pixels, output_hidden_states=True, output_attentions=True)
+    handle.remove()
+    hidden, att = out.hidden_states[-2], out.attentions[-2]
+    b, n, _ = hidden.shape
+    keys = torch.nn.functional.normalize(seen["k"].view(b, n, 4, -1).mean(2), dim=-1)
+    cls = att.mean(1)[:, 0, 1:]
+    rows = []
+    for i in range(b):
+        keep = sorted((cls[i].topk(dominant).indices + 1).tolist())
+        rest = [j for j in range(1, n) if j not in keep]
+        targets = rest[::max(1, len(rest) // contextual)][:contextual]
+        others = [j for j in rest if j not in targets]
+        group = (keys[i, others] @ keys[i, targets].T).argmax(1).tolist()
+        merged = [hidden[i, [t] + [o for o, g in zip(others, group, strict=True) if g == k]]
+                  .mean(0) for k, t in enumerate(targets)]
+        rows.append(torch.cat([hidden[i, keep], torch.stack(merged)]))
+    with torch.no_grad():
+        return m.model.multi_modal_projector(torch.stack(rows))
+
+
+def test_visionzip_hands_the_projector_dominant_and_contextual_tokens():
+    m = model(attn="eager")
+    pixels = batch(PROMPTS)["pixel_values"]
+    want = _visionzip_by_hand(m, pixels, 5, 3)
+    trimkit.apply(m, "visionzip", dominant=5, contextual=3)
+    assert image_token_count(m) == 8
+    with torch.no_grad():
+        got = torch.stack(m.model.get_image_features(pixel_values=pixels).pooler_output)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    short = batch([prompt([1, 5, 6], [7, 8, 9], 8), prompt([1, 5], [7, 8], 8)])
+    assert _generate(m, short).shape == (2, NEW)
+
+
+def test_visionzip_options_are_checked():
+    m = model()
+    with pytest.raises(ValueError, match="layer must be in"):
+        trimkit.apply(m, "visionzip", layer=3)
+    with pytest.raises(ValueError, match="at least one"):
+        trimkit.apply(m, "visionzip", dominant=0, contextual=0)
+    with pytest.raises(ValueError, match="does not have"):
+        trimkit.apply(m, "visionzip", stream="nope")
+    with pytest.raises(ValueError, match="only drops tokens"):
+        trimkit.apply(m, "visionzip", stream="language")
+    assert not trimkit.is_applied(m)
