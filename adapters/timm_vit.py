@@ -1,6 +1,9 @@
-"""timm's `VisionTransformer` family (ViT, DeiT, ViTs with registers, LayerScale, qk_norm…)."""
+"""timm's `VisionTransformer` family (ViT, DeiT, ViTs with registers, LayerScale, qk_norm…,
+and SigLIP's ViTs: no class token, an attention-pooling head, ``global_pool="map"``)."""
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 from torch import nn
@@ -13,8 +16,9 @@ from trimkit import (
     StreamDesc,
     register_adapter,
 )
+from trimkit.api import UnsupportedConfigError
 from trimkit.hooks import MethodPatch, Patches, Undo
-from trimkit.ops import size_weighted_mean
+from trimkit.ops import attention_bias, size_weighted_mean
 from trimkit.rewrite import ADDITIVE_MASK_FUNCTIONS
 from trimkit.sites import Site, TrimContext
 from trimkit.tools.bench import register_builder
@@ -57,10 +61,31 @@ def _head_layout(attn: nn.Module) -> HeadLayout:
                       widths=widths, unsupported=why, **proj)
 
 
+def _check_pool(model: nn.Module) -> None:
+    """Refuse an attention-pooling head (``model.attn_pool``) that cannot be kept off dropped
+    tokens: trimkit passes it an additive key mask (`AttentionPoolLatent`'s ``attn_mask``),
+    which the parameter-free ``"prr"`` pool has no place for, and a pool with its own
+    position table would read the wrong rows once tokens moved."""
+    pool = model.attn_pool
+    if pool is None:
+        return
+    why = None
+    if "attn_mask" not in inspect.signature(pool.forward).parameters:
+        why = f"its {type(pool).__name__} pooling head takes no attention mask"
+    elif getattr(pool, "pos_embed", None) is not None:
+        why = f"its {type(pool).__name__} pooling head adds a position table of its own"
+    if why:
+        raise UnsupportedConfigError(f"trimkit's timm adapter cannot trim this "
+                                     f"{type(model).__name__} (global_pool="
+                                     f"{model.global_pool!r}): {why}. Nothing was changed.")
+
+
 @register_adapter
 class TimmViTAdapter(Adapter):
     """Every block's `attn` is rewritten through fx; the prefix tokens (CLS, registers,
-    distillation token) are protected; average pooling becomes size-weighted over live tokens."""
+    distillation token) are protected; average pooling becomes size-weighted over live tokens,
+    and an attention-pooling head (``global_pool="map"``, SigLIP) reads only live tokens,
+    with log(size) on their logits where the stream's attention is proportional."""
 
     name = "timm-vit"
 
@@ -70,6 +95,7 @@ class TimmViTAdapter(Adapter):
 
     def describe(self, model: nn.Module) -> ModelDescription:
         _vit_class()  # teaches the rewrite timm's mask helper, also when detect was skipped
+        _check_pool(model)
         layers = []
         for i, blk in enumerate(model.blocks):
             attn = getattr(blk, "attn", None)
@@ -92,7 +118,9 @@ class TimmViTAdapter(Adapter):
                 sites: dict[tuple[str, int], Site], ctx: TrimContext) -> list[Undo]:
         with Patches() as patches:
             patches.add(*super().install(model, desc, sites, ctx))
-            if model.attn_pool is None and model.global_pool == "avg":
+            if model.attn_pool is not None:
+                patches.set(model, "pool", _KeyMaskedPool(model, ctx))
+            elif model.global_pool == "avg":
                 patches.set(model, "pool", _SizeWeightedPool(model, ctx))
         return patches.undo
 
@@ -112,6 +140,28 @@ class _SizeWeightedPool(MethodPatch):
             if mean is not None:
                 return mean
         return self.original(x, pool_type)
+
+
+class _KeyMaskedPool(MethodPatch):
+    """``model.pool`` whose attention-pooling head gets the stream's key bias: dead tokens
+    masked, and log(size) where the stream's attention is proportional (ToMe's proportional
+    attention, in the head's cross-attention from its latent query to the tokens)."""
+
+    def __init__(self, model: nn.Module, ctx: TrimContext):
+        super().__init__(model, "pool")
+        self.ctx = ctx
+
+    def __call__(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
+        m, ctx = self.owner, self.ctx
+        state = ctx.states.get(STREAM) if ctx.enabled else None
+        if state is None or state.keep.shape != x.shape[:2]:
+            return self.original(x, pool_type)
+        bias = attention_bias(state, x.dtype, STREAM in ctx.proportional)
+        if bias is None:  # no dead token, no size to weigh: the model's own pooling
+            return self.original(x, pool_type)
+        if not m.pool_include_prefix:
+            x, bias = x[:, m.num_prefix_tokens:], bias[..., m.num_prefix_tokens:]
+        return m.attn_pool(x, attn_mask=bias)
 
 
 def bench_model(name: str, **kwargs) -> tuple[nn.Module, object]:

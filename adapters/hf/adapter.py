@@ -1,4 +1,5 @@
-"""Hugging Face transformers (v5) encoders: BERT, CLIP (text and vision towers) and ViT.
+"""Hugging Face transformers (v5) encoders: BERT, CLIP and SigLIP (text and vision towers)
+and ViT.
 
 These modules do not trace with plain `torch.fx`, so nothing is rewritten. Instead, per
 instance and reversibly (`trimkit.hooks`):
@@ -6,16 +7,22 @@ instance and reversibly (`trimkit.hooks`):
 - attention: trimkit's function in transformers' `AttentionInterface` registry, set with
   ``model.set_attn_implementation`` (`trimkit.adapters.hf.attention`), runs each layer's
   site core;
-- each tower (``BertModel``, ``CLIPTextModel``, ``CLIPVisionModel``, ``ViTModel``) is a
-  `trimkit.hooks.Tower`: its 2D ``attention_mask`` is the padding, and for CLIP text the
-  token its pooler reads (the EOS token: the argmax of the ids, or the first
-  ``eos_token_id``) is protected wherever it sits; the leave point is the layer's output
-  (CLIP, ViT: pre-norm) or its attention block's (BERT: post-norm, so the FFN already runs
-  on the kept tokens);
+- each tower (``BertModel``, ``CLIPTextModel``, ``CLIPVisionModel``, ``SiglipTextModel``,
+  ``SiglipVisionModel``, ``ViTModel``) is a `trimkit.hooks.Tower`: its 2D
+  ``attention_mask`` is the padding, and for CLIP text the token its pooler reads (the EOS
+  token: the argmax of the ids, or the first ``eos_token_id``) is protected wherever it
+  sits, for SigLIP text the last position (its pooler reads it whatever the ids); the leave
+  point is the layer's output (CLIP, SigLIP, ViT: pre-norm) or its attention block's (BERT:
+  post-norm, so the FFN already runs on the kept tokens);
 - the last layer's output goes back to the tower's entry positions, so
   ``last_hidden_state`` keeps the input's length and every pooler reads the right token (a
   merged token at every position it covers, dropped and padding positions zero). Hidden
   states of intermediate layers (``output_hidden_states``) have the length the layer had.
+  SigLIP's vision tower goes back after its final norm instead, dropped positions holding
+  the size-weighted mean of the live tokens (a mean over ``last_hidden_state``, as
+  ``SiglipForImageClassification`` takes, is the size-weighted mean over live tokens), and
+  its attention-pooling head reads the live tokens only, as trimmed, with log(size) added
+  to its probe's logits where the stream's attention is proportional (`PoolingHead`).
 
 Static head pruning (``prune_heads``): each layer's `HeadLayout` names its q, k, v and
 output projections and the attention module's head count (and inner width, for BERT); head
@@ -24,15 +31,19 @@ config keeps the sizes the model was built with.
 
 CLIP's text stream attends causally: it is ``positional`` (the causal mask is rebuilt from
 each token's entry position, a merged token at its latest member's) and the token scores of
-attention pruning come from the EOS query. Streams: ``"image"`` (ViT, CLIP vision; CLS
-protected) and ``"text"`` (BERT: CLS protected; CLIP text: EOS protected).
+attention pruning come from the EOS query. SigLIP's towers have no CLS: their scores come
+from the mean of the live queries (`trimkit.sites.Site`'s rule for streams that protect no
+leading token). Streams: ``"image"`` (ViT, CLIP vision: CLS protected; SigLIP vision:
+nothing protected) and ``"text"`` (BERT: CLS protected; CLIP text: EOS protected; SigLIP
+text: its last position protected).
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
@@ -46,14 +57,24 @@ from trimkit import (
     register_adapter,
 )
 from trimkit.api import UnsupportedConfigError
-from trimkit.hooks import ArgumentReader, Patches, Tower, Undo, install_tower, padding_mask
+from trimkit.hooks import (
+    ArgumentReader,
+    Patches,
+    Restore,
+    Tower,
+    Undo,
+    install_tower,
+    padding_mask,
+    per_call,
+)
+from trimkit.ops import attention_bias
 from trimkit.sites import Site, TrimContext
 
 from ..layouts import bert_heads
 from .attention import Binding, route_attention
 
-__all__ = ["HFAdapter", "UnsupportedConfigError", "describe_tower", "encoder_tower",
-           "install_towers", "pooled_positions"]
+__all__ = ["HFAdapter", "PoolingHead", "UnsupportedConfigError", "describe_tower",
+           "encoder_tower", "install_towers", "pooled_positions"]
 
 IMAGE, TEXT = "image", "text"
 
@@ -78,6 +99,13 @@ class _Kind:
     heads: HeadLayout
     head_dim: str
     positional: bool = False
+    # the tower's child after which its output goes back to the entry positions (default:
+    # the last layer), and what fills dropped positions there (default: the caller's fill)
+    restore_after: str | None = None
+    fill: str | None = None
+    # the attention-pooling head (an nn.MultiheadAttention at ``.attention`` reads the
+    # tokens with a learned probe) that reads the restored output
+    pooling_head: str | None = None
 
 
 def _proj_heads(attn: str, out: str, count: str) -> HeadLayout:
@@ -97,6 +125,11 @@ _KINDS = {
     "CLIPVisionModel": _Kind(IMAGE, "encoder.layers", "self_attn", "mlp", True, 1, *_CLIP),
     "ViTModel": _Kind(IMAGE, "layers", "attention", "mlp", True, 1,
                       _proj_heads("attention", "o_proj", "num_attention_heads"), "head_dim"),
+    # no CLS; bidirectional text whose pooler reads the last position (`_entry_masks`)
+    "SiglipTextModel": _Kind(TEXT, "encoder.layers", "self_attn", "mlp", True, 0, *_CLIP),
+    "SiglipVisionModel": _Kind(IMAGE, "encoder.layers", "self_attn", "mlp", True, 0, *_CLIP,
+                               restore_after="post_layernorm", fill="mean",
+                               pooling_head="head"),
 }
 
 
@@ -105,10 +138,18 @@ def _classes() -> dict[str, type] | None:
     can be one of them, and importing it here would slow every trimkit import)."""
     if "transformers" not in sys.modules:
         return None
-    from transformers import BertModel, CLIPTextModel, CLIPVisionModel, ViTModel
+    from transformers import (
+        BertModel,
+        CLIPTextModel,
+        CLIPVisionModel,
+        SiglipTextModel,
+        SiglipVisionModel,
+        ViTModel,
+    )
 
     return {"BertModel": BertModel, "CLIPTextModel": CLIPTextModel,
-            "CLIPVisionModel": CLIPVisionModel, "ViTModel": ViTModel}
+            "CLIPVisionModel": CLIPVisionModel, "SiglipTextModel": SiglipTextModel,
+            "SiglipVisionModel": SiglipVisionModel, "ViTModel": ViTModel}
 
 
 def prefix(path: str) -> str:
@@ -119,11 +160,14 @@ def prefix(path: str) -> str:
 def encoder_tower(module: nn.Module, path: str = "", *, restore: str | None = "zeros"
                   ) -> Tower:
     """The `Tower` of one transformers encoder whose class `_KINDS` names (``BertModel``,
-    ``RobertaModel``, CLIP's towers, ``ViTModel``), at ``path`` in the model: padding from its
-    2D ``attention_mask``, its output back at the entry positions with ``restore`` (``None``:
-    it stays as trimmed, for a model that carries the stream on, such as METER's text)."""
+    ``RobertaModel``, CLIP's and SigLIP's towers, ``ViTModel``), at ``path`` in the model:
+    padding from its 2D ``attention_mask``, its output back at the entry positions with
+    ``restore`` (``None``: it stays as trimmed, for a model that carries the stream on, such
+    as METER's text; SigLIP's vision tower fills with the mean whatever the fill asked)."""
     name = next(cls.__name__ for cls in type(module).__mro__ if cls.__name__ in _KINDS)
     kind = _KINDS[name]
+    if restore is not None and kind.fill is not None:
+        restore = kind.fill
     return Tower(kind.stream, module, module.get_submodule(kind.layers),
                  leave_after=None if kind.residual else kind.leave_after,
                  read=ArgumentReader(module.forward, ("attention_mask", "input_ids")),
@@ -194,7 +238,15 @@ def install_towers(patches: Patches, ctx: TrimContext, model: nn.Module,
     holds them all)."""
     bindings: dict[nn.Module, Binding] = {}
     for tower, own in towers:
-        install_tower(patches, ctx, tower, own)
+        kind = _KINDS[tower.name]
+        if kind.restore_after is None or tower.restore is None:
+            install_tower(patches, ctx, tower, own)
+        else:  # the stream goes back to its entry positions after a later child
+            install_tower(patches, ctx, replace(tower, restore=None), own)
+            head = (tower.module.get_submodule(kind.pooling_head)
+                    if kind.pooling_head and hasattr(tower.module, kind.pooling_head) else None)
+            PoolingHead(ctx, tower.stream, tower.restore, head).install(
+                patches, tower.module.get_submodule(kind.restore_after))
         acted = False  # some op of this stream acts at or before this layer's attention
         for site, layer in zip(own, tower.layers, strict=True):
             acted = acted or bool(len(site.pre)) or bool(site.needs)
@@ -202,6 +254,65 @@ def install_towers(patches: Patches, ctx: TrimContext, model: nn.Module,
             bindings[attention] = Binding(site, not acted)
             acted = acted or bool(len(site.post))
     patches.add(route_attention(model, bindings))
+
+
+class PoolingHead:
+    """A tower whose output goes back to its entry positions after a child (``after``, its
+    final norm: `Restore` with ``fill``) and whose attention-pooling ``head`` reads that output
+    (SigLIP's: a learned probe attends to the tokens through an ``nn.MultiheadAttention`` at
+    ``head.attention``). The head reads the live tokens as trimmed instead, each weighed by
+    its size where the stream's attention is proportional (log(size) on the probe's logits:
+    ToMe's proportional attention, in the head's cross-attention); dead tokens are masked.
+    With nothing dropped or merged, the head runs as the model's own."""
+
+    def __init__(self, ctx: TrimContext, stream: str, fill: str, head: nn.Module | None):
+        self.ctx, self.stream, self.head = ctx, stream, head
+        self.restore = Restore(ctx, stream, fill, exact=True)
+
+    def install(self, patches: Patches, after: nn.Module) -> None:
+        patches.hook(after, self.after, prepend=True)
+        if self.head is not None:
+            patches.hook(self.head, self.before_head, pre=True, kwargs=True, prepend=True)
+            patches.hook(self.head, self.after_head, kwargs=True, always=True)
+            patches.hook(self.head.attention, self.before_attention, pre=True, kwargs=True,
+                         prepend=True)
+
+    def _scratch(self) -> dict[str, Any]:
+        return per_call(self.ctx, ("pooling head", self.stream), dict)
+
+    def after(self, module: nn.Module, args: tuple, output: object) -> object:
+        """The child's output back at the entry positions; remembers which trimmed tokens
+        (and key bias) it came from, for the head."""
+        restored = self.restore(module, args, output)
+        if restored is None or restored is output or self.head is None:
+            return restored  # tokens in place: the head reads the output as it is
+        state = self.ctx.states[self.stream]
+        bias = attention_bias(state, output.dtype, self.stream in self.ctx.proportional)
+        self._scratch()["restored"] = (restored, output, bias)
+        return restored
+
+    def before_head(self, module: nn.Module, args: tuple, kwargs: dict
+                    ) -> tuple[tuple, dict] | None:
+        scratch = self._scratch()
+        restored = scratch.get("restored")
+        x = args[0] if args else kwargs.get("hidden_state")
+        if not self.ctx.enabled or restored is None or restored[0] is not x:
+            return None
+        _, tokens, bias = restored
+        scratch["bias"] = None if bias is None else bias[:, 0, 0, :]
+        if args:
+            return (tokens, *args[1:]), kwargs
+        return args, dict(kwargs, hidden_state=tokens)
+
+    def before_attention(self, module: nn.Module, args: tuple, kwargs: dict
+                         ) -> tuple[tuple, dict] | None:
+        bias = self._scratch().get("bias")
+        if bias is None or not self.ctx.enabled:
+            return None
+        return args, dict(kwargs, key_padding_mask=bias)
+
+    def after_head(self, module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+        self._scratch().pop("bias", None)
 
 
 def pooled_positions(input_ids: torch.Tensor, eos_token_id: int | None) -> torch.Tensor:
@@ -225,13 +336,24 @@ def patch_grid(embeddings: nn.Module) -> tuple[int, int]:
 def _entry_masks(tower: str, arguments: dict, module: nn.Module
                  ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The padding from the tower's 2D ``attention_mask``; for CLIP text, the token its
-    pooler reads, protected wherever the ids put it."""
+    pooler reads, protected wherever the ids put it; for SigLIP text, the last position (a
+    mask that marks it padding is refused: no trimmer may keep a padding token live)."""
     protected, ids = None, arguments.get("input_ids")
+    real = padding_mask(arguments.get("attention_mask"), tower)
     if tower == "CLIPTextModel" and ids is not None:
         ids = ids.view(-1, ids.shape[-1])
         pos = pooled_positions(ids, module.eos_token_id)
         protected = torch.arange(ids.shape[1], device=ids.device)[None] == pos[:, None]
-    return padding_mask(arguments.get("attention_mask"), tower), protected
+    elif tower == "SiglipTextModel" and ids is not None:
+        ids = ids.view(-1, ids.shape[-1])
+        protected = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
+        protected[:, -1] = True
+        if real is not None and not bool(real[:, -1].all()):
+            raise ValueError("trimkit: SiglipTextModel pools the last position, which this "
+                             "attention_mask marks as padding; a trimmed model cannot keep a "
+                             "padding token live. Pad on the left, or pass no attention_mask "
+                             "(SigLIP is trained on padding='max_length' without one)")
+    return real, protected
 
 
 def _no_checkpointing(layer: nn.Module) -> None:
@@ -242,8 +364,9 @@ def _no_checkpointing(layer: nn.Module) -> None:
 
 @register_adapter
 class HFAdapter(Adapter):
-    """transformers' BERT, CLIP and ViT encoders, alone or inside a model built on them
-    (``BertForSequenceClassification``, ``CLIPModel``, ``ViTForImageClassification``…)."""
+    """transformers' BERT, CLIP, SigLIP and ViT encoders, alone or inside a model built on
+    them (``BertForSequenceClassification``, ``CLIPModel``, ``SiglipModel``,
+    ``ViTForImageClassification``…)."""
 
     name = "hf"
 
@@ -259,7 +382,8 @@ class HFAdapter(Adapter):
         towers = _towers(model)
         if not towers:
             raise UnsupportedConfigError(f"trimkit's Hugging Face adapter found no BertModel, "
-                                         f"CLIPTextModel, CLIPVisionModel or ViTModel in this "
+                                         f"CLIPTextModel, CLIPVisionModel, SiglipTextModel, "
+                                         f"SiglipVisionModel or ViTModel in this "
                                          f"{type(model).__name__}")
         streams: dict[str, StreamDesc] = {}
         for tower in towers:
@@ -272,7 +396,7 @@ class HFAdapter(Adapter):
             if kind.stream == IMAGE:
                 emb = tower.module.embeddings
                 emb = getattr(emb, "patch_embeddings", emb)  # ViT keeps its count one deeper
-                n, grid = emb.num_patches + 1, patch_grid(emb)
+                n, grid = emb.num_patches + kind.num_protected, patch_grid(emb)
             streams[kind.stream] = StreamDesc(
                 kind.stream, layers, num_tokens=n, num_protected=kind.num_protected,
                 padded=kind.stream == TEXT, positional=kind.positional, grid=grid)
