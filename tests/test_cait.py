@@ -237,3 +237,13 @@ def test_average_pooling_weighs_live_patches_by_size_and_deep_copies_work():
         assert torch.equal(twin(x), ref)
         with trimkit.trimming_disabled(model):
             assert torch.allclose(model(x), ref, atol=1e-6)
+
+
+def test_flops_are_counted_on_cait_and_fall_when_trimmed():
+    """CaiT hands its expanded class token (a view of a parameter, made under no_grad) to
+    each class-attention block; the flop counter's module tracking must not trip on it."""
+    model = factory()().eval()
+    (x,) = images()(2)
+    full = trimkit.count_flops(model, x)
+    trimkit.apply(model, "tome", r=4)
+    assert 0 < trimkit.count_flops(model, x) < full

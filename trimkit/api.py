@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_flop_count
+from torch.utils.module_tracker import ModuleTracker
 
 from .adapter import Adapter, Undo
 from .describe import ModelDescription
@@ -362,10 +363,28 @@ def _missing_formulas() -> dict[Any, Any]:
     return {op: _sdpa_flops}
 
 
+class _ForwardModuleTracker(ModuleTracker):
+    """torch's `ModuleTracker`, which the flop counter attributes FLOPs with, without its
+    backward hooks while gradients are off: it registers them on a module's inputs that
+    require grad, which fails for a view of a parameter made under ``no_grad`` (it requires
+    grad but has no grad_fn: a class token expanded and handed to a block, as in CaiT)."""
+
+    def _fw_pre_hook(self, mod: nn.Module, input: Any) -> None:
+        if torch.is_grad_enabled():
+            return super()._fw_pre_hook(mod, input)
+        self._get_append_fn(self._get_mod_name(mod), False)()
+        return None
+
+
 def flop_counter() -> FlopCounterMode:
     """torch's `FlopCounterMode` (no display) that also counts the attention kernels the
     installed torch has no formula for: what `count_flops` uses, for counting any code."""
-    return FlopCounterMode(display=False, custom_mapping=_missing_formulas())
+    counter = FlopCounterMode(display=False, custom_mapping=_missing_formulas())
+    if type(getattr(counter, "mod_tracker", None)) is ModuleTracker and all(
+            hasattr(ModuleTracker, f) for f in ("_fw_pre_hook", "_get_append_fn",
+                                                "_get_mod_name")):
+        counter.mod_tracker = _ForwardModuleTracker()
+    return counter
 
 
 def count_flops(model: nn.Module, *args: Any, **kwargs: Any) -> int:
