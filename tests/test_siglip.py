@@ -318,3 +318,36 @@ def test_copies_are_independent_trimmed_models(make):
         trimkit.remove(copy_)
         assert not torch.allclose(run(copy_), trimmed, atol=1e-4)
         assert torch.equal(run(model), trimmed)
+
+
+@pytest.mark.parametrize("make", [timm_siglip, hf_vision], ids=["timm", "hf"])
+def test_training_reaches_the_trimmers_through_the_pooling_head(make):
+    """Masked execution in training: the soft keep mask enters the pooling head's logits
+    too (log(keep)), and the learned trimmers get gradients."""
+    model = make().train()
+    trimkit.apply(model, "smarttrim", layers=[1], lambda_cost=0.0, stable_init=False)
+    x = images(2)
+    out = model(x) if isinstance(model, VisionTransformer) else model(
+        pixel_values=x).pooler_output
+    out.sum().backward()
+    grads = [p.grad for n, p in model.named_parameters() if n.startswith("trimkit.")]
+    assert grads and any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_hf_vision_tower_without_its_head():
+    """``vision_use_head=False``: nothing pools, ``last_hidden_state`` goes back to its
+    length after the final norm, with the size-weighted mean at dropped positions."""
+    torch.manual_seed(0)
+    model = _noise(SiglipVisionModel(SiglipVisionConfig(**COMMON, **VISION,
+                                                        vision_use_head=False)))
+    x = images(2)
+    trimkit.apply(model, "attn_prune", keep_ratio=0.5, layers=[0])
+    means = {}
+    for mode in ("masked", "compacted", "packed"):
+        trimkit.set_mode(model, mode)
+        with torch.no_grad():
+            out = model(pixel_values=x)
+        assert out.pooler_output is None and out.last_hidden_state.shape == (2, 16, 16)
+        means[mode] = out.last_hidden_state.mean(1)
+    assert torch.allclose(means["masked"], means["compacted"], atol=1e-5)
+    assert torch.allclose(means["packed"], means["compacted"], atol=1e-5)
