@@ -341,3 +341,34 @@ def test_visionzip_options_are_checked():
     with pytest.raises(ValueError, match="only drops tokens"):
         trimkit.apply(m, "visionzip", stream="language")
     assert not trimkit.is_applied(m)
+
+
+def test_a_siglip_tower_without_cls():
+    """SigLIP has no CLS: LLaVA reads every token ("full"), VisionZip ranks by the mean
+    query's attention, and FastV works the same in the language model."""
+    m = model(vision="siglip")
+    inputs = batch(PROMPTS)
+    greedy = _generate(m, inputs)
+    assert trimkit.describe(m).streams["image"].num_protected == 0
+    trimkit.apply(m, "fastv", keep=1.0)
+    assert torch.equal(_generate(m, inputs), greedy)
+    trimkit.remove(m)
+    trimkit.apply(m, "visionzip", dominant=5, contextual=3)
+    assert image_token_count(m) == 8
+    short = batch([prompt([1, 5, 6], [7, 8, 9], 8), prompt([1, 5], [7, 8], 8)])
+    assert _generate(m, short).shape == (2, NEW)
+    trimkit.remove(m)
+    assert torch.equal(_generate(m, inputs), greedy)
+
+
+def test_bench_reports_the_kv_cache_each_prefill_leaves():
+    from trimkit.tools.bench import benchmark, format_table
+
+    rows = benchmark("llava:tiny", "fastv", {"keep": 0.25}, batch_sizes=[2], warmup=0,
+                     repeats=1, memory=False)
+    assert [r.task for r in rows] == ["prefill", "generate", "per token"]
+    prefill = rows[0]
+    # 32 text and 16 image tokens; the last 2 of 4 layers keep 4 image tokens
+    assert prefill.cache_mb_trim / prefill.cache_mb_base == pytest.approx(
+        (2 * 48 + 2 * 36) / (4 * 48))
+    assert "cache MiB trim" in format_table(rows)

@@ -5,7 +5,7 @@ and docs/huggingface.md); BLIP (`trimkit.adapters.hf.blip`, docs/blip.md); ViLT
 prefix); LLaVA (`trimkit.adapters.hf.llava`, a decoder VLM whose language model drops image
 tokens from its later layers and KV cache, `trimkit.adapters.hf.decoder`, docs/llava.md)."""
 
-from . import bench
+from . import bench, llava_bench
 from .adapter import HFAdapter, UnsupportedConfigError, pooled_positions
 from .attention import ATTN_IMPLEMENTATION, trimkit_attention
 from .blip import BlipAdapter
@@ -13,5 +13,5 @@ from .llava import LlavaAdapter
 from .vilt import ViltAdapter
 
 __all__ = ["ATTN_IMPLEMENTATION", "BlipAdapter", "HFAdapter", "LlavaAdapter",
-           "UnsupportedConfigError", "ViltAdapter", "bench", "pooled_positions",
+           "UnsupportedConfigError", "ViltAdapter", "bench", "llava_bench", "pooled_positions",
            "trimkit_attention"]

@@ -70,6 +70,7 @@ __all__ = [
     "ALIASES",
     "BUILDERS",
     "RESIZE",
+    "STATE_BYTES",
     "Derived",
     "EXAMPLES",
     "Tasks",
@@ -180,10 +181,14 @@ EXAMPLES: list[str] = []
 
 #: prefix → the builder keyword that sets the square input side in pixels (the resize hook)
 RESIZE: dict[str, str] = {}
+#: prefix → ``bytes(output)``: what the first task's call leaves for later calls (a decoder's
+#: KV cache), reported per batch as "cache MiB"
+STATE_BYTES: dict[str, Callable[[Any], int]] = {}
 
 
 def register_builder(prefix: str, builder: Builder, aliases: dict[str, str] | None = None,
-                     examples: list[str] | None = None, *, resize: str | None = None) -> None:
+                     examples: list[str] | None = None, *, resize: str | None = None,
+                     state_bytes: Callable[[Any], int] | None = None) -> None:
     """Make ``<prefix>:<name>`` model specs buildable (an adapter registers its family's),
     with short ``aliases`` and ``examples`` of ``trimkit bench`` arguments for ``--help``.
 
@@ -197,8 +202,16 @@ def register_builder(prefix: str, builder: Builder, aliases: dict[str, str] | No
     grid (their patch count follows the input, as ViLT's) whose inputs hold one image batch
     with sides that are multiples of the model's patch (its first ``nn.Conv2d`` whose kernel
     is its stride): ``side`` is then the images' height, and the builder keeps their aspect
-    ratio. Other models (text-only ones) get no baseline."""
+    ratio. Other models (text-only ones) get no baseline.
+
+    ``state_bytes(output)``: the bytes of what the first task's call keeps for later calls
+    (a decoder's KV cache after its prefill), measured once per batch size on the untrimmed
+    and the trimmed model (`Row.cache_mb_base`)."""
     BUILDERS[prefix] = builder
+    if state_bytes is None:
+        STATE_BYTES.pop(prefix, None)
+    else:
+        STATE_BYTES[prefix] = state_bytes
     ALIASES.update(aliases or {})
     EXAMPLES.extend(examples or [])
     if resize is None:
@@ -324,6 +337,10 @@ class Row:
     #: per example, what the trimmed model would spend run padded (``mode="compacted"``:
     #: each batch padded to its longest survivor); ``None`` where it runs no other way
     gflops_padded: float | None = None
+    #: MiB the first task's call keeps for later calls (a decoder's KV cache), where the
+    #: builder says (`register_builder`'s ``state_bytes``)
+    cache_mb_base: float | None = None
+    cache_mb_trim: float | None = None
 
     @property
     def ms_base(self) -> float:
@@ -775,6 +792,11 @@ def _measure(spec, recipe, options, base, trim, make_inputs, tasks, batch_sizes,
                     say(f"{label}: memory probes (fresh processes)")
                     mems[:2] = [probe_in_subprocess(spec, None, {}, bs, threads) / 2**20,
                                 probe_in_subprocess(spec, recipe, options, bs, threads) / 2**20]
+            cache = [None, None]
+            sizer = STATE_BYTES.get(parse_spec(spec)[0])
+            if sizer is not None and n == 0:
+                with torch.no_grad():
+                    cache = [sizer(c(*x)) / 2**20 for c, x in calls[:2]]
             fb, ft = flops[0], flops[1]
             ratio = fb / ft if ft else float("nan")
             med = [statistics.median(t) for t in times]
@@ -793,7 +815,7 @@ def _measure(spec, recipe, options, base, trim, make_inputs, tasks, batch_sizes,
                 repeats=repeats, times_base=times[0], times_trim=times[1], task=task,
                 compiled=compile, gflops_padded=(extra_flops[task] / 1e9
                                                  if task in extra_flops else None),
-                **extra))
+                cache_mb_base=cache[0], cache_mb_trim=cache[1], **extra))
     return rows
 
 
@@ -846,6 +868,8 @@ _COLUMNS = [
     ("speedup", "speedup", "{:.3f}x"),
     ("speedup resize", "speedup_resize", "{:.3f}x"),
     ("efficiency", "efficiency", "{:.1%}"),
+    ("cache MiB base", "cache_mb_base", "{:.2f}"),
+    ("cache MiB trim", "cache_mb_trim", "{:.2f}"),
     ("act MiB base", "mem_base_mb", "{:.1f}"),
     ("act MiB trim", "mem_trim_mb", "{:.1f}"),
     ("act MiB resize", "mem_resize_mb", "{:.1f}"),
@@ -853,7 +877,7 @@ _COLUMNS = [
 
 #: columns shown only when some row has a value
 _OPTIONAL = {"resize_side", "gflops_resize", "ips_resize", "speedup_resize", "mem_resize_mb",
-             "compiled", "gflops_padded"}
+             "compiled", "gflops_padded", "cache_mb_base", "cache_mb_trim"}
 
 
 def format_table(rows: list[Row]) -> str:
