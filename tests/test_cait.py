@@ -247,3 +247,15 @@ def test_flops_are_counted_on_cait_and_fall_when_trimmed():
     full = trimkit.count_flops(model, x)
     trimkit.apply(model, "tome", r=4)
     assert 0 < trimkit.count_flops(model, x) < full
+
+
+def test_masked_training_reaches_the_token_trimmers_through_talking_heads():
+    """In training the keep mask is soft: it enters the mixed attention as log(keep) and as
+    the weight of proj_w's bias on each key, and the gradient reaches the trimmers."""
+    model = factory()().train()
+    (x,) = images()(2)
+    trimkit.apply(model, "smarttrim", heads=False, lambda_cost=0.0)
+    model(x).square().mean().backward()
+    grads = [p.grad for n, p in model.named_parameters() if n.startswith("trimkit.")]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)

@@ -968,12 +968,18 @@ def _mixed_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, mix,
         logits = logits + additive_mask(attn_mask, logits.dtype)
     probs = logits.softmax(dim=-1)
     mixed = probs if after is None else _HeadMix(after)(probs)
+    unread = None
     if after is not None and after.bias is not None and weights is not None:
-        unread = 1.0 - weights.to(mixed.dtype)
-        mixed = mixed - after.bias.to(mixed.dtype)[None, :, None, None] * unread[:, None, None, :]
+        unread = (1.0 - weights.to(mixed.dtype))[:, None, None, :]  # B×1×1×N
+        bias = after.bias.to(mixed.dtype)[None, :, None, None]
+        if dropout_p > 0:  # dropout acts on the map as the model's does
+            mixed, unread = mixed - bias * unread, None
     if dropout_p > 0:
         mixed = F.dropout(mixed, dropout_p)
-    return torch.matmul(mixed, v), probs
+    out = torch.matmul(mixed, v)
+    if unread is not None:  # the same, on the output: (mixed − b·unread) @ v, a row per head
+        out = out - bias * torch.matmul(unread, v)
+    return out, probs
 
 
 def _attend_live_heads(q, k, v, attn_mask, dropout_p, is_causal, scale, gates: torch.Tensor,
