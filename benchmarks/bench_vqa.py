@@ -95,28 +95,51 @@ def _loss(out: torch.Tensor, batch) -> torch.Tensor:
 # ------------------------------------------------------------------------------ stages
 
 
+def weights_digest(model: nn.Module) -> str:
+    """A short hash of ``model``'s weights (the frozen MiniLM left out), so a fine-tune is
+    reused only on the baseline it started from."""
+    h = hashlib.sha1()
+    for k, v in sorted(model.state_dict().items()):
+        if not k.startswith(_FROZEN):
+            h.update(k.encode())
+            h.update(v.detach().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
 def _fine_tune(base: nn.Module, target: float | None, train_set, cache: Path, cfg: dict,
-               options: dict, recipe: str = "smarttrim") -> tuple[nn.Module, dict]:
+               options: dict, recipe: str = "smarttrim", *, tag: str | None = None,
+               shipped: Path | None = None, out: Path | None = None
+               ) -> tuple[nn.Module, dict]:
     """``recipe`` (SmartTrim at ``target``, or PuMer) fine-tuned from ``base`` with
-    `trimkit.train` and the recipe's own objective, cached by its settings."""
+    `trimkit.train` and the recipe's own objective, cached by its settings (and ``tag``,
+    e.g. the baseline's `weights_digest`, when given). ``shipped``: a checkpoint to load
+    first when it was made with the same settings; ``out``: where to save (default: the
+    cache). ``cfg["mixed_precision"]`` (e.g. ``"bf16"``) trains under autocast."""
     if recipe == "smarttrim":
         key_of: list = [_VERSION, target, cfg, options, base.config.__repr__()]
         name, extra = f"smarttrim {target:g}", dict(ratio=target)
     else:
         key_of = [_VERSION, recipe, cfg, options, base.config.__repr__()]
         name, extra = recipe, {}
+    if tag is not None:
+        key_of.append(tag)
     key = hashlib.sha1(json.dumps(key_of, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    path = cache / f"{name.replace(' ', '_')}_{key}.pt"
+    path = out if out is not None else cache / f"{name.replace(' ', '_')}_{key}.pt"
     model = trimkit.apply(copy.deepcopy(base), recipe, **extra, **options)
-    if path.exists():
-        saved = torch.load(path, weights_only=False)
+    for candidate in ([shipped] if shipped is not None else []) + [path]:
+        if not candidate.exists():
+            continue
+        saved = torch.load(candidate, weights_only=False)
+        if saved.get("key", key) != key:  # cache files are named by their key
+            _say(f"{name}: {candidate} was fine-tuned with other settings; skipped")
+            continue
         # the frozen MiniLM is not saved: it comes from its package, as in the baseline
         missing, unexpected = model.load_state_dict(saved["state_dict"], strict=False)
         if unexpected or any(not k.startswith(_FROZEN) for k in missing):
-            raise RuntimeError(f"{path} does not fit the model: missing {missing}, "
+            raise RuntimeError(f"{candidate} does not fit the model: missing {missing}, "
                                f"unexpected {unexpected}")
-        _say(f"{name}: loaded the fine-tuned model from {path}")
-        return model.eval(), saved["info"]
+        _say(f"{name}: loaded the fine-tuned model from {candidate}")
+        return model.eval(), {**saved["info"], "path": str(candidate)}
     # smarttrim says how much faster its thresholds train (preset="paper": no faster)
     scale = trimkit.api._applied(model).options.get(
         "threshold_scale", cfg["threshold_lr"] / cfg["trimmer_lr"])
@@ -126,14 +149,16 @@ def _fine_tune(base: nn.Module, target: float | None, train_set, cache: Path, cf
                                          drop_last=True)
     t0 = time.perf_counter()
     res = trimkit.train(model, loader, _loss, forward=_forward, steps=cfg["steps"],
-                        optimizer=opt, lr_schedule="cosine", seed=0, cpu=True, log_every=10)
+                        optimizer=opt, lr_schedule="cosine", seed=0, cpu=True, log_every=10,
+                        mixed_precision=cfg.get("mixed_precision", "no"))
     info = {"train_seconds": time.perf_counter() - t0, "steps": cfg["steps"],
+            "threads": torch.get_num_threads(),
             "last": res.history[-1] if res.history else {}}
     model.eval()
-    cache.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v for k, v in model.state_dict().items() if not k.startswith(_FROZEN)}
-    torch.save({"state_dict": state, "info": info}, path)
-    return model, info
+    torch.save({"state_dict": state, "info": info, "key": key}, path)
+    return model, {**info, "path": str(path)}
 
 
 @torch.no_grad()

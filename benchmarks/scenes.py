@@ -65,6 +65,9 @@ __all__ = [
     "KINDS",
     "SCENES_MODEL",
     "SCENES_TRAINING",
+    "SHIPPED_SMARTTRIM",
+    "SMARTTRIM_RATIO",
+    "SMARTTRIM_TUNING",
     "SHAPES",
     "SPLITS",
     "NormalizedImages",
@@ -78,9 +81,11 @@ __all__ = [
     "load_baseline",
     "load_split",
     "make_scene",
+    "object_coverage",
     "patch_loader",
     "predict",
     "sincos_positions",
+    "smarttrim",
     "train_baseline",
 ]
 
@@ -364,6 +369,12 @@ class ScenesSplit(ev.VQASplit):
         """G×G bool: the patches the object named by question ``i`` owns."""
         return self.owner[int(self.image_index[i])] == int(self.target[i])
 
+    def target_grid(self) -> torch.Tensor:
+        """N_q×G·G bool, per question in the ViT's (row-major) patch order: the patches the
+        object it names owns (`target_patches` for every question at once)."""
+        owner = self.owner[self.image_index].flatten(1)
+        return owner == self.target[:, None]
+
     def patch_labels(self) -> torch.Tensor:
         """N_img×G·G long, per patch in the ViT's (row-major) order: 0 for background, else
         ``1 + shape · 8 + colour`` of the object owning it (25 classes)."""
@@ -372,6 +383,24 @@ class ScenesSplit(ev.VQASplit):
         attrs = self.objects[rows, obj.clamp_min(0)]
         label = 1 + attrs[..., 0] * len(COLORS) + attrs[..., 1]
         return torch.where(obj >= 0, label, torch.zeros_like(label))
+
+
+def object_coverage(kept: torch.Tensor, target: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whether a trimmed model kept what the question is about. ``kept``: B×P bool, the
+    patches some live token still covers after the last trimmed layer (merged ones count,
+    dropped ones do not); ``target``: B×P bool, the patches the named object owns
+    (`ScenesSplit.target_grid`). Returns per question the share of the object's patches
+    kept (NaN where it owns none) and the share of all patches kept, so a trimmer that
+    reads the question can be told from one that keeps a share of everything."""
+    if kept.shape != target.shape or kept.ndim != 2:
+        raise ValueError(f"kept and target must both be B×P, got {tuple(kept.shape)} and "
+                         f"{tuple(target.shape)}")
+    kept, target = kept.bool(), target.bool()
+    owned = target.sum(1)
+    on_object = (kept & target).sum(1).float() / owned.clamp_min(1)
+    on_object = torch.where(owned > 0, on_object, torch.full_like(on_object, float("nan")))
+    return on_object, kept.float().mean(1)
 
 
 def generate(split: str, num_images: int | None = None,
@@ -443,6 +472,44 @@ SCENES_TRAINING: dict = dict(
 #: the checkpoint `train_baseline` writes by default (``trimkit.benchmarks/data``)
 SHIPPED_BASELINE = Path(__file__).parent / "data" / "scenes_baseline.pt"
 _PATCH_CLASSES = 1 + len(SHAPES) * len(COLORS)
+
+
+#: SmartTrim on the scenes model, as `trimkit demo --task scenes` shows it: the demo's
+#: options (`bench_vqa.SMARTTRIM`: image tokens and every stream's heads, at the recipe's
+#: default placement) at this target cost ratio, fine-tuned with `trimkit.train` as the
+#: easy-VQA demo fine-tunes (`bench_vqa.FINE_TUNE`'s learning rates) for ``steps`` steps of
+#: ``batch_size`` questions under bfloat16 CPU autocast. A step runs the trimmed and the
+#: untrimmed model forward and backward, about 0.36 TFLOPs at batch 32, so the fine-tune
+#: takes longer than the demo's budget: ``python -m trimkit.benchmarks.scenes smarttrim``
+#: makes it once and the checkpoint ships (`SHIPPED_SMARTTRIM`).
+SMARTTRIM_RATIO = 0.5
+SMARTTRIM_TUNING: dict = dict(steps=80, batch_size=32, lr=2e-4, trimmer_lr=3e-3,
+                              threshold_lr=3e-2, mixed_precision="bf16")
+SHIPPED_SMARTTRIM = Path(__file__).parent / "data" / "scenes_smarttrim.pt"
+
+
+def smarttrim(base: nn.Module, cache_dir: Path | None = None, *,
+              ratio: float = SMARTTRIM_RATIO, options: dict | None = None,
+              steps: int | None = None, out: Path | None = None,
+              threads: int | None = None, shipped: bool = True) -> tuple[nn.Module, dict]:
+    """SmartTrim at ``ratio`` fine-tuned from ``base`` on the train split with
+    `SMARTTRIM_TUNING` (``steps`` replaces its steps) and ``options`` (default: the demo's,
+    `bench_vqa.SMARTTRIM`; the ablations change them, e.g. ``cross_modal=False``). Loads
+    the shipped checkpoint (unless not ``shipped``) when it was made with the same settings
+    from the same baseline weights, else the one at ``out`` or cached in ``cache_dir``,
+    else fine-tunes and saves it there.
+    Returns the model (eval mode) and its fine-tuning summary (``path``: its file)."""
+    from .bench_vqa import SMARTTRIM, _fine_tune, _Questions, weights_digest
+
+    cache = Path(cache_dir) if cache_dir is not None else ev.default_cache_dir()
+    cfg = dict(SMARTTRIM_TUNING, **({} if steps is None else {"steps": steps}))
+    options = dict(SMARTTRIM) if options is None else options
+    with ev._threads(threads):
+        train = load_split("train")
+        train_set = _Questions(train, *ev.text_features(train.questions, cache))
+        return _fine_tune(base, ratio, train_set, cache, cfg, options,
+                          tag=f"scenes {weights_digest(base)}",
+                          shipped=SHIPPED_SMARTTRIM if shipped else None, out=out)
 
 
 def build_model(seed: int = 0) -> nn.Module:
@@ -796,7 +863,7 @@ def preview(path: Path | str, count: int = 8, split: str = "test") -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m trimkit.benchmarks.scenes {train,measure,preview}``."""
+    """``python -m trimkit.benchmarks.scenes {train,smarttrim,measure,preview}``."""
     p = argparse.ArgumentParser(prog="python -m trimkit.benchmarks.scenes",
                                 description=__doc__.split("\n\n", 1)[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -807,18 +874,39 @@ def main(argv: list[str] | None = None) -> int:
     m = sub.add_parser("measure", help="time a few training steps, estimate the whole run")
     m.add_argument("--steps", type=int, default=30, help="steps timed per stage (default 30)")
     m.add_argument("--json", default=None, help="also write the figures to this file")
+    f = sub.add_parser("smarttrim", help="fine-tune SmartTrim from the baseline "
+                       "(SMARTTRIM_TUNING) and save it (default: the shipped checkpoint)")
+    f.add_argument("--baseline", default=str(SHIPPED_BASELINE),
+                   help="the baseline to start from (default: the shipped one)")
+    f.add_argument("--out", default=str(SHIPPED_SMARTTRIM),
+                   help="checkpoint path (default: the shipped one)")
+    f.add_argument("--steps", type=int, default=None,
+                   help=f"fine-tuning steps (default: {SMARTTRIM_TUNING['steps']})")
     v = sub.add_parser("preview", help="draw a few scenes with their questions")
     v.add_argument("--out", default="scenes.png")
     v.add_argument("--count", type=int, default=8)
-    for q in (t, m):
+    for q in (t, m, f):
         q.add_argument("--threads", type=int, default=None,
-                       help="torch threads (default: torch's for train, 1 for measure)")
+                       help="torch threads (default: torch's for train and smarttrim, 1 for "
+                            "measure)")
         q.add_argument("--cache-dir", default=None, help="where MiniLM features are cached "
                        "(default: $TRIMKIT_CACHE or ~/.cache/trimkit/easy_vqa)")
     args = p.parse_args(argv)
     cache = Path(args.cache_dir) if getattr(args, "cache_dir", None) else None
     if args.command == "train":
         train_baseline(args.out, cache, threads=args.threads)
+    elif args.command == "smarttrim":
+        loaded = load_baseline(args.baseline)
+        if loaded is None:
+            p.error(f"{args.baseline} was trained with other settings than today's")
+        out = Path(args.out)
+        if out.exists():  # never load what is to be made again
+            out.unlink()
+        _, info = smarttrim(loaded[0], cache, steps=args.steps, out=out, threads=args.threads,
+                            shipped=False)
+        print(f"scenes smarttrim: ratio {SMARTTRIM_RATIO:g}, {info['steps']} steps in "
+              f"{info['train_seconds'] / 60:.1f} min ({info['threads']} thread(s)); saved to "
+              f"{out}")
     elif args.command == "measure":
         if args.steps < 3:
             p.error("--steps must be at least 3")

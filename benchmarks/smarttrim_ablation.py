@@ -1,8 +1,10 @@
-"""``trimkit smarttrim-ablation``: the SmartTrim paper's ablations on the demo's task.
+"""``trimkit smarttrim-ablation``: the SmartTrim paper's ablations on the demo's tasks.
 
-The demo's model and data (`trimkit demo`: the small METER of `easy_vqa` from the shipped
-baseline, easy-VQA), SmartTrim fine-tuned as the demo fine-tunes it (its options
-`bench_vqa.SMARTTRIM`, ``--steps`` steps of `trimkit.train`, cached in ``--cache-dir``) once
+The demo's model and data (`trimkit demo`; ``--task easy-vqa``, the default here: the small
+METER of `easy_vqa` from the shipped baseline; ``--task scenes``: the scenes METER from its
+shipped baseline), SmartTrim fine-tuned as the demo fine-tunes it (its options
+`bench_vqa.SMARTTRIM`, ``--steps`` steps of `trimkit.train`, cached in ``--cache-dir``; on
+scenes `scenes.SMARTTRIM_TUNING`, and the ``trimkit`` variant is the shipped fine-tune) once
 per variant:
 
 - ``trimkit``: the recipe as it ships (trimkit's stabilisers on);
@@ -17,9 +19,13 @@ per variant:
 For each: test accuracy (the first ``--questions`` test questions), the FLOPs ratio against
 the untrimmed model (`trimkit.count_flops` per example, trimmers included, the frozen MiniLM
 excluded as in the demo), and the achieved cost ratio (`trimkit.recording_costs`, the mean
-over the test questions) next to its target. The paper's trends are printed under the
-table to compare with; this is a toy task and a short fine-tune, so read the table for what
-it shows on it, not as a reproduction.
+over the test questions) next to its target; on scenes also the share of the named object's
+patches and of all patches that the kept tokens cover after the last trimmed layer (as in
+the demo). A fine-tune on scenes costs several minutes, so there only ``trimkit`` and
+``cross_modal=False`` run unless ``--variants`` says otherwise: the paper's check that
+cross-modal-aware token trimmers beat local-only ones at equal FLOPs. The paper's trends are
+printed under the table to compare with; these are toy tasks and short fine-tunes, so read
+the table for what it shows on them, not as a reproduction.
 """
 
 from __future__ import annotations
@@ -39,10 +45,12 @@ from trimkit.registry import Command, register_command
 
 from .bench_vqa import FINE_TUNE, SMARTTRIM, _fine_tune, _forward, _Questions, _say
 
-#: the demo's ratio; ``--steps``: short enough for the whole table in about 10 minutes on
-#: two cores (the demo fine-tunes 150 steps)
+#: the demo's ratio; ``--steps``: short enough for the whole easy-VQA table in about 10
+#: minutes on two cores (the demo fine-tunes 150 steps; on scenes: the shipped fine-tune's)
 RATIO = 0.5
 STEPS = 60
+#: the variants run on scenes by default: the cross-modal check
+SCENES_VARIANTS = ["trimkit", "cross_modal=False"]
 
 #: (name, options changed from the demo's SmartTrim)
 VARIANTS: list[tuple[str, dict]] = [
@@ -90,56 +98,84 @@ def target_for(base: nn.Module, options: dict, ratio: float) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, test_set, flop_examples: list, batch_size: int = 256) -> dict:
-    """Accuracy, achieved cost ratio (mean per question), mean FLOPs per example and image
-    tokens entering the last image layer."""
+def evaluate(model: nn.Module, test_set, flop_examples: list, batch_size: int = 256,
+             targets: torch.Tensor | None = None) -> dict:
+    """Accuracy, achieved cost ratio (mean per question), mean FLOPs per example, image
+    tokens entering the last image layer and, with ``targets`` (N×P bool: the patches each
+    question's object owns, scenes), the mean shares of the object's patches and of all
+    patches the kept tokens cover (`scenes.object_coverage`)."""
+    from .demo import _tracking, kept_patches
+    from .scenes import object_coverage
+
     loader = torch.utils.data.DataLoader(test_set, batch_size=batch_size)
-    correct, ratios, tokens = 0, [], []
+    correct, ratios, tokens, on_object, on_all = 0, [], [], [], []
     applied = trimkit.is_applied(model)
+    track = applied and targets is not None
     if applied:  # padded, one row per sample: the recorded counts are per sample
         trimkit.set_mode(model, "compacted")
-    for batch in loader:
+    for k, batch in enumerate(loader):
         if applied:
-            with trimkit.recording_costs(model) as costs:
+            with trimkit.recording_costs(model) as costs, _tracking(model, track):
                 out = _forward(model, batch)
             ratios.append(costs.ratio())
             last = [s for s in trimkit.last_stats(model).layers if s.stream == "image"][-1]
             tokens.append(last.tokens_in.float())
+            if track:
+                rows = targets[k * batch_size:k * batch_size + len(batch[-1])]
+                obj, every = object_coverage(kept_patches(model), rows)
+                on_object.append(obj)
+                on_all.append(every)
         else:
             out = _forward(model, batch)
         correct += int((out.argmax(-1) == batch[-1]).sum())
     if applied:
         trimkit.set_mode(model, "auto")
+    coverage = dict(object_kept=None, patches_kept=None)
+    if on_object:
+        obj = torch.cat(on_object)
+        coverage = dict(object_kept=obj[~obj.isnan()].mean().item(),
+                        patches_kept=torch.cat(on_all).mean().item())
     flops = statistics.mean(
         trimkit.count_flops(model, images[None], attention_mask=mask[None],
                             text_embeds=feats[None])
         for images, feats, mask, _ in flop_examples)
     return dict(accuracy=correct / len(test_set), flops=flops,
                 achieved=torch.cat(ratios).mean().item() if ratios else 1.0,
-                image_tokens=torch.cat(tokens).mean().item() if tokens else None)
+                image_tokens=torch.cat(tokens).mean().item() if tokens else None, **coverage)
 
 
 def table(rows: list[dict]) -> str:
+    """The ablation table; with the coverage columns where the rows measured them."""
+    coverage = any(r.get("object_kept") is not None for r in rows)
     lines = ["| variant | options | target | test acc | Δ acc | FLOPs ratio | achieved ratio "
-             "| image tokens (last layer) | fine-tune |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| image tokens (last layer) | fine-tune |"
+             + (" named object's patches kept | all patches kept |" if coverage else ""),
+             "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if coverage else "")]
     for r in rows:
         change = ", ".join(f"{k}={v!r}" for k, v in r["change"].items()) or "–"
         tokens = "-" if r["image_tokens"] is None else f"{r['image_tokens']:.1f}"
         target = "–" if r["target"] is None else f"{r['target']:g}"
         trained = "–" if r["seconds"] is None else f"{r['steps']} steps, {r['seconds']:.0f} s"
-        lines.append(
-            f"| {r['variant']} | {change} | {target} | {r['accuracy']:.2%} | "
-            f"{r['delta'] * 100:+.2f} | {r['flops_ratio']:.2f}× | {r['achieved']:.3f} | "
-            f"{tokens} | {trained} |")
+        line = (f"| {r['variant']} | {change} | {target} | {r['accuracy']:.2%} | "
+                f"{r['delta'] * 100:+.2f} | {r['flops_ratio']:.2f}× | {r['achieved']:.3f} | "
+                f"{tokens} | {trained} |")
+        if coverage:
+            line += "".join(" - |" if r.get(k) is None else f" {r[k]:.1%} |"
+                            for k in ("object_kept", "patches_kept"))
+        lines.append(line)
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
-    from . import easy_vqa
-    from .demo import _baseline
+    from . import easy_vqa, scenes
+    from .demo import TASKS, _baseline, _splits
 
     start = time.perf_counter()
+    on_scenes = args.task == "scenes"
+    if args.steps is None:
+        args.steps = scenes.SMARTTRIM_TUNING["steps"] if on_scenes else STEPS
+    if args.variants is None:
+        args.variants = SCENES_VARIANTS if on_scenes else [n for n, _ in VARIANTS]
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.steps < 1 or args.questions < 1 or args.flops_examples < 1:
@@ -150,11 +186,13 @@ def run(args: argparse.Namespace) -> int:
         _say(f"error: unknown variant(s) {unknown}; variants: {', '.join(dict(VARIANTS))}")
         return 2
     cache = Path(args.cache_dir) if args.cache_dir else easy_vqa.default_cache_dir()
-    base, _ = _baseline(argparse.Namespace(train_baseline=False, baseline=args.baseline), cache)
-    train, test = easy_vqa.load_split("train"), easy_vqa.load_split("test")
+    base, _ = _baseline(argparse.Namespace(task=args.task, train_baseline=False,
+                                           baseline=args.baseline), cache)
+    test, train = _splits(TASKS[args.task], True)
     train_set = _Questions(train, *easy_vqa.text_features(train.questions, cache))
     test_set = _Questions(test, *easy_vqa.text_features(test.questions, cache))
     test_set = torch.utils.data.Subset(test_set, range(min(args.questions, len(test_set))))
+    targets = test.target_grid()[:len(test_set)] if on_scenes else None
     step = max(1, len(test_set) // args.flops_examples)
     flop_examples = [test_set[i] for i in range(0, len(test_set), step)][:args.flops_examples]
 
@@ -167,16 +205,21 @@ def run(args: argparse.Namespace) -> int:
         options = options_for(change)
         target = target_for(base, options, args.ratio)
         _say(f"{name}: fine-tuning to ratio {target:g} ({args.steps} steps)")
-        model, info = _fine_tune(base, target, train_set, cache, cfg, options)
-        got = evaluate(model, test_set, flop_examples)
-        rows.append(dict(variant=name, change=change, target=target, steps=args.steps,
+        if on_scenes:
+            model, info = scenes.smarttrim(base, cache, ratio=target, options=options,
+                                           steps=args.steps)
+        else:
+            model, info = _fine_tune(base, target, train_set, cache, cfg, options)
+        got = evaluate(model, test_set, flop_examples, targets=targets)
+        rows.append(dict(variant=name, change=change, target=target, steps=info["steps"],
                          seconds=info.get("train_seconds"), **got))
         _say(f"{name}: accuracy {got['accuracy']:.2%}, achieved ratio {got['achieved']:.3f}")
     for r in rows:
         r["flops_ratio"] = reference["flops"] / r["flops"]
         r["delta"] = r["accuracy"] - reference["accuracy"]
-    print(f"SmartTrim ablations on easy-VQA (the demo's METER; {len(test_set)} test "
-          f"questions; {args.steps} fine-tuning steps; target {args.ratio:g})\n")
+    title = "scenes (the scenes METER" if on_scenes else "easy-VQA (the demo's METER"
+    print(f"SmartTrim ablations on {title}; {len(test_set)} test questions; {args.steps} "
+          f"fine-tuning steps; target {args.ratio:g})\n")
     print(table(rows))
     print()
     print(PAPER_TRENDS)
@@ -185,13 +228,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=STEPS,
-                   help=f"fine-tuning steps per variant (default: {STEPS}; cached)")
+    p.add_argument("--task", choices=["easy-vqa", "scenes"], default="easy-vqa",
+                   help="the demo's task (default: easy-vqa; scenes: several objects, the "
+                        "question names one)")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"fine-tuning steps per variant (default: easy-vqa {STEPS}, scenes "
+                        f"those of the shipped fine-tune; cached)")
     p.add_argument("--ratio", type=float, default=RATIO,
                    help=f"target cost ratio (default: {RATIO})")
-    p.add_argument("--variants", nargs="+", default=[n for n, _ in VARIANTS],
-                   metavar="NAME", help=f"variants to run (default: all: "
-                                        f"{', '.join(n for n, _ in VARIANTS)})")
+    p.add_argument("--variants", nargs="+", default=None,
+                   metavar="NAME", help=f"variants to run (default: easy-vqa all: "
+                                        f"{', '.join(n for n, _ in VARIANTS)}; scenes "
+                                        f"{', '.join(SCENES_VARIANTS)})")
     p.add_argument("--questions", type=int, default=2000,
                    help="test questions evaluated (the first N; default: 2000)")
     p.add_argument("--flops-examples", type=int, default=20,
@@ -205,10 +253,11 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 register_command(Command(
-    "smarttrim-ablation", help="the SmartTrim paper's ablations on easy-VQA: accuracy, FLOPs "
-                               "ratio and achieved ratio per variant",
+    "smarttrim-ablation", help="the SmartTrim paper's ablations on easy-VQA or scenes: "
+                               "accuracy, FLOPs ratio and achieved ratio per variant",
     description=__doc__.split("\n\n", 1)[1], configure=configure, run=run, epilog="""\
 examples:
   trimkit smarttrim-ablation                        # every variant, 60 steps each
   trimkit smarttrim-ablation --steps 150            # as long as the demo's fine-tune
-  trimkit smarttrim-ablation --variants trimkit cross_modal=False --questions 9673"""))
+  trimkit smarttrim-ablation --variants trimkit cross_modal=False --questions 9673
+  trimkit smarttrim-ablation --task scenes          # cross-modal vs local-only trimmers"""))

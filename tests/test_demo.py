@@ -1,4 +1,5 @@
-"""`trimkit demo` end to end on a slice of easy-VQA, and the in-process activation peak."""
+"""`trimkit demo` end to end on a slice of easy-VQA (tests/test_demo_scenes.py tests its scenes
+parts), and the in-process activation peak."""
 
 import json
 
@@ -30,7 +31,8 @@ def test_activation_peak_counts_tensors_alive_together():
 def test_demo_writes_the_report(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TRIMKIT_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "report"
-    code = main(["demo", "--out", str(out), "--questions", "64", "--steps", "2",
+    code = main(["demo", "--task", "easy-vqa", "--out", str(out), "--questions", "64",
+                 "--steps", "2",
                  "--repeats", "1", "--flops-examples", "2", "--threads", "2"])
     assert code == 0
     printed = capsys.readouterr().out
@@ -71,3 +73,4 @@ def test_demo_writes_the_report(tmp_path, capsys, monkeypatch):
 def test_demo_refuses_bad_arguments(capsys):
     assert main(["demo", "--questions", "5"]) == 2
     assert "--questions" in capsys.readouterr().err
+    assert main(["demo", "--task", "easy-vqa", "--steps", "0"]) == 2
