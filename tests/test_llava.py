@@ -372,3 +372,15 @@ def test_bench_reports_the_kv_cache_each_prefill_leaves():
     assert prefill.cache_mb_trim / prefill.cache_mb_base == pytest.approx(
         (2 * 48 + 2 * 36) / (4 * 48))
     assert "cache MiB trim" in format_table(rows)
+
+
+def test_masked_execution_keeps_every_slot_and_agrees_with_compacted():
+    inputs = batch(PROMPTS)
+    m = trimkit.apply(model(), "fastv", layer=1, keep=0.3)
+    compacted, tokens = _logits(m, inputs), _generate(m, inputs)
+    trimkit.set_mode(m, "masked")
+    cache, masked = _prefill(m, inputs)
+    n = inputs["input_ids"].shape[1]
+    assert [cache.layers[j].get_seq_length() for j in range(4)] == [n] * 4
+    torch.testing.assert_close(masked, compacted, atol=1e-5, rtol=0)
+    assert torch.equal(_generate(m, inputs), tokens)

@@ -21,6 +21,9 @@ module does the rest, per instance and reversibly, with hooks (no forked model f
   causal mask built over the kept tokens' entry positions. The language model's output goes
   back to the entry positions (dropped ones zero), so logits keep the input's length and
   ``logits_to_keep`` reads the right rows.
+- masked execution (``mode="masked"``, or training under ``"auto"``): the same decisions,
+  but every token stays in place, the dropped ones dead (no live token attends to them, in
+  the prefill and from the cache); the outputs equal compacted execution's.
 - the cache: what was kept (`Kept`) is attached to the cache the prefill filled; each later
   call with that cache (a decoding step of ``generate``, greedy or beam) builds the mask of
   each shortened layer over its cached tokens. Layers up to the drop keep every token in
@@ -254,7 +257,11 @@ class DecoderStream:
         self._stats(layer, live, keep)
         if bool((keep == live).all()):
             return None  # nothing dropped: the layers after run as before
-        sel, new_live = _selection(keep)
+        if self.ctx.compacting(module.training):
+            sel, new_live = _selection(keep)
+        else:  # masked execution: every slot stays, the dropped ones dead
+            sel = torch.arange(keep.shape[1], device=keep.device).expand(keep.shape[0], -1)
+            new_live = keep
         index = sel if level is None else level.index.gather(1, sel)
         new = Level(layer + 1, index, new_live)
         kept.levels.append(new)
