@@ -351,3 +351,23 @@ def test_hf_vision_tower_without_its_head():
         means[mode] = out.last_hidden_state.mean(1)
     assert torch.allclose(means["masked"], means["compacted"], atol=1e-5)
     assert torch.allclose(means["packed"], means["compacted"], atol=1e-5)
+
+
+@pytest.mark.parametrize("tower, recipe, options", [
+    ("vision", "tome", dict(r=4)), ("text", "smarttrim", dict(stable_init=False))])
+def test_bench_preset_builds_and_trims(tower, recipe, options):
+    from trimkit.tools.bench import build_model
+
+    model, make_inputs = build_model(
+        f"hf:siglip-base-patch16-224?tower={tower}&num_hidden_layers=2&hidden_size=32"
+        f"&intermediate_size=32&num_attention_heads=2&image_size=64")
+    inputs = make_inputs(2)
+    if tower == "text":  # padding="max_length": the end id fills the rest, no mask
+        assert len(inputs) == 1 and (inputs[0][:, -1] == 1).all()
+    else:
+        assert inputs[0].shape[-1] == 64
+    with torch.no_grad():
+        trimkit.apply(model, recipe, **options)
+        model(*inputs)
+        assert trimkit.last_stats(model).layers
+        trimkit.remove(model)

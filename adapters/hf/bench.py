@@ -18,6 +18,14 @@ _CLIP_B16_TEXT = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers
 _CLIP_L14_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                       num_attention_heads=12, max_position_embeddings=77)
 
+# google/siglip-base-patch16-224: a ViT-B/16 without CLS (an attention-pooling head) and a
+# bidirectional text tower over 64 ids
+_SIGLIP_B16_VISION = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                          num_attention_heads=12, image_size=224, patch_size=16)
+_SIGLIP_B16_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                        num_attention_heads=12, max_position_embeddings=64, vocab_size=32000,
+                        projection_size=768, pad_token_id=1, eos_token_id=1, bos_token_id=None)
+
 # Salesforce's BLIP base checkpoints: a ViT-B/16 at 384 px and a BERT-base text encoder/decoder
 _BLIP_VISION = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                     num_attention_heads=12, image_size=384, patch_size=16)
@@ -35,6 +43,7 @@ PRESETS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "clip-vit-large-patch14": ("clip", dict(hidden_size=1024, intermediate_size=4096,
                                             num_hidden_layers=24, num_attention_heads=16,
                                             image_size=224, patch_size=14), _CLIP_L14_TEXT),
+    "siglip-base-patch16-224": ("siglip", _SIGLIP_B16_VISION, _SIGLIP_B16_TEXT),
     "bert-base-uncased": ("bert", dict(hidden_size=768, intermediate_size=3072,
                                        num_hidden_layers=12, num_attention_heads=12), {}),
     "all-minilm-l6-v2": ("bert", dict(hidden_size=384, intermediate_size=1536,
@@ -67,6 +76,10 @@ def bench_model(name: str, tower: str = "vision", text_len: int | None = None, s
       (``CLIPTextModel``) or ``both`` (``CLIPModel``); text is 77 ids like the CLIP
       tokenizer's with ``padding="max_length"``: start, ``text_len`` random ids, end, padding
       (masked out by ``attention_mask``).
+    - SigLIP: ``tower`` as for CLIP (``SiglipVisionModel``, ``SiglipTextModel``,
+      ``SiglipModel``); text is 64 ids as SigLIP's processor gives them with
+      ``padding="max_length"``: ``text_len`` random ids, then the end id as padding, and no
+      ``attention_mask`` (the model reads every id).
     - BERT: ``BertModel`` on ``seq_len`` ids ([CLS], random ids, [SEP]), no padding.
     - ViT: ``ViTModel`` on random images.
     - BLIP (`blip_model`): VQA, captioning or retrieval, timed per task.
@@ -82,6 +95,12 @@ def bench_model(name: str, tower: str = "vision", text_len: int | None = None, s
         CLIPTextModel,
         CLIPVisionConfig,
         CLIPVisionModel,
+        SiglipConfig,
+        SiglipModel,
+        SiglipTextConfig,
+        SiglipTextModel,
+        SiglipVisionConfig,
+        SiglipVisionModel,
         ViTConfig,
         ViTModel,
     )
@@ -95,11 +114,21 @@ def bench_model(name: str, tower: str = "vision", text_len: int | None = None, s
     text_len = 16 if text_len is None else text_len
     if family == "blip":
         return blip_model(name, text_len=text_len, new_tokens=new_tokens, **fields)
-    if family == "clip":
+    if family in ("clip", "siglip"):
         if tower not in ("vision", "text", "both"):
             raise ValueError(f"tower must be 'vision', 'text' or 'both', got {tower!r}")
         vision_cfg = dict(main, **fields) if tower != "text" else dict(main)
         text_cfg = dict(text, **fields) if tower == "text" else dict(text)
+    if family == "siglip":
+        if tower == "vision":
+            model = SiglipVisionModel(SiglipVisionConfig(**vision_cfg, attn_implementation=attn))
+        elif tower == "text":
+            model = SiglipTextModel(SiglipTextConfig(**text_cfg, attn_implementation=attn))
+        else:  # the text head projects to the image features' width
+            text_cfg["projection_size"] = vision_cfg["hidden_size"]
+            model = SiglipModel(SiglipConfig(text_config=text_cfg, vision_config=vision_cfg,
+                                             attn_implementation=attn))
+    elif family == "clip":
         if tower == "vision":
             model = CLIPVisionModel(CLIPVisionConfig(**vision_cfg, attn_implementation=attn))
         elif tower == "text":
@@ -131,6 +160,15 @@ def bench_model(name: str, tower: str = "vision", text_len: int | None = None, s
         mask[:, :text_len + 2] = 1
         return ids, mask
 
+    def siglip_text(batch_size: int, g: torch.Generator) -> torch.Tensor:
+        cfg = getattr(config, "text_config", config)
+        n = cfg.max_position_embeddings
+        if not 1 <= text_len <= n:
+            raise ValueError(f"text_len must be in [1, {n}]")
+        ids = torch.full((batch_size, n), cfg.pad_token_id, dtype=torch.long)
+        ids[:, :text_len] = torch.randint(2, cfg.vocab_size, (batch_size, text_len), generator=g)
+        return ids
+
     def make_inputs(batch_size: int) -> tuple:
         g = torch.Generator().manual_seed(0)
         if family == "bert":
@@ -139,6 +177,9 @@ def bench_model(name: str, tower: str = "vision", text_len: int | None = None, s
             return ids, torch.ones_like(ids)
         if family == "vit" or tower == "vision":
             return (images(batch_size, g),)
+        if family == "siglip":
+            ids = siglip_text(batch_size, g)
+            return (ids,) if tower == "text" else (ids, images(batch_size, g))
         ids, mask = clip_text(batch_size, g)
         if tower == "text":
             return ids, mask
