@@ -105,11 +105,13 @@ class ClassKeys(nn.Module):
     def forward(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None):
         ctx = self.ctx
         state = ctx.call.states.get(STREAM) if ctx.enabled else None
-        if state is not None:
-            if state.segments is not None or state.keep.shape[1] + 1 != k.shape[-2]:
-                raise RuntimeError(f"trimkit: a class-attention block read {k.shape[-2]} keys "
-                                   f"but the patch stream holds {state.keep.shape[1]} tokens "
-                                   f"and the class token")
+        if state is not None and state.segments is not None:
+            raise RuntimeError("trimkit: a class-attention block read the patches while they "
+                               "were packed; call the model (or forward_features), which "
+                               "unpacks them after the last self-attention block")
+        # patches that did not come from this call's blocks (a state of another length) are
+        # read as they are, like the model's own
+        if state is not None and state.keep.shape[1] + 1 == k.shape[-2]:
             bias = attention_bias(state, q.dtype, STREAM in ctx.proportional)
             if bias is not None:
                 bias = F.pad(bias, (1, 0))  # the class token: no bias
@@ -127,9 +129,12 @@ class _RouteClassAttention:
 
     def __call__(self, gm: fx.GraphModule) -> None:
         found = find_attention(gm)
-        if len(found) != 1 or found[0].get("mix") is not None:
+        if len(found) != 1:
             raise RewriteError(f"expected one attention product in {type(gm).__name__}, "
                                f"found {len(found)}")
+        if found[0].get("mix") is not None:
+            raise RewriteError(f"{type(gm).__name__} mixes its heads; trimkit's CaiT adapter "
+                               f"reads class attention of separate heads only")
         spec = found[0]
         gm.add_submodule("trimkit_keys", ClassKeys(self.ctx))
         dropout = spec["dropout"]

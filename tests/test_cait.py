@@ -259,3 +259,17 @@ def test_masked_training_reaches_the_token_trimmers_through_talking_heads():
     grads = [p.grad for n, p in model.named_parameters() if n.startswith("trimkit.")]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
     assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_class_attention_on_patches_of_its_own_reads_them_all():
+    """Patches handed to `forward_cls` by the caller, not left by this call's blocks, are
+    read as the model reads them, whatever the last trimmed forward left."""
+    model = factory()().eval()
+    (x,) = images()(2)
+    with torch.no_grad():
+        patches = model.blocks(model.patch_embed(x) + model.pos_embed)
+        ref = model.forward_cls(patches)
+        trimkit.apply(model, "tome", r=4, mode="compacted")
+        model(x)
+        assert trimkit.last_states(model)["image"].keep.shape == (2, 8)
+        assert torch.allclose(model.forward_cls(patches), ref, atol=1e-6)
