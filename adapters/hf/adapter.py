@@ -284,11 +284,15 @@ class PoolingHead:
         """The child's output back at the entry positions; remembers which trimmed tokens
         (and key bias) it came from, for the head."""
         restored = self.restore(module, args, output)
-        if restored is None or restored is output or self.head is None:
+        if self.head is None:
+            return restored
+        scratch = self._scratch()
+        scratch["restored"] = None  # nothing of an earlier call stays held
+        if restored is None or restored is output:
             return restored  # tokens in place: the head reads the output as it is
         state = self.ctx.states[self.stream]
         bias = attention_bias(state, output.dtype, self.stream in self.ctx.proportional)
-        self._scratch()["restored"] = (restored, output, bias)
+        scratch["restored"] = (restored, output, bias)
         return restored
 
     def before_head(self, module: nn.Module, args: tuple, kwargs: dict
