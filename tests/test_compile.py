@@ -190,6 +190,12 @@ def _other_adapter(name: str) -> tuple:
                               layers=2, eos_id=oc.EOT))
         pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
         return oc.factory(case), (pixels, oc.token_ids(3, 10, [9, 8, 7], seed=3)), oc.both
+    if name == "hf-siglip":  # both towers, left-padded text, the attention-pooling head
+        import test_siglip as sg
+
+        ids, mask = sg.text_batch(3)
+        return sg.hf_siglip, (ids, sg.images(3), mask), lambda out: torch.cat(
+            [out.image_embeds, out.text_embeds], -1)
     if name == "blip-itm":
         return (lambda: blip_models.make("itm", heads=2, layers=2),
                 blip_models.inputs("itm", 3, 6, True, 32, 3), blip_models.output("itm"))
@@ -225,7 +231,8 @@ def test_padded_models_compile_with_dynamic_shapes_and_match_eager(name):
 
 
 @pytest.mark.parametrize("name,recipe", [
-    ("hf-bert-padded", "tome"), ("hf-clip", "tome"), ("open_clip", "tome"),
+    ("hf-bert-padded", "tome"), ("hf-clip", "tome"), ("hf-siglip", "attn_prune"),
+    ("open_clip", "tome"),
     ("blip-itm", "tome"), ("blip-itm", "pumer"), ("meter", "tome"), ("meter", "pumer"),
     ("meter", "attn_prune"), ("meter", "prune_heads"), ("hf-bert-padded", "prune_heads")])
 def test_fixed_shapes_compile_padded_and_two_stream_models_as_one_graph(name, recipe):

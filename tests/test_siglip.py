@@ -294,6 +294,8 @@ def test_hf_text_pooled_last_position_is_protected_and_padding_there_refused():
     right[0, 5:] = 0  # right padding: the pooler would read a padding token
     with pytest.raises(ValueError, match="last position.*padding"):
         model(input_ids=ids, attention_mask=right)
+    with trimkit.fixed_shapes(), pytest.raises(RuntimeError, match="last position"):
+        model(input_ids=ids, attention_mask=right)  # decided in the graph there
     trimkit.remove(model)
     with torch.no_grad():
         model(input_ids=ids, attention_mask=right)  # the model's own behaviour again
@@ -371,3 +373,4 @@ def test_bench_preset_builds_and_trims(tower, recipe, options):
         model(*inputs)
         assert trimkit.last_stats(model).layers
         trimkit.remove(model)
+

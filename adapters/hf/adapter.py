@@ -69,6 +69,7 @@ from trimkit.hooks import (
 )
 from trimkit.ops import attention_bias
 from trimkit.sites import Site, TrimContext
+from trimkit.state import static_shapes
 
 from ..layouts import bert_heads
 from .attention import Binding, route_attention
@@ -352,12 +353,25 @@ def _entry_masks(tower: str, arguments: dict, module: nn.Module
         ids = ids.view(-1, ids.shape[-1])
         protected = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
         protected[:, -1] = True
-        if real is not None and not bool(real[:, -1].all()):
-            raise ValueError("trimkit: SiglipTextModel pools the last position, which this "
-                             "attention_mask marks as padding; a trimmed model cannot keep a "
-                             "padding token live. Pad on the left, or pass no attention_mask "
-                             "(SigLIP is trained on padding='max_length' without one)")
+        if real is not None:
+            _last_is_real(real)
     return real, protected
+
+
+_PADDED_LAST = ("trimkit: SiglipTextModel pools the last position, which this attention_mask "
+                "marks as padding; a trimmed model cannot keep a padding token live. Pad on "
+                "the left, or pass no attention_mask (SigLIP is trained on "
+                "padding='max_length' without one)")
+
+
+def _last_is_real(real: torch.Tensor) -> None:
+    """Refuse a padding mask whose last position is padding: a `ValueError`, or, where the
+    graph decides (``torch.compile``, `trimkit.fixed_shapes`), an assertion in the graph."""
+    last = real[:, -1].all()
+    if torch.compiler.is_compiling() or static_shapes():
+        torch._assert_async(last, _PADDED_LAST)
+    elif not bool(last):
+        raise ValueError(_PADDED_LAST)
 
 
 def _no_checkpointing(layer: nn.Module) -> None:
