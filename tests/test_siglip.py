@@ -61,8 +61,8 @@ def images(b: int) -> torch.Tensor:
 
 def timm_siglip(**kw) -> torch.nn.Module:
     torch.manual_seed(0)
-    cfg = dict(pretrained=False, img_size=32, patch_size=8, embed_dim=16, depth=2,
-               num_heads=2, num_classes=5, **kw)
+    cfg = dict(dict(pretrained=False, img_size=32, patch_size=8, embed_dim=16, depth=2,
+                    num_heads=2, num_classes=5), **kw)
     return _noise(timm.create_model("vit_base_patch16_siglip_224", **cfg))
 
 
