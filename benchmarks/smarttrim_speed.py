@@ -16,7 +16,9 @@ models, and prints two tables (medians of alternating runs, in one process):
    decisions: for each test example, the share of image tokens it kept entering each layer
    is mapped to the same relative depth of METER-base's image tower and fusion stack, and
    a batch's samples keep exactly those shares (one per example, so the spread within a
-   batch is the real one). Same columns.
+   batch is the real one). Same columns. ``--replay-on scenes`` replays them on the scenes
+   model instead (`scenes.SCENES_MODEL`, random weights, 257 image tokens, width 192, the
+   cached MiniLM features replaced by random ones): whether packing pays at width 192.
 """
 
 from __future__ import annotations
@@ -286,13 +288,27 @@ def _recorded_counts(model: nn.Module, test_set, n: int) -> dict[tuple[str, int]
     return {k: torch.cat(v) for k, v in tokens.items()}
 
 
+def _meter_call(model: nn.Module, images: torch.Tensor, text: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
+    """A METER forward on token ids, or on text features (float ``text``)."""
+    if text.is_floating_point():
+        return model(images, attention_mask=mask, text_embeds=text)
+    return model(images, text, mask)
+
+
 def _meter_base(smart: nn.Module, test_set, desc, args: argparse.Namespace) -> None:
     from trimkit.adapters.meter import METER, meter_base
 
-    _say("meter-base: recording the fine-tuned model's per-example decisions")
+    on = getattr(args, "replay_on", "meter-base")
+    _say(f"{on}: recording the fine-tuned model's per-example decisions")
     counts = _recorded_counts(smart, test_set, min(args.examples, len(test_set)))
     torch.manual_seed(0)
-    base = METER(meter_base()).eval()
+    if on == "scenes":
+        from .scenes import build_model
+
+        base = build_model(seed=0).eval()
+    else:
+        base = METER(meter_base()).eval()
     big = trimkit.describe(base)
     entry_small = {"image": float(desc.streams["image"].num_tokens
                                   - desc.streams["image"].num_protected)}
@@ -314,9 +330,12 @@ def _meter_base(smart: nn.Module, test_set, desc, args: argparse.Namespace) -> N
         del RECIPES[Replay.name]
     cfg = base.config
     g = torch.Generator().manual_seed(0)
+    # scenes: questions as MiniLM features (as the demo feeds them), 12 tokens
     singles = [(torch.randn(1, 3, cfg.image_size, cfg.image_size, generator=g),
-                torch.randint(3, cfg.vocab_size, (1, 40), generator=g),
-                torch.ones(1, 40, dtype=torch.long)) for _ in range(bs)]
+                torch.randn(1, 12, cfg.text_hidden, generator=g) if on == "scenes"
+                else torch.randint(3, cfg.vocab_size, (1, 40), generator=g),
+                torch.ones(1, 12 if on == "scenes" else 40, dtype=torch.long))
+               for _ in range(bs)]
     batch = tuple(torch.cat([s[i] for s in singles]) for i in range(3))
     stamped = [(i, *s) for i, s in enumerate(singles)]
     stamped_batch = (0, *batch)
@@ -326,21 +345,24 @@ def _meter_base(smart: nn.Module, test_set, desc, args: argparse.Namespace) -> N
             holder["offset"] = offset
             if mode is not None:
                 trimkit.set_mode(model, mode)
-            return model(*inputs)
+            return _meter_call(model, *inputs)
         return call
+
+    def fwd(model):
+        return lambda *inputs: _meter_call(model, *inputs)
 
     def flops(model) -> float:
         out = []
         for i, s in enumerate(singles):
             holder["offset"] = i
-            out.append(trimkit.count_flops(model, *s))
+            out.append(trimkit.count_flops(fwd(model), *s))
         return statistics.mean(out)
 
-    _say("meter-base: FLOPs and timing")
+    _say(f"{on}: FLOPs and timing")
     ratio = flops(base) / flops(trim)
     holder["offset"] = 0
-    padded = padded_flops(trim, trim, batch)
-    padded_ratio = None if padded is None else trimkit.count_flops(base, *batch) / padded
+    padded = padded_flops(trim, fwd(trim), batch)
+    padded_ratio = None if padded is None else trimkit.count_flops(fwd(base), *batch) / padded
     speeds = {}
     for b, inputs in ((1, stamped), (bs, stamped_batch)):
         times = time_calls([(at(base), inputs)] + [(at(trim, m), inputs) for m in MODES],
@@ -351,8 +373,10 @@ def _meter_base(smart: nn.Module, test_set, desc, args: argparse.Namespace) -> N
     trimkit.set_mode(trim, "auto")
     timed = torch.stack([s for k, s in sorted(shares.items())])[-1]
     print()
-    print(f"meter-base (published sizes, random weights) replaying the per-example image "
-          f"token shares of the first {len(kept)} easy-VQA test examples; share kept at the "
+    what = ("the scenes model (scenes.SCENES_MODEL: 257 image tokens, width 192, random "
+            "weights)" if on == "scenes" else "meter-base (published sizes, random weights)")
+    print(f"{what} replaying the per-example image token shares of the first {len(kept)} "
+          f"easy-VQA test examples; share kept at the "
           f"last layer {kept.mean():.2f} ± {kept.std():.2f} ({kept.min():.2f}–{kept.max():.2f}); "
           f"the {len(timed)} timed, evenly spread over them: {timed.mean():.2f} ± "
           f"{timed.std():.2f}")
@@ -370,6 +394,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--examples", type=int, default=1000,
                    help="test examples whose decisions METER-base replays (default 1000)")
     p.add_argument("--no-meter-base", action="store_true", help="the demo model only")
+    p.add_argument("--replay-on", choices=["meter-base", "scenes"], default="meter-base",
+                   help="the model that replays the decisions (default: meter-base; scenes: "
+                        "the scenes model, 192 wide)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--cache-dir", default=None,
                    help="cache of text features and fine-tuned models (default: the demo's)")
