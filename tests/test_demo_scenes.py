@@ -152,3 +152,26 @@ def test_a_shipped_fine_tune_is_used_only_with_its_own_settings(tmp_path, capsys
                              tag=bv.weights_digest(other), shipped=shipped)
     assert "other settings; skipped" in capsys.readouterr().err
     assert info3["path"] != str(shipped) and (tmp_path / "cache").exists()
+
+
+def test_the_ablation_measures_coverage_where_targets_are_given():
+    ab = pytest.importorskip("trimkit.benchmarks.smarttrim_ablation")
+    torch.manual_seed(0)
+    cfg = meter_tiny(num_heads=2, hidden_size=16, image_size=32, tasks=("vqa",))
+    model = trimkit.apply(METER(cfg).eval(), "attn_prune", keep_ratio=0.5)
+    data = _questions(6, cfg)
+    plain = ab.evaluate(model, data, data[:2], batch_size=4)
+    assert plain["object_kept"] is None and plain["patches_kept"] is None
+    every = ab.evaluate(model, data, data[:2], batch_size=4,
+                        targets=torch.ones(6, 16, dtype=torch.bool))
+    # an object owning every patch keeps what the whole image keeps
+    assert every["object_kept"] == pytest.approx(every["patches_kept"])
+    assert 0 < every["patches_kept"] < 1 and every["accuracy"] == plain["accuracy"]
+    corner = torch.zeros(6, 16, dtype=torch.bool)
+    corner[:, 0] = True  # one patch: kept or not, per question
+    got = ab.evaluate(model, data, data[:2], batch_size=4, targets=corner)
+    assert min(abs(got["object_kept"] - k / 6) for k in range(7)) < 1e-6
+    md = ab.table([dict(variant="x", change={}, target=0.5, steps=1, seconds=1.0,
+                        flops_ratio=2.0, delta=0.0, **got)])
+    assert "named object's patches kept" in md and md.splitlines()[2].endswith(
+        f"| {got['object_kept']:.1%} | {got['patches_kept']:.1%} |")
