@@ -517,7 +517,8 @@ def run(args: argparse.Namespace) -> int:
     cache = Path(args.cache_dir) if args.cache_dir else easy_vqa.default_cache_dir()
     out = Path(args.out)
     base, info = _baseline(args, cache)
-    test, train = _splits(task, not args.no_smarttrim)
+    # scenes: SmartTrim's fine-tune ships; scenes.smarttrim makes the train split if needed
+    test, train = _splits(task, not args.no_smarttrim and task.name != "scenes")
     test_set = _Questions(test, *easy_vqa.text_features(test.questions, cache))
     if args.questions:
         test_set = torch.utils.data.Subset(test_set, range(min(args.questions, len(test_set))))

@@ -504,12 +504,34 @@ def smarttrim(base: nn.Module, cache_dir: Path | None = None, *,
     cache = Path(cache_dir) if cache_dir is not None else ev.default_cache_dir()
     cfg = dict(SMARTTRIM_TUNING, **({} if steps is None else {"steps": steps}))
     options = dict(SMARTTRIM) if options is None else options
-    with ev._threads(threads):
+
+    def questions() -> torch.utils.data.Dataset:
         train = load_split("train")
-        train_set = _Questions(train, *ev.text_features(train.questions, cache))
-        return _fine_tune(base, ratio, train_set, cache, cfg, options,
+        return _Questions(train, *ev.text_features(train.questions, cache))
+
+    with ev._threads(threads):
+        # the train split is made only if a fine-tune runs (a shipped one needs none)
+        return _fine_tune(base, ratio, _Lazy(questions), cache, cfg, options,
                           tag=f"scenes {weights_digest(base)}",
                           shipped=SHIPPED_SMARTTRIM if shipped else None, out=out)
+
+
+class _Lazy(torch.utils.data.Dataset):
+    """The dataset ``make()`` returns, made on first use."""
+
+    def __init__(self, make: Callable[[], torch.utils.data.Dataset]):
+        self.make, self.data = make, None
+
+    def _get(self) -> torch.utils.data.Dataset:
+        if self.data is None:
+            self.data = self.make()
+        return self.data
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+    def __getitem__(self, i: int):
+        return self._get()[i]
 
 
 def build_model(seed: int = 0) -> nn.Module:
