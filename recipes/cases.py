@@ -184,8 +184,58 @@ def _prune_heads(desc: ModelDescription, entry: Mapping[str, int]) -> Any:
     return trial()
 
 
+def _fastv_fits(desc: ModelDescription, entry: Mapping[str, int]) -> str | None:
+    stream = desc.streams.get("language")
+    if stream is None or len(stream.layers) < 2:
+        return ("fastv needs a 'language' stream (a decoder VLM's language model) of at least "
+                "2 layers")
+    return None
+
+
+def _fastv(desc: ModelDescription, entry: Mapping[str, int]) -> Any:
+    st = require_hypothesis().strategies
+    depth = len(desc.streams["language"].layers)
+
+    @st.composite
+    def trial(draw: Callable) -> Trial:
+        options = dict(layer=draw(st.integers(1, depth - 1)), keep=draw(st.floats(0.05, 1.0)))
+        return options, dict(keep=1.0), False
+
+    return trial()
+
+
+def _visionzip_fits(desc: ModelDescription, entry: Mapping[str, int]) -> str | None:
+    image = desc.streams.get("image")
+    if image is None or not image.attention_layers():
+        return "visionzip needs an 'image' stream with self-attention layers"
+    if image.prefix or any(layer.cross_stream for layer in image.layers):
+        return ("visionzip reduces what a vision tower hands on; this image stream carries a "
+                "text prefix or meets another stream in its layers")
+    return None
+
+
+def _visionzip(desc: ModelDescription, entry: Mapping[str, int]) -> Any:
+    """Counts up to the fewest unprotected entry tokens (more are clamped); the zero case
+    keeps every token as dominant."""
+    st = require_hypothesis().strategies
+    layers = desc.streams["image"].attention_layers()
+    e = max(entry.get("image", 1), 1)
+
+    @st.composite
+    def trial(draw: Callable) -> Trial:
+        dominant = draw(st.integers(0, e))
+        contextual = draw(st.integers(0 if dominant else 1, e))
+        options = dict(dominant=dominant, contextual=contextual,
+                       layer=draw(st.sampled_from(layers)))
+        return options, dict(dominant=10**6, layer=layers[-1]), False
+
+    return trial()
+
+
 register_case("tome", Case(_tome, _tome_fits))
 register_case("attn_prune", Case(_attn_prune, _need_attention("attn_prune")))
 register_case("smarttrim", Case(_smarttrim))
 register_case("pumer", Case(_pumer, _need_attention("pumer")))
 register_case("prune_heads", Case(_prune_heads, _prune_heads_fits))
+register_case("fastv", Case(_fastv, _fastv_fits))
+register_case("visionzip", Case(_visionzip, _visionzip_fits))

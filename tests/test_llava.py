@@ -366,7 +366,7 @@ def test_bench_reports_the_kv_cache_each_prefill_leaves():
 
     rows = benchmark("llava:tiny", "fastv", {"keep": 0.25}, batch_sizes=[2], warmup=0,
                      repeats=1, memory=False)
-    assert [r.task for r in rows] == ["prefill", "generate", "per token"]
+    assert [r.task for r in rows] == ["prefill", "cache copy", "decode", "per token"]
     prefill = rows[0]
     # 32 text and 16 image tokens; the last 2 of 4 layers keep 4 image tokens
     assert prefill.cache_mb_trim / prefill.cache_mb_base == pytest.approx(
@@ -384,3 +384,39 @@ def test_masked_execution_keeps_every_slot_and_agrees_with_compacted():
     assert [cache.layers[j].get_seq_length() for j in range(4)] == [n] * 4
     torch.testing.assert_close(masked, compacted, atol=1e-5, rtol=0)
     assert torch.equal(_generate(m, inputs), tokens)
+
+
+# ------------------------------------------------------------------ the conformance kit
+
+def _kit_inputs(b: int) -> tuple:
+    x = batch([PROMPTS[i % len(PROMPTS)] for i in range(b)])
+    return x["input_ids"], x["pixel_values"], x["attention_mask"]
+
+
+def _other_padding(inputs: tuple) -> tuple:
+    ids, pixels, mask = inputs
+    return ids.masked_fill(mask == 0, 42), pixels, mask
+
+
+def test_fastv_passes_the_conformance_kit():
+    """Every invariant of one forward, left padding included. Vision-side recipes cannot
+    run on LLaVA's fixed inputs: they change how many <image> tokens a prompt needs."""
+    from trimkit.testing import check_adapter
+
+    report = check_adapter(model, _kit_inputs, recipes=["fastv"], max_examples=4,
+                           batch_sizes=(1, 3), perturb_padding=_other_padding)
+    assert set(report.checked) == {"fastv"}
+
+
+@pytest.mark.parametrize("vision", ["clip", "siglip"])
+def test_visionzip_passes_the_conformance_kit_on_a_tower(vision):
+    from trimkit.testing import check_adapter
+
+    def tower():
+        return model(vision=vision).model.vision_tower
+
+    def images(b: int) -> tuple:
+        return (torch.randn(b, 3, 32, 32, generator=torch.Generator().manual_seed(b)),)
+
+    report = check_adapter(tower, images, recipes=["visionzip"], max_examples=6)
+    assert set(report.checked) == {"visionzip"}

@@ -30,6 +30,10 @@ module does the rest, per instance and reversibly, with hooks (no forked model f
   their cache (FastV: they ran on all of them); ``cache.get_seq_length()`` (layer 0) keeps
   counting the prompt, so position ids stay right.
 
+The stream's token state (`trimkit.last_states`: one slot per kept token, ``source``
+mapping each prompt position to its slot) and per-layer counts (`trimkit.last_stats`) are
+published for inspection and the conformance kit; the layers never read them.
+
 Supported: a `transformers.DynamicCache` (full layers, no sliding window), attention
 implementations ``"sdpa"`` and ``"eager"``, a prefill that starts from an empty cache (a
 prefill that continues a cache is left untrimmed). Calls made while trimming is disabled
@@ -147,25 +151,31 @@ class DecoderStream:
         if x is None:
             x = found.get("input_ids")
         empty = cache is None or cache.get_seq_length() == 0
-        if (not self.ctx.enabled or x is None or not empty or candidates is None
-                or not self.pruning):
+        if not self.ctx.enabled or x is None or not empty:
             return
         b, n = x.shape[:2]
-        if candidates.shape != (b, n):
+        if candidates is not None and candidates.shape != (b, n):
             raise RuntimeError(f"trimkit: the language model got {n} tokens per sample but "
                                f"{tuple(candidates.shape)} image-token flags")
-        self._check_implementation()
         mask = call.attention_mask
         real = (torch.ones(b, n, dtype=torch.bool, device=x.device) if mask is None
                 or mask.dim() != 2 else mask.to(device=x.device, dtype=torch.bool))
-        call.mode, call.kept, call.real = "prefill", Kept(n), real
+        cand = (torch.zeros_like(real) if candidates is None
+                else candidates.to(x.device) & real)
         self.ctx.stats = [s for s in self.ctx.stats if s.stream != self.stream]
-        call.candidates = candidates.to(x.device) & real
+        # the stream's token state, for `trimkit.last_states` (the layers do not read it)
+        self.ctx.entry[self.stream] = (None, real & ~cand)
+        self.ctx.start(self.stream, x if x.dim() == 3 else x[..., None].float(), real)
+        if not self.pruning:
+            return
+        self._check_implementation()
+        call.mode, call.kept, call.real, call.candidates = "prefill", Kept(n), real, cand
 
     def after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         call = self.call()
         mode, kept, call.mode, call.cache = call.mode, call.kept, "off", None
         call.masks, call.positions, call.scores = {}, {}, {}
+        call.kept = call.real = call.candidates = call.attention_mask = None
         if mode != "prefill" or not kept.levels or output is None:
             return None
         level = kept.levels[-1]
@@ -277,7 +287,21 @@ class DecoderStream:
             _check_cache(cache, layer + 1)
             cache.__dict__[CACHE_ATTR] = kept
         y = _gather_rows(x, sel)
+        self._publish(y, new, call.candidates)
         return (y, *output[1:]) if isinstance(output, tuple) else y
+
+    def _publish(self, x: torch.Tensor, level: Level, candidates: torch.Tensor) -> None:
+        """The stream's token state after a drop: one slot per kept token (dead slots pad),
+        ``source`` mapping each entry token to its slot (-1: dropped or padding)."""
+        b, m = level.live.shape
+        slots = torch.arange(m, device=x.device).expand(b, m)
+        source = torch.full((b, int(candidates.shape[1])), -1, dtype=torch.long,
+                            device=x.device)
+        source.scatter_(1, level.index, torch.where(level.live, slots, -1))
+        protected = ~candidates.gather(1, level.index) & level.live
+        self.ctx.states[self.stream] = TokenState(
+            x=x, keep=level.live, size=torch.ones(b, m, dtype=x.dtype, device=x.device),
+            protected=protected, source=source, has_dead=bool((~level.live).any()))
 
     def _stats(self, layer: int, live: torch.Tensor, keep: torch.Tensor) -> None:
         site = self.sites[layer]
@@ -458,12 +482,10 @@ def install_decoder(patches: Patches, ctx: TrimContext, stream: str, lm: nn.Modu
     check_sites(sites, "trimkit's decoder stream")
     dec = DecoderStream(ctx, stream, lm, layers, sites, attention)
     intercepts: dict[nn.Module, Intercept] = {}
-    if not dec.pruning:
-        return dec, intercepts
     hooks = LanguageModelCall(dec)
     patches.hook(lm, hooks.before, pre=True, kwargs=True)
     patches.hook(lm, hooks.after, kwargs=True, always=True)
-    first = dec.pruning[0]
+    first = dec.pruning[0] if dec.pruning else len(layers)
     for i, layer in enumerate(layers):
         if i > first:
             patches.hook(layer, LayerBefore(dec, i), pre=True, kwargs=True)

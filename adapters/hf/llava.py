@@ -230,9 +230,9 @@ class LlavaAdapter(Adapter):
                 raise ValueError(f"{e}. Nothing was changed.") from None
             if intercepts:
                 patches.add(route_attention(model, intercepts))
-                patches.hook(inner, Placeholders(stream, inner.forward,
-                                                 inner.config.image_token_id),
-                             pre=True, kwargs=True)
+            patches.hook(inner, Placeholders(stream, inner.forward,
+                                             inner.config.image_token_id),
+                         pre=True, kwargs=True)
             patches.set(inner, "get_placeholder_mask",
                         CheckedPlaceholders(inner, "get_placeholder_mask"))
         return patches.undo
