@@ -133,9 +133,9 @@ def test_readme_commands_are_the_ones_ci_runs() -> None:
     readme = (ROOT / "README.md").read_text()
     blocks = [b.split("```", 1)[0].strip() for b in readme.split("```bash\n")[1:]]
     assert blocks[0] == 'pip install -e ".[dev]" && trimkit demo'
-    assert blocks[1] == "python -m pytest -q"
+    assert blocks[1] == "python -m pytest -q -n auto"
     ci = (ROOT / ".ci" / "run").read_text()
-    assert 'pip install -e ".[dev]"' in ci and '"$py" -m pytest -q' in ci
+    assert 'pip install -e ".[dev]"' in ci and '"$py" -m pytest -q -n auto' in ci
 
 
 def test_version_is_the_one_in_pyproject() -> None:
