@@ -115,6 +115,49 @@ def test_stats_and_flops():
     assert all(s["heads"] == 2 for s in stats.table())
 
 
+def test_layers_that_trim_nothing_add_no_exit_hooks_and_stats_count_when_read():
+    from trimkit.hooks import Exit
+
+    def exits(model):
+        return [i for i, block in enumerate(model.blocks)
+                if any(isinstance(h, Exit) for h in block._forward_hooks.values())]
+
+    x = torch.randn(2, 3, 32, 32)
+    model = tiny_vit()
+    ref = model(x)
+    trimkit.apply(model, "tome", r=0)
+    assert exits(model) == []  # nothing trims: no layer can pack, so no exit point
+    torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=0)
+    stats = trimkit.last_stats(model).layers
+    assert [s.tokens_in.tolist() for s in stats] == [[17, 17]] * 3
+    assert all(s.tokens_out.dtype == torch.long for s in stats)
+    trimkit.remove(model)
+    trimkit.apply(model, "tome", r=[0, 2, 0])
+    assert exits(model) == [1, 2]  # from the first layer with an op on
+    model(x)
+    stats = trimkit.last_stats(model).layers
+    assert [s.tokens_in.tolist() for s in stats] == [[17, 17], [17, 17], [15, 15]]
+    assert [s.tokens_out.tolist() for s in stats] == [[17, 17], [15, 15], [15, 15]]
+
+
+def test_rewritten_forwards_find_their_graph_by_the_call_and_retrace_nothing():
+    model = tiny_vit()
+    trimkit.apply(model, "tome", r=2)
+    x = torch.randn(2, 3, 32, 32)
+    ref = model(x)
+    specs = [m.__dict__["forward"] for m in model.modules() if "forward" in m.__dict__]
+    assert specs
+    caches = [(len(s.cache), len(s._positional)) for s in specs]
+    assert all(n >= 1 for _, n in caches)
+    assert torch.equal(model(x), ref)
+    model.train()
+    model(x)
+    model.eval()
+    assert torch.equal(model(x), ref)
+    assert [(len(s.cache), len(s._positional)) for s in specs] == [
+        (a + 1, b + 1) for a, b in caches]  # one more graph each: training mode
+
+
 def test_training_uses_masked_execution_and_backpropagates():
     model = tiny_vit().train()
     trimkit.apply(model, "tome", r=4)

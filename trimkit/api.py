@@ -239,12 +239,17 @@ def _install_exits(patches: Patches, model: nn.Module, desc: ModelDescription,
                    sites: dict[tuple[str, int], Site]) -> None:
     """An exit point at the output of each packable stream's layers (after whatever the
     adapter hooked there), where per-layer packing hands the batch back one row per
-    sample."""
+    sample. Only from the stream's first layer with an op on: a stream packs only once
+    some op has acted on it (`Site._run`), so before that (and in every layer of a recipe
+    that trims nothing there) the hook would run at each layer of each forward for
+    nothing."""
     for stream in desc.streams.values():
         if stream.name not in _packable(desc):
             continue
         for i, layer in enumerate(stream.layers):
-            patches.hook(model.get_submodule(layer.block), Exit(sites[(stream.name, i)]))
+            site = sites[(stream.name, i)]
+            if site.acted or len(site.post):
+                patches.hook(model.get_submodule(layer.block), Exit(site))
 
 
 def _run_ends(layers: tuple, i: int) -> bool:

@@ -98,10 +98,16 @@ class _Specialised:
         self._simple = all(p.kind == p.POSITIONAL_OR_KEYWORD for p in params)
         self._names = tuple(p.name for p in params)
         self._defaults = tuple(p.default for p in params)
+        #: graphs by `_call_key`, for calls that `_fast_bind` binds
+        self._positional: dict[tuple, fx.GraphModule] = {}
 
     def __getstate__(self) -> dict:
         # traced graphs are derived: a copy (deep or unpickled) traces its own when called
-        return dict(self.__dict__, cache={})
+        return dict(self.__dict__, cache={}, _positional={})
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.__dict__.setdefault("_positional", {})
 
     def _fast_bind(self, args: tuple, kwargs: dict) -> list | None:
         """Every parameter's value in order, or ``None`` where `inspect` must bind (other
@@ -132,6 +138,34 @@ class _Specialised:
         return dict(list(bound.arguments.items())[1:]), bound.args[1:], bound.kwargs
 
     def trace(self, args: tuple, kwargs: dict) -> tuple[fx.GraphModule, tuple, dict]:
+        key = self._call_key(args, kwargs)
+        if key is not None:
+            # the common call: its graph is found without binding the arguments by name
+            got = self._positional.get(key)
+            if got is not None:
+                return got, tuple(self._fast_bind(args, kwargs)), {}
+        gm, pos, kw = self._trace_by_name(args, kwargs)
+        if key is not None and not kw and self._fast_bind(args, kwargs) is not None:
+            self._positional[key] = gm
+        return gm, pos, kw
+
+    def _call_key(self, args: tuple, kwargs: dict) -> tuple | None:
+        """What picks this call's graph, from the call as given: the mode, each argument's
+        kind (a tensor) or value (None, a plain scalar, by type), keywords by name;
+        ``None`` where an argument is of another type or the signature is not simple."""
+        if not self._simple:
+            return None
+        kinds = []
+        for v in (*args, *kwargs.values()):
+            if isinstance(v, torch.Tensor):
+                kinds.append(torch.Tensor)
+            elif v is None or type(v) in (bool, int, float, str):
+                kinds.append((type(v), v))
+            else:
+                return None
+        return self.module.training, len(args), tuple(kwargs), tuple(kinds)
+
+    def _trace_by_name(self, args: tuple, kwargs: dict) -> tuple[fx.GraphModule, tuple, dict]:
         arguments, pos, kw = self._bind(args, kwargs)
         concrete = {name: value for name, value in arguments.items()
                     if not isinstance(value, torch.Tensor)}
@@ -162,8 +196,10 @@ class _Specialised:
 
     def __call__(self, *args, **kwargs):
         gm, pos, kw = self.trace(args, kwargs)
-        # positional: fx renames specialised parameters, so keywords would not match
-        return gm(*pos, **kw)
+        # positional: fx renames specialised parameters, so keywords would not match. The
+        # graph's forward directly: this already runs inside the module's own call (its
+        # hooks ran), and the graph module, private to this forward, has none of its own
+        return gm.forward(*pos, **kw)
 
 
 @dataclass

@@ -36,7 +36,7 @@ from .ops import (
     query_attention,
 )
 from .packed import Segments, segment_attention, unpack
-from .state import TokenState, static_shapes
+from .state import LiveCounts, TokenState, resolve_counts, static_shapes
 
 __all__ = ["CallRecord", "CrossScores", "LayerCost", "LayerStats", "Site", "SiteCall", "TokenOp",
            "TrimContext"]
@@ -74,16 +74,33 @@ class TokenOp(nn.Module):
         return 0.0
 
 
-@dataclass
 class LayerStats:
-    """Live tokens (per sample) entering a layer's attention and leaving the layer, and its
-    live self-attention heads (an int, or per sample when heads are gated)."""
+    """Live tokens (per sample, B long) entering a layer's attention and leaving the layer,
+    and its live self-attention heads (an int, or per sample when heads are gated). The
+    counts may be given as `trimkit.state.LiveCounts`, counted when first read: a forward
+    records them at every layer, and most are never read."""
 
-    stream: str
-    layer: int
-    tokens_in: torch.Tensor
-    tokens_out: torch.Tensor
-    heads: int | torch.Tensor
+    __slots__ = ("stream", "layer", "heads", "_tokens_in", "_tokens_out")
+
+    def __init__(self, stream: str, layer: int, tokens_in: torch.Tensor | LiveCounts,
+                 tokens_out: torch.Tensor | LiveCounts, heads: int | torch.Tensor):
+        self.stream, self.layer, self.heads = stream, layer, heads
+        self._tokens_in, self._tokens_out = tokens_in, tokens_out
+
+    @property
+    def tokens_in(self) -> torch.Tensor:
+        self._tokens_in = resolve_counts(self._tokens_in)
+        return self._tokens_in
+
+    @property
+    def tokens_out(self) -> torch.Tensor:
+        self._tokens_out = resolve_counts(self._tokens_out)
+        return self._tokens_out
+
+    def __repr__(self) -> str:
+        return (f"LayerStats(stream={self.stream!r}, layer={self.layer}, "
+                f"tokens_in={self.tokens_in!r}, tokens_out={self.tokens_out!r}, "
+                f"heads={self.heads!r})")
 
     def as_dict(self) -> dict:
         heads = self.heads if isinstance(self.heads, int) else self.heads.float().mean().item()
@@ -127,8 +144,8 @@ class SiteCall:
 
     #: what the site's attention core recorded for its ops (``TokenOp.needs``)
     captured: dict[str, torch.Tensor] = field(default_factory=dict)
-    #: B long: live tokens entering the layer's attention
-    tokens_in: torch.Tensor | None = None
+    #: B long: live tokens entering the layer's attention (or counted when read)
+    tokens_in: torch.Tensor | LiveCounts | None = None
     #: the soft counts of `LayerCost` gathered so far (while costs are recorded)
     cost: dict[str, torch.Tensor] = field(default_factory=dict)
     #: B×H per-instance gates on the heads of the self- and the cross-attention, set by this
@@ -329,11 +346,18 @@ class TrimContext:
 
 
 class _Point(nn.Module):
-    """Base of the three call points; holds its site without registering it as a child."""
+    """Base of the three call points; holds its site without registering it as a child.
+
+    A call goes straight to ``forward``: the points run several times in every layer of
+    every forward, and `nn.Module.__call__`'s hook dispatch cost more there than what they
+    do when a layer trims nothing. Nothing hooks them (they hold no parameters)."""
 
     def __init__(self, site: Site):
         super().__init__()
         object.__setattr__(self, "site", site)
+
+    def __call__(self, *args: object, **kwargs: object) -> object:
+        return self.forward(*args, **kwargs)
 
 
 class _Enter(_Point):
@@ -509,7 +533,7 @@ class Site(nn.Module):
             ctx.call.entered[(self.stream, self.pair)] = state
         entering = _soft_count(state.keep) if ctx.record_costs else None
         state = self._run(self.pre, state, acted=self.acted)
-        call.tokens_in = state.live_counts()
+        call.tokens_in = state.deferred_counts()
         if entering is not None:
             ops = [*self.pre, *self.post]
             call.cost = {"tokens_in": _soft_count(state.keep),
@@ -562,11 +586,11 @@ class Site(nn.Module):
                           acted=self.acted or bool(len(self.post)))
         call = self.call
         call.captured.clear()
-        tokens_in = call.tokens_in if call.tokens_in is not None else state.live_counts()
+        out = state.deferred_counts()
+        tokens_in = call.tokens_in if call.tokens_in is not None else out
         heads = (self.num_heads if call.head_gates is None
                  else (call.head_gates > 0).sum(1))
-        ctx.call.stats.append(LayerStats(self.stream, self.layer, tokens_in,
-                                         state.live_counts(), heads))
+        ctx.call.stats.append(LayerStats(self.stream, self.layer, tokens_in, out, heads))
         if ctx.record_costs and call.cost:
             ctx.call.costs.append(LayerCost(self.stream, self.layer,
                                             tokens_out=_soft_count(state.keep), **call.cost))

@@ -10,7 +10,8 @@ import torch
 
 from .packed import Segments
 
-__all__ = ["Known", "TokenState", "fixed_shapes", "static_shapes"]
+__all__ = ["Known", "LiveCounts", "TokenState", "fixed_shapes", "resolve_counts",
+           "static_shapes"]
 
 
 #: set by `fixed_shapes` (a count, so that nested uses restore it)
@@ -180,5 +181,46 @@ class TokenState:
         return replace(self, known=Known(self.keep, self.protected, dead, prefix))
 
     def with_x(self, x: torch.Tensor) -> TokenState:
-        """The same decisions around new hidden states."""
-        return replace(self, x=x)
+        """The same decisions around new hidden states. A shallow copy of the fields, not
+        `dataclasses.replace`, which re-runs ``__init__`` through the fields' introspection:
+        this runs twice per layer and stream in every trimmed forward."""
+        new = object.__new__(TokenState)
+        new.__dict__.update(self.__dict__)
+        new.x = x
+        return new
+
+    def deferred_counts(self) -> torch.Tensor | LiveCounts:
+        """`live_counts`, or where that would run ops on every layer of a forward only to be
+        read by `trimkit.last_stats`, a `LiveCounts` that counts when first read: from the
+        known dead count, or from this ``keep`` (hard, so holding it holds no graph)."""
+        if self.segments is not None or (self.keep.dtype != torch.bool
+                                         and self.dead_count is None):
+            return self.live_counts()
+        return LiveCounts(self.keep, self.dead_count)
+
+
+class LiveCounts:
+    """Live tokens per sample of a state (B long), counted when first read (`resolve`): the
+    per-layer statistics of a forward are mostly never read, and counting them is a few
+    tensor ops per layer. ``dead``: dead tokens per sample where known, so the count needs
+    no read of ``keep`` at all."""
+
+    __slots__ = ("keep", "dead", "_value")
+
+    def __init__(self, keep: torch.Tensor, dead: int | None = None):
+        self.keep, self.dead = keep, dead
+        self._value: torch.Tensor | None = None
+
+    def resolve(self) -> torch.Tensor:
+        """The counts (B long), computed once."""
+        if self._value is None:
+            b, n = self.keep.shape
+            self._value = (torch.full((b,), n - self.dead, dtype=torch.long,
+                                      device=self.keep.device)
+                           if self.dead is not None else self.keep.sum(1))
+        return self._value
+
+
+def resolve_counts(counts: torch.Tensor | LiveCounts) -> torch.Tensor:
+    """``counts`` as a tensor (B long)."""
+    return counts.resolve() if isinstance(counts, LiveCounts) else counts
