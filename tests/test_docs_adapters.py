@@ -79,7 +79,8 @@ def test_the_page_has_the_steps():
     for step in ("@trimkit.register_adapter", "UnsupportedModelError", '"tome"', '"pumer"',
                  '"smarttrim"', "last_stats", "check_adapter(make_model, make_inputs",
                  "HeadLayout", "num_protected", "padded=True", "mask_arg", "cross_attention",
-                 "cross_stream", 'prefix="text"', "hooks.EntryOutput", "seed=0"):
+                 "cross_stream", 'prefix="text"', "hooks.EntryOutput", "seed=0",
+                 "install_decoder", '"fastv"'):
         assert step in code, step
     toml = next(body for lang, body, *_ in blocks if lang == "toml")
     assert '[project.entry-points."trimkit.adapters"]' in toml
