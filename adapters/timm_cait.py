@@ -13,7 +13,6 @@ recipe uses proportional attention (as every cross-attention reads a trimmed str
 from __future__ import annotations
 
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -27,7 +26,7 @@ from trimkit import (
 )
 from trimkit.hooks import MethodPatch, Patches, Undo
 from trimkit.ops import attention_bias, size_weighted_mean
-from trimkit.rewrite import RewriteError, find_attention, patch_forward
+from trimkit.rewrite import RouteAttention, patch_forward
 from trimkit.sites import Site, TrimContext
 
 STREAM = "image"
@@ -86,7 +85,8 @@ class TimmCaitAdapter(Adapter):
         with Patches() as patches:
             patches.add(*super().install(model, desc, sites, ctx))
             for blk in model.blocks_token_only or ():
-                patches.add(patch_forward(blk.attn, _RouteClassAttention(ctx)).undo)
+                route = RouteAttention(ClassKeys(ctx), "trimkit_keys", mixes=False)
+                patches.add(patch_forward(blk.attn, route).undo)
             if model.global_pool == "avg":
                 patches.set(model, "forward_head", _SizeWeightedHead(model, ctx))
         return patches.undo
@@ -119,39 +119,6 @@ class ClassKeys(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                               dropout_p=dropout_p, is_causal=is_causal,
                                               scale=scale)
-
-
-class _RouteClassAttention:
-    """Graph edit: the class attention's one product becomes a call of `ClassKeys`."""
-
-    def __init__(self, ctx: TrimContext):
-        self.ctx = ctx
-
-    def __call__(self, gm: fx.GraphModule) -> None:
-        found = find_attention(gm)
-        if len(found) != 1:
-            raise RewriteError(f"expected one attention product in {type(gm).__name__}, "
-                               f"found {len(found)}")
-        if found[0].get("mix") is not None:
-            raise RewriteError(f"{type(gm).__name__} mixes its heads; trimkit's CaiT adapter "
-                               f"reads class attention of separate heads only")
-        spec = found[0]
-        gm.add_submodule("trimkit_keys", ClassKeys(self.ctx))
-        dropout = spec["dropout"]
-        if isinstance(dropout, str):
-            mod = gm.get_submodule(dropout)
-            dropout = float(getattr(mod, "p", 0.0)) if mod.training else 0.0
-        out = spec["out"]
-        with gm.graph.inserting_before(out):
-            new = gm.graph.call_module("trimkit_keys", (spec["q"], spec["k"], spec["v"]), dict(
-                attn_mask=spec["attn_mask"], dropout_p=dropout, is_causal=spec["is_causal"],
-                scale=spec["scale"]))
-        out.replace_all_uses_with(new)
-        gm.graph.erase_node(out)
-        for node in spec["erase"]:
-            if not node.users:
-                gm.graph.erase_node(node)
-        gm.graph.eliminate_dead_code()
 
 
 class _SizeWeightedHead(MethodPatch):

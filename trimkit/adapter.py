@@ -16,8 +16,7 @@ from .heads import MULTIHEAD_TYPES, HeadKey, prune_heads
 from .hooks import Patches, Undo
 from .mha import route_multihead_attention
 from .rewrite import (
-    RewriteError,
-    find_attention,
+    RouteAttention,
     insert_after_output,
     insert_after_residual,
     insert_at_input,
@@ -62,41 +61,6 @@ class Adapter:
         anything, and leave a model whose `describe` gives the new head counts.
         """
         prune_heads(model, desc, keep)
-
-
-class _RouteAttention:
-    """Graph edit: the module's one attention product becomes a call of ``core``."""
-
-    def __init__(self, core: nn.Module):
-        self.core = core
-
-    def __call__(self, gm: fx.GraphModule) -> None:
-        found = find_attention(gm)
-        if len(found) != 1:
-            raise RewriteError(f"expected one attention product in {type(gm).__name__}, "
-                               f"found {len(found)}")
-        spec = found[0]
-        gm.add_submodule("trimkit_core", self.core)
-        dropout = spec["dropout"]
-        if isinstance(dropout, str):
-            mod = gm.get_submodule(dropout)
-            dropout = float(getattr(mod, "p", 0.0)) if mod.training else 0.0
-        out = spec["out"]
-        kwargs = dict(attn_mask=spec["attn_mask"], dropout_p=dropout,
-                      is_causal=spec["is_causal"], scale=spec["scale"])
-        with gm.graph.inserting_before(out):
-            if spec.get("mix") is not None:  # talking heads: the core mixes them
-                kwargs["mix"] = tuple(None if t is None else gm.graph.get_attr(t)
-                                      for t in spec["mix"])
-                self.core.mixes_heads()
-            new = gm.graph.call_module("trimkit_core", (spec["q"], spec["k"], spec["v"]),
-                                       kwargs)
-        out.replace_all_uses_with(new)
-        gm.graph.erase_node(out)
-        for node in spec["erase"]:
-            if not node.users:
-                gm.graph.erase_node(node)
-        gm.graph.eliminate_dead_code()
 
 
 class _RouteBlock:
@@ -165,6 +129,6 @@ def install_fx_sites(model: nn.Module, desc: ModelDescription,
                     if isinstance(module, MULTIHEAD_TYPES):
                         patches.add(route_multihead_attention(module, core).undo)
                     else:
-                        patches.add(patch_forward(module, _RouteAttention(core)).undo)
+                        patches.add(patch_forward(module, RouteAttention(core)).undo)
                 patches.add(patch_forward(block, _RouteBlock(site, layer)).undo)
     return patches.undo

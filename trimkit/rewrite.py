@@ -468,3 +468,42 @@ def insert_after_residual(gm: fx.GraphModule, after_module: str, submodule: str)
     with gm.graph.inserting_after(res):
         new = gm.graph.call_module(submodule, (res,))
     res.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
+
+
+class RouteAttention:
+    """Graph edit: the module's one attention product becomes a call of ``core`` (a
+    submodule named ``name``). Talking heads (`find_attention`'s ``mix``) are handed to the
+    core when ``mixes`` allows it, and refused with a `RewriteError` otherwise."""
+
+    def __init__(self, core: nn.Module, name: str = "trimkit_core", mixes: bool = True):
+        self.core, self.name, self.mixes = core, name, mixes
+
+    def __call__(self, gm: fx.GraphModule) -> None:
+        found = find_attention(gm)
+        if len(found) != 1:
+            raise RewriteError(f"expected one attention product in {type(gm).__name__}, "
+                               f"found {len(found)}")
+        spec = found[0]
+        if spec.get("mix") is not None and not self.mixes:
+            raise RewriteError(f"{type(gm).__name__} mixes its heads; {type(self.core).__name__}"
+                               f" reads the attention of separate heads only")
+        gm.add_submodule(self.name, self.core)
+        dropout = spec["dropout"]
+        if isinstance(dropout, str):
+            mod = gm.get_submodule(dropout)
+            dropout = float(getattr(mod, "p", 0.0)) if mod.training else 0.0
+        out = spec["out"]
+        kwargs = dict(attn_mask=spec["attn_mask"], dropout_p=dropout,
+                      is_causal=spec["is_causal"], scale=spec["scale"])
+        with gm.graph.inserting_before(out):
+            if spec.get("mix") is not None:  # talking heads: the core mixes them
+                kwargs["mix"] = tuple(None if t is None else gm.graph.get_attr(t)
+                                      for t in spec["mix"])
+                self.core.mixes_heads()
+            new = gm.graph.call_module(self.name, (spec["q"], spec["k"], spec["v"]), kwargs)
+        out.replace_all_uses_with(new)
+        gm.graph.erase_node(out)
+        for node in spec["erase"]:
+            if not node.users:
+                gm.graph.erase_node(node)
+        gm.graph.eliminate_dead_code()
