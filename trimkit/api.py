@@ -372,7 +372,7 @@ class _ForwardModuleTracker(ModuleTracker):
     """torch's `ModuleTracker`, which the flop counter attributes FLOPs with, without its
     backward hooks while gradients are off: it registers them on a module's inputs that
     require grad, which fails for a view of a parameter made under ``no_grad`` (it requires
-    grad but has no grad_fn: a class token expanded and handed to a block, as in CaiT)."""
+    grad but has no grad_fn: a class token expanded and handed to a block that enters late)."""
 
     def _fw_pre_hook(self, mod: nn.Module, input: Any) -> None:
         if torch.is_grad_enabled():
