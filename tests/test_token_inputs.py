@@ -66,13 +66,19 @@ def test_a_dropped_token_loses_its_row_a_merged_one_keeps_a_member_s_and_leading
     assert out[0, :, 0].tolist() == [0, 2, 3, 4] and out[1, :, 0].tolist() == [0, 1, 2, 4]
     # a 2-D table combined with per-head queries gains its batch axis and a head axis
     assert gather_token_input(table, state, axis=-2, rank=4).shape == (2, 1, 4, 3)
-    # merged: token 3 into token 2, the slot of the pair stands at its latest entry position
+    # merged: token 3 into token 2, the pair keeps the destination's row (entry token 2's),
+    # not its latest member's; and the other way round, token 2 into token 4
     merged = _state(1)
     one = torch.ones(1, 1, dtype=torch.bool)
     merged = merge_tokens(merged, torch.tensor([[3]]), torch.tensor([[2]]), one)
     merged, _ = trimkit.ops.compact(merged)
+    assert merged.entry.tolist() == [[0, 1, 2, 4, 5]]
     rows = gather_token_input(table, merged, axis=-2, rank=3)[0, :, 0].tolist()
-    assert rows == [0, 2, 3, 4]  # entry tokens 1, {2, 3} (at 3), 4, 5
+    assert rows == [0, 1, 3, 4]  # entry tokens 1, {2, 3} (at 2), 4, 5
+    later = merge_tokens(_state(1), torch.tensor([[2]]), torch.tensor([[4]]), one)
+    later, _ = trimkit.ops.compact(later)
+    rows = gather_token_input(table, later, axis=-2, rank=3)[0, :, 0].tolist()
+    assert rows == [0, 2, 3, 4]  # entry tokens 1, 3, {2, 4} (at 4), 5
     with pytest.raises(RuntimeError, match="3 lead uncovered"):
         gather_token_input(table[1:], state, leading=3)
     with pytest.raises(RuntimeError, match="7 rows"):
@@ -138,6 +144,39 @@ def test_eva02_trims_and_its_rotary_rows_follow_the_tokens():
         rows = torch.stack([rope[o[1:] - 1] for o in order])[:, None]
         ref = model.norm(model.blocks[1](h, rope=rows))
     assert torch.allclose(out[:, :1], ref[:, :1], atol=1e-5)
+
+
+def test_a_merged_eva02_token_takes_its_destination_s_rotary_row_in_every_mode():
+    """ToMe merges set A (even positions) into set B (odd ones): a merged token stands at
+    its B destination's entry position, so the next block rotates it with the destination's
+    row, not with its latest member's; masked, compacted and packed execution agree."""
+    torch.manual_seed(0)
+    model = eva02().eval()
+    x = images(42)(3)[0]
+    rope = model.rope.get_embed()
+    trimkit.apply(model, "tome", r=[4], track_source=True)
+    seen = []
+    model.blocks[1].attn.register_forward_pre_hook(
+        lambda m, a, k: seen.append(k["rope"]), with_kwargs=True)
+    outs = {}
+    with torch.no_grad():
+        for mode in ("masked", "compacted", "packed"):
+            trimkit.set_mode(model, mode)
+            outs[mode] = model.forward_features(x)[:, 0]
+            state = trimkit.last_states(model)["image"]
+            if mode == "compacted":
+                source, entry, rows = state.source, state.entry, seen[-1]
+    assert torch.allclose(outs["masked"], outs["compacted"], atol=1e-5)
+    assert torch.allclose(outs["packed"], outs["compacted"], atol=1e-5)
+    later = 0  # groups whose latest member is not their destination
+    for b in range(3):
+        for slot in range(1, entry.shape[1]):
+            members = torch.nonzero(source[b] == slot).flatten().tolist()
+            dest = [e for e in members if e % 2] if len(members) > 1 else members
+            assert len(dest) == 1 and entry[b, slot] == dest[0], (b, slot, members)
+            assert torch.equal(rows[b, 0, slot - 1], rope[dest[0] - 1])
+            later += max(members) != dest[0]
+    assert later > 0
 
 
 # ----------------------------------------- a table over every token: packed execution too

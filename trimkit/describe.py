@@ -63,14 +63,19 @@ class TokenInput:
     - ``leading``: how many leading tokens of every sample the input does not cover (the
       model slices them off before using it, e.g. a CLS token it does not rotate); ``None``
       when only the call tells: the input covers the last M of the N0 entry tokens, and
-      the N0 − M before them must be protected. A stream packs only where every input
-      covers every token (``leading=0``).
+      the N0 − M before them must be protected.
+    - ``neutral``: the row that leaves a token as it is (`trimkit.ops.NEUTRAL_ROWS`:
+      ``"sin-cos"`` for a rotary table of sines then cosines, ``"cos-sin"``, ``"ones"``,
+      ``"zeros"``), or ``None``. A packed sequence holds every sample's leading tokens but
+      the model skips only the first sample's, so the others take this row. A stream packs
+      only where every input covers every token (``leading=0``) or states its neutral row.
     """
 
     arg: str
     axis: int = -2
     rank: int | None = None
     leading: int | None = None
+    neutral: str | None = None
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ __all__ = [
     "fuse_tokens",
     "gather_entry_mask",
     "gather_token_input",
+    "token_entries",
     "gumbel_sigmoid_st",
     "keep_top",
     "keep_count",
@@ -496,8 +497,9 @@ def permute_tokens(state: TokenState, order: torch.Tensor, *, prefix_kept: bool 
     if state.source is not None:
         slots = torch.arange(order.shape[1], device=order.device).expand_as(order)
         source = _remap_source(state.source, torch.empty_like(order).scatter(1, order, slots))
+    entry = None if state.entry is None else state.entry.gather(1, order)
     new = replace(state, x=x, keep=keep, size=size, protected=protected, source=source,
-                  packed=False)
+                  entry=entry, packed=False)
     return new.knowing(state.dead_count, state.protected_prefix if prefix_kept else None)
 
 
@@ -682,8 +684,13 @@ def _gather_slots(state: TokenState, idx: torch.Tensor, pad: torch.Tensor | None
     if state.source is not None:
         smap = torch.full((b, n), -1, dtype=torch.long, device=idx.device).scatter(1, idx, slots)
         source = _remap_source(state.source, smap)
+    entry = state.entry
+    if entry is not None:
+        entry = entry.gather(1, idx)
+        if pad is not None:
+            entry = entry.masked_fill(pad, state.source.shape[1] - 1)
     return replace(state, x=x, keep=keep, size=size, protected=protected, source=source,
-                   packed=True)
+                   entry=entry, packed=True)
 
 
 # ------------------------------------------------------------------ entry positions (``source``)
@@ -708,18 +715,42 @@ def entry_positions(state: TokenState) -> torch.Tensor:
     return pos.masked_fill(pos < 0, n0 - 1)
 
 
+def token_entries(state: TokenState) -> torch.Tensor:
+    """B×N long (1×ΣN packed): the entry position whose per-token inputs each current token
+    takes (`TokenState.entry`: its own, a merged token its destination's). A state that
+    carries no ``entry`` (published by an adapter) falls back on `entry_positions`."""
+    if state.entry is not None:
+        return state.entry
+    segments = state.segments
+    if segments is None:
+        return entry_positions(state)
+    pos = _entry_positions(state.source, max(segments.lengths, default=0))
+    live = torch.arange(pos.shape[1], device=pos.device)[None] < torch.tensor(
+        segments.lengths, device=pos.device)[:, None]
+    return pos[live][None]
+
+
+#: rows that leave a token as it is, by `trimkit.describe.TokenInput.neutral`, as the
+#: halves (first, second) of the row
+NEUTRAL_ROWS = {"sin-cos": (0.0, 1.0), "cos-sin": (1.0, 0.0), "ones": (1.0, 1.0),
+                "zeros": (0.0, 0.0)}
+
+
 def gather_token_input(value: torch.Tensor, state: TokenState, *, axis: int = -2,
-                       rank: int | None = None, leading: int | None = None) -> torch.Tensor:
+                       rank: int | None = None, leading: int | None = None,
+                       neutral: str | None = None) -> torch.Tensor:
     """A block input indexed by the stream's entry tokens (`trimkit.describe.TokenInput`:
     a rotary table, position ids) gathered so that its rows follow the current tokens:
-    each token takes the row of its entry position (`entry_positions`; a merged token its
-    latest member's), a dropped token's row is gone, padding slots take some valid row.
+    each token takes the row of its entry position (`token_entries`: a merged token its
+    destination's), a dropped token's row is gone, padding slots take some valid row.
 
     ``value`` covers the last M of the N0 entry tokens along ``axis``; the first
     N0 − M tokens (``leading``, when stated) stay in the first slots (they must be
     protected) and get no row. Shared by the batch (rank below ``rank``), it gains a batch
-    axis in front. In packed execution the rows of each sample's segment are concatenated
-    (only where ``leading`` is 0). Needs ``state.source``."""
+    axis in front. In packed execution the rows of each sample's segment are concatenated;
+    where M < N0 the model skips only the sequence's first N0 − M tokens, so the leading
+    tokens of the later samples take the ``neutral`` row (`NEUTRAL_ROWS`, along the last
+    axis), which leaves them as they are. Needs ``state.source``."""
     if axis >= 0:
         raise ValueError(f"the token axis of a token input is counted from the end, got {axis}")
     src = state.source
@@ -739,23 +770,31 @@ def gather_token_input(value: torch.Tensor, state: TokenState, *, axis: int = -2
         raise RuntimeError(f"trimkit: a token input of shape {tuple(value.shape)} holds "
                            f"{value.shape[0]} samples, the batch has {b}")
     segments = state.segments
-    if segments is not None:
-        if lead:
-            raise RuntimeError("trimkit: a token input that leaves leading tokens uncovered "
-                               "cannot follow a packed stream")
-        n = max(segments.lengths, default=0)
-        pos = _entry_positions(src, n)
-    else:
-        pos = entry_positions(state)[:, lead:] - lead
-    table = value.movedim(axis, 1).expand(b, *value.movedim(axis, 1).shape[1:])
+    table = value.movedim(axis, 1)
     rest = table.shape[2:]
-    idx = pos.reshape(*pos.shape, *(1,) * len(rest)).expand(*pos.shape, *rest)
-    out = table.gather(1, idx)
-    if segments is not None:
-        live = torch.arange(pos.shape[1], device=pos.device)[None] < torch.tensor(
-            segments.lengths, device=pos.device)[:, None]
-        out = out[live][None]
-    return out.movedim(1, axis)
+    pos = token_entries(state)
+    if segments is None:
+        pos = pos[:, lead:] - lead
+        table = table.expand(b, *table.shape[1:])
+        idx = pos.reshape(*pos.shape, *(1,) * len(rest)).expand(*pos.shape, *rest)
+        return table.gather(1, idx).movedim(1, axis)
+    # packed: row ``pos - lead`` of each token's own sample, in one flat gather
+    if lead and neutral not in NEUTRAL_ROWS:
+        raise RuntimeError("trimkit: a token input that leaves leading tokens uncovered "
+                           "cannot follow a packed stream unless it states its neutral row "
+                           "(TokenInput.neutral)")
+    pos = pos[0, lead:]
+    flat = (pos - lead).clamp_min(0)
+    if table.shape[0] == 1:
+        out = table[0][flat]
+    else:
+        out = table.reshape(b * m, *rest)[segments.ids(pos.device)[lead:] * m + flat]
+    if lead:
+        first, second = NEUTRAL_ROWS[neutral]
+        w = out.shape[-1]
+        row = torch.cat([out.new_full((w - w // 2,), first), out.new_full((w // 2,), second)])
+        out = torch.where((pos < lead).reshape(-1, *(1,) * len(rest)), row, out)
+    return out[None].movedim(1, axis)
 
 
 def _entry_positions(src: torch.Tensor, n: int) -> torch.Tensor:

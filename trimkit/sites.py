@@ -560,7 +560,7 @@ class Site(nn.Module):
         if state is None or state.source is None:
             return value
         return gather_token_input(value, state, axis=spec.axis, rank=spec.rank,
-                                  leading=spec.leading)
+                                  leading=spec.leading, neutral=spec.neutral)
 
     def exit_(self, x: torch.Tensor) -> torch.Tensor:
         """At the layer's output (after its MLP): under per-layer packing
@@ -872,9 +872,11 @@ def pack_state(state: TokenState) -> TokenState:
         return state
     live = state.keep
     counts = live.sum(1).tolist()
+    entry = None if state.entry is None else state.entry[live][None]
     return replace(state, x=state.x[live][None], keep=live[live][None],
                    size=state.size[live][None], protected=state.protected[live][None],
-                   has_dead=False, known=None, segments=Segments.from_lengths(counts))
+                   entry=entry, has_dead=False, known=None,
+                   segments=Segments.from_lengths(counts))
 
 
 def unpack_state(state: TokenState) -> TokenState:
@@ -884,7 +886,10 @@ def unpack_state(state: TokenState) -> TokenState:
     x, real = unpack(state.x, segs)
     size = unpack(state.size, segs, fill=1.0)[0]
     protected = unpack(state.protected, segs)[0]
-    return replace(state, x=x, keep=real, size=size, protected=protected,
+    entry = state.entry
+    if entry is not None:
+        entry = unpack(entry, segs, fill=state.source.shape[1] - 1)[0]
+    return replace(state, x=x, keep=real, size=size, protected=protected, entry=entry,
                    has_dead=min(segs.lengths, default=0) < real.shape[1], known=None,
                    segments=None)
 

@@ -84,6 +84,11 @@ class TokenState:
       modality (`trimkit.describe.StreamDesc.prefix`: a single-stream VLM's text), padding
       included; the same for the whole batch. A token is in the prefix when its entry
       position is below it (`trimkit.ops.prefix_tokens`, which needs ``source``). 0: none.
+    - ``entry``: B×N long (1×ΣN packed), the entry position each token carries: its own,
+      kept through drops and reorders; a merged token keeps its destination's (the token it
+      was merged into), a fused token the slot's. What per-token inputs (rotary tables,
+      position ids) are gathered at (`trimkit.ops.gather_token_input`). Padding slots hold
+      N0 − 1. Tracked with ``source``; ``None`` when not tracked.
     """
 
     x: torch.Tensor
@@ -97,6 +102,7 @@ class TokenState:
     known: Known | None = None
     segments: Segments | None = None
     prefix: int = 0
+    entry: torch.Tensor | None = None
 
     @classmethod
     def start(
@@ -131,16 +137,16 @@ class TokenState:
             prot = prot | protected.to(device=dev, dtype=torch.bool)
         prot = prot & keep
         size = torch.ones(b, n, dtype=x.dtype, device=dev)
-        source = None
+        source = entry = None
         if track_source:
-            source = torch.arange(n, device=dev).expand(b, n).clone()
-            source = source.masked_fill(~keep, -1)
+            entry = torch.arange(n, device=dev).expand(b, n)
+            source = entry.masked_fill(~keep, -1)
         known = None
         if padding_mask is None:
             first = num_protected if protected is None and not prefix else None
             known = Known(keep, prot, 0, first)
         return cls(x=x, keep=keep, size=size, protected=prot, source=source,
-                   has_dead=has_dead, known=known, prefix=prefix)
+                   has_dead=has_dead, known=known, prefix=prefix, entry=entry)
 
     @property
     def live(self) -> torch.Tensor:
