@@ -81,6 +81,9 @@ class Discovery:
 
     streams: dict[str, StreamDesc]
     problems: list[str]
+    #: positional streams whose masks come only from their blocks' inputs (none computed
+    #: inside an attention module): they pack in a call that passes none
+    input_masked: frozenset[str] = frozenset()
 
 
 # ------------------------------------------------------------------------ graph reading
@@ -437,26 +440,27 @@ def _placeholder(gm: fx.GraphModule, name: str) -> fx.Node | None:
 
 
 def _side_inputs(block: nn.Module, child: str, names: list[str]
-                 ) -> tuple[bool, tuple[TokenInput, ...]] | str:
+                 ) -> tuple[bool, tuple[TokenInput, ...], tuple[str, ...]] | str:
     """What the block's optional inputs ``names`` are, read from the graphs with each given
-    as a tensor: ``(masks, token_inputs)``, where ``masks`` says some input reaches the
-    attention's mask (a bias over the entry tokens, read at their entry positions) and
+    as a tensor: ``(masks, token_inputs, inner)``, where ``masks`` says some input reaches
+    the attention's mask (a bias over the entry tokens, read at their entry positions) and
     ``token_inputs`` are those that reach its queries and keys only (rotary tables,
-    rows per token: gathered to follow the tokens); else why one is neither. A block that
-    does not trace with them given has them read as masks, checked at each call."""
+    rows per token: gathered to follow the tokens), ``inner`` the name under which ``child``
+    receives each; else why one is neither. A block that does not trace with them given
+    has them read as masks, checked at each call."""
     if not names:
-        return False, ()
+        return False, (), ()
     try:
         gm = trace_module(block, tuple(names))
     except RewriteError:
         # a module that branches on them in Python (torch's own layers): read as masks,
         # as before; the check at each call stays the net (`_check_side_inputs`)
-        return True, ()
+        return True, (), ()
     calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == child]
     module = block.get_submodule(child)
     params = [p.name for p in list(inspect.signature(type(module).forward).parameters.values())
               [1:]]
-    masks, tokens = False, []
+    masks, tokens, receives = False, [], []
     for name in names:
         node = _placeholder(gm, name)
         if node is None or not node.users:
@@ -485,11 +489,70 @@ def _side_inputs(block: nn.Module, child: str, names: list[str]
             masks = True
         elif (reaches("q") or reaches("k")) and not reaches("v") and not reaches("attn_mask"):
             tokens.append(TokenInput(name, axis=-2, rank=4))  # combined with B×H×N×d q, k
+            receives.append(inner[0])
         else:
             return (f"passes its input {name!r} to its attention, where it neither masks the "
                     f"scores nor acts on the queries and keys only, so trimmed tokens could "
                     f"not follow it")
-    return masks, tuple(tokens)
+    return masks, tuple(tokens), tuple(receives)
+
+
+def _neutral_row(module: nn.Module, arg: str, dim: int, head_dim: int, lead: int
+                 ) -> str | None:
+    """The row (`trimkit.ops.NEUTRAL_ROWS`) that, given to the attention ``module`` as its
+    per-token input ``arg`` for every token after the ``lead`` ones, computes what it
+    computes without the input, found by calling the module's own forward (eval, no
+    gradients) on random tokens with each candidate at the widths a rotary table takes
+    (2 × and 1 × the head width); ``None`` if none does. A packed stream gives this row to
+    the leading tokens of every sample but the first (`trimkit.TokenInput.neutral`)."""
+    from trimkit.ops import NEUTRAL_ROWS
+
+    params = [p for p in module.parameters() if p.is_floating_point()]
+    if not params:
+        return None
+    dtype, device = params[0].dtype, params[0].device
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, lead + 3, dim, generator=gen).to(device=device, dtype=dtype)
+    forward = type(module).forward  # the module's own, whatever is patched on the instance
+    was = module.training
+    try:
+        module.eval()
+        with torch.no_grad():
+            ref = forward(module, x)
+            for width in dict.fromkeys((2 * head_dim, head_dim)):
+                noise = torch.randn(3, width, generator=gen).to(device=device, dtype=dtype)
+                try:  # the input must change the output at this width
+                    if torch.allclose(forward(module, x, **{arg: noise}), ref, atol=1e-5):
+                        continue
+                except Exception:  # noqa: BLE001 - another width, or no rotary table at all
+                    continue
+                for name, (first, second) in NEUTRAL_ROWS.items():
+                    row = torch.cat([x.new_full((width - width // 2,), first),
+                                     x.new_full((width // 2,), second)])
+                    try:
+                        out = forward(module, x, **{arg: row.expand(3, width)})
+                    except Exception:  # noqa: BLE001 - not this candidate
+                        continue
+                    if torch.allclose(out, ref, atol=1e-5, rtol=1e-4):
+                        return name
+    except Exception:  # noqa: BLE001 - a module that cannot run alone: no neutral row
+        return None
+    finally:
+        module.train(was)
+    return None
+
+
+def _follow(spec: TokenInput, layer: LayerDesc, receives: dict, protected: int
+            ) -> TokenInput:
+    """``spec`` as the stream declares it: covering every token where nothing is protected,
+    else the tokens after the protected ones at most, with the row that leaves a token as
+    it is where the attention module shows one (`_neutral_row`), so the stream can pack."""
+    if protected == 0:
+        return replace(spec, leading=0)
+    module, inner = receives[spec.arg]
+    head_dim = layer.head_dim or layer.dim // layer.num_heads
+    return replace(spec, leading=None,
+                   neutral=_neutral_row(module, inner, layer.dim, head_dim, protected))
 
 
 def _mlp_width(block: nn.Module, attention: str, dim: int) -> int | None:
@@ -580,6 +643,7 @@ def discover(model: nn.Module, num_protected: int | None = None) -> Discovery:
     outer = [b for b in blocks if not any(b.startswith(o + ".") for o in blocks if o != b)]
     layers: dict[str, list[tuple[int, LayerDesc, bool]]] = {}
     broken: set[str] = set()  # containers with a block that cannot be placed
+    inner_masked: set[str] = set()  # containers with an attention that computes a mask
     for block in outer:
         container = block.rsplit(".", 1)[0] if "." in block else ""
         paths = [p for b, ps in by_block.items() if b == block or b.startswith(block + ".")
@@ -625,7 +689,12 @@ def discover(model: nn.Module, num_protected: int | None = None) -> Discovery:
             problems.append(f"{block} ({type(module).__name__}) {side}")
             continue
         desc = replace(desc, token_inputs=side[1])
-        layers.setdefault(container, []).append((int(index), desc, attn.masked or side[0]))
+        receives = {t.arg: (module.get_submodule(child), inner)
+                    for t, inner in zip(side[1], side[2], strict=True)}
+        layers.setdefault(container, []).append((int(index), desc, attn.masked or side[0],
+                                                 receives))
+        if attn.masked:
+            inner_masked.add(container)
     for container in broken & set(layers):  # a stream with a gap would run blocks unadapted
         problems.append(f"the blocks of {container or 'the model'} are left untrimmed: one "
                         f"of them cannot be placed")
@@ -633,34 +702,42 @@ def discover(model: nn.Module, num_protected: int | None = None) -> Discovery:
     streams: dict[str, StreamDesc] = {}
     containers = list(layers)
     names = _stream_names(model, containers)
-    all_blocks = [d.block for items in layers.values() for _, d, _ in items]
+    all_blocks = [d.block for items in layers.values() for _, d, _, _ in items]
     for container, items in layers.items():
         items.sort(key=lambda t: t[0])
         dim = items[0][1].dim
         name = names[container]
         protected = (num_protected if num_protected is not None
                      else _protected(model, dim, all_blocks) if len(containers) == 1 else 0)
-        # a token input covers the tokens after the protected ones at most
-        lead = 0 if protected == 0 else None
-        descs = tuple(replace(d, token_inputs=tuple(replace(t, leading=lead)
+        descs = tuple(replace(d, token_inputs=tuple(_follow(t, d, r, protected)
                                                     for t in d.token_inputs))
-                      for _, d, _ in items)
+                      for _, d, _, r in items)
         streams[name] = StreamDesc(name, descs,
                                    num_protected=protected,
-                                   positional=any(m for _, _, m in items))
-    return Discovery(streams, problems)
+                                   positional=any(m for _, _, m, _ in items))
+    input_masked = frozenset(names[c] for c in layers if c not in inner_masked
+                             and streams[names[c]].positional)
+    return Discovery(streams, problems, input_masked)
 
 
 # ------------------------------------------------------------------------------ adapter
 
 def _check_side_inputs(ctx: TrimContext, stream: str, path: str, first: bool, trimmed: bool,
-                       follows: frozenset[str], module: nn.Module, args: tuple,
-                       kwargs: dict) -> None:
+                       follows: frozenset[str], input_masked: bool, module: nn.Module,
+                       args: tuple, kwargs: dict) -> None:
     if not args or not isinstance(args[0], torch.Tensor):
         return
     entry = per_call(ctx, ("entry tokens", stream), dict)  # this call's, not another's
     if first:
         entry["n"] = args[0].shape[1]
+        if input_masked:  # masks only from the blocks' inputs: packs in a call without any
+            given = [v for v in args[1:] if isinstance(v, torch.Tensor)]
+            given += [v for k, v in kwargs.items() if isinstance(v, torch.Tensor)
+                      and k not in follows]
+            if given:
+                ctx.call.unmasked.discard(stream)
+            else:
+                ctx.call.unmasked.add(stream)
     if not (trimmed and ctx.enabled):
         return
     n0 = entry.get("n")
@@ -727,6 +804,7 @@ class GenericAdapter(Adapter):
         (which positional streams read at the tokens' entry positions), else trimmed tokens
         would no longer line up with it (rotary embeddings, position ids)."""
         ctx.track_source = True
+        input_masked = self._discover(model).input_masked
         with Patches() as patches:
             patches.add(*super().install(model, desc, sites, ctx))
             for stream in desc.streams.values():
@@ -735,7 +813,8 @@ class GenericAdapter(Adapter):
                 trimmed = False
                 for i, layer in enumerate(stream.layers):
                     check = partial(_check_side_inputs, ctx, stream.name, layer.block, i == 0,
-                                    trimmed, frozenset(t.arg for t in layer.token_inputs))
+                                    trimmed, frozenset(t.arg for t in layer.token_inputs),
+                                    stream.name in input_masked)
                     patches.hook(model.get_submodule(layer.block), check, pre=True, kwargs=True)
                     site = sites[(stream.name, i)]
                     trimmed = trimmed or bool(len(site.pre) or len(site.post))

@@ -286,6 +286,45 @@ def test_a_table_over_every_token_is_packed_with_its_stream():
     assert not report.failures and "tome" in report.checked
 
 
+@pytest.mark.parametrize("family", sorted(ROTARY))
+def test_rotary_vits_with_a_cls_run_packed_with_ragged_counts(family):
+    """EVA-02's and the RoPE ViTs' tables leave the CLS uncovered; the generic adapter finds
+    the row that leaves a token unrotated (sines 0, cosines 1), so the stream packs: the
+    block after a ragged drop sees one 1×ΣN sequence and a table of ΣN − 1 rows (every
+    sample's CLS but the first takes the neutral row), and packed, compacted and masked
+    execution agree, also with each sample run alone."""
+    make, size = ROTARY[family]
+    make = generic_models.jitter(make)
+    x = images(size)(4)
+    stream = trimkit.find_adapter(make()).describe(make()).stream()
+    spec = stream.layers[0].token_inputs[0]
+    assert spec.leading is None and spec.neutral == "sin-cos" and stream.num_protected == 1
+    RECIPES[_Ragged.name] = _Ragged()
+    try:
+        torch.manual_seed(0)
+        model = trimkit.apply(make().eval(), _Ragged.name)
+        seen = []
+        model.blocks[1].attn.register_forward_pre_hook(
+            lambda m, a, k: seen.append((a[0].shape, k["rope"].shape)), with_kwargs=True)
+        outs = {}
+        with torch.no_grad():
+            for mode in ("packed", "compacted", "masked"):
+                trimkit.set_mode(model, mode)
+                outs[mode] = model(*x)
+                if mode == "packed":
+                    counts = trimkit.last_stats(model).layers[0].tokens_out.tolist()
+            alone = torch.cat([model(x[0][i:i + 1]) for i in range(4)])
+    finally:
+        del RECIPES[_Ragged.name]
+    assert len(set(counts)) > 1  # ragged
+    total = sum(counts)
+    assert seen[0][0] == (1, total, model.embed_dim) and seen[0][1][-2] == total - 1
+    assert seen[1][0][:2] == (4, max(counts))  # compacted: padded to the longest
+    for mode in ("compacted", "masked"):
+        assert torch.allclose(outs["packed"], outs[mode], atol=1e-5), mode
+    assert torch.allclose(outs["packed"], alone, atol=1e-5)
+
+
 # ------------------------------------------------------------- apply refuses up front
 
 CANNOT_FOLLOW = {

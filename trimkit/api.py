@@ -263,10 +263,13 @@ def _run_ends(layers: tuple, i: int) -> bool:
 
 def _packable(desc: ModelDescription) -> frozenset[str]:
     """Streams that may run packed (a packed stream's model code sees one 1×ΣN sequence
-    between its layers; `trimkit.packed`): those whose masks are not positional and whose
-    token inputs cover every token (`trimkit.describe.TokenInput.leading`)."""
-    return frozenset(name for name, s in desc.streams.items() if not s.positional
-                     and all(t.leading == 0 for layer in s.layers for t in layer.token_inputs))
+    between its layers; `trimkit.packed`): those whose token inputs cover every token or
+    state the row that leaves a leading token as it is (`trimkit.describe.TokenInput.leading`,
+    ``neutral``). A stream whose masks are positional packs only in calls that give it none
+    (`trimkit.sites.CallRecord.unmasked`)."""
+    return frozenset(name for name, s in desc.streams.items()
+                     if all(t.leading == 0 or t.neutral is not None
+                            for layer in s.layers for t in layer.token_inputs))
 
 
 def remove(model: nn.Module) -> nn.Module:

@@ -182,6 +182,10 @@ class CallRecord:
     #: the image): `TrimContext.keys_state` gives ``None`` for them, so no trimmer is guided
     #: by a stream the outputs must not depend on
     absent: set[str] = field(default_factory=set)
+    #: positional streams (`StreamDesc.positional`) whose layers get no attention mask in
+    #: the forward under way, as an adapter read from the model's inputs at their entry:
+    #: they may pack (`TrimContext.packing`); the others stay one row per sample
+    unmasked: set[str] = field(default_factory=set)
     #: each cross-attention read of a scored stream leaves its `CrossScores` under
     #: ``(stream, pair of the reading layer)`` until the stream restarts
     cross_scores: dict[tuple[str, int], CrossScores] = field(default_factory=dict)
@@ -250,8 +254,8 @@ class TrimContext:
     #: streams whose layers take inputs indexed by their entry tokens
     #: (`trimkit.describe.TokenInput`), gathered at every layer: they track their source
     follows: frozenset[str] = frozenset()
-    #: streams that may run packed (`trimkit.packed`): read by no cross-attention, with no
-    #: positional masks; others stay padded whatever the mode
+    #: streams that may run packed (`trimkit.packed`), positional ones only in a call that
+    #: gives them no mask (`CallRecord.unmasked`); others stay padded whatever the mode
     packable: frozenset[str] = frozenset()
     _local: _PerThread = field(default_factory=_PerThread, init=False, repr=False,
                                compare=False)
@@ -294,8 +298,10 @@ class TrimContext:
         ``"auto"`` mode in eval (layer by layer, where it pays: `pays_to_pack`); never while
         shapes must stay static (export, `trimkit.fixed_shapes`) or under ``torch.compile``
         (packing reads the counts on the host, which would break the graph at every
-        layer)."""
+        layer); a positional stream only in a call whose adapter found it gets no mask
+        (`CallRecord.unmasked`)."""
         return (stream in self.packable
+                and (stream not in self.positional or stream in self.call.unmasked)
                 and (self.mode == "packed" or (self.mode == "auto" and not training))
                 and not static_shapes() and not torch.compiler.is_compiling())
 
