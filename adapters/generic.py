@@ -805,6 +805,7 @@ class GenericAdapter(Adapter):
         would no longer line up with it (rotary embeddings, position ids)."""
         ctx.track_source = True
         input_masked = self._discover(model).input_masked
+        ctx.unmaskable = ctx.unmaskable | (input_masked & set(desc.streams))
         with Patches() as patches:
             patches.add(*super().install(model, desc, sites, ctx))
             for stream in desc.streams.values():

@@ -220,7 +220,10 @@ def apply(model: nn.Module, recipe: str, *, mode: str = "auto",
                             if any(layer.token_inputs for layer in s.layers))
     with Patches() as patches:
         patches.add(*adapter.install(model, desc, sites, ctx))
-        _install_exits(patches, model, desc, sites)
+        # a positional stream packs only where its adapter tells the calls without a mask
+        ctx.packable = frozenset(s for s in ctx.packable
+                                 if s not in ctx.positional or s in ctx.unmaskable)
+        _install_exits(patches, model, desc, sites, ctx.packable)
         # projections skip the heads a whole batch gated off (inference only)
         patches.add(*install_head_skipping(model, desc, sites))
     container = nn.ModuleDict({f"{s}_{i}": site for (s, i), site in sites.items()})
@@ -236,7 +239,7 @@ def apply(model: nn.Module, recipe: str, *, mode: str = "auto",
 
 
 def _install_exits(patches: Patches, model: nn.Module, desc: ModelDescription,
-                   sites: dict[tuple[str, int], Site]) -> None:
+                   sites: dict[tuple[str, int], Site], packable: frozenset[str]) -> None:
     """An exit point at the output of each packable stream's layers (after whatever the
     adapter hooked there), where per-layer packing hands the batch back one row per
     sample. Only from the stream's first layer with an op on: a stream packs only once
@@ -244,7 +247,7 @@ def _install_exits(patches: Patches, model: nn.Module, desc: ModelDescription,
     that trims nothing there) the hook would run at each layer of each forward for
     nothing."""
     for stream in desc.streams.values():
-        if stream.name not in _packable(desc):
+        if stream.name not in packable:
             continue
         for i, layer in enumerate(stream.layers):
             site = sites[(stream.name, i)]
@@ -265,8 +268,8 @@ def _packable(desc: ModelDescription) -> frozenset[str]:
     """Streams that may run packed (a packed stream's model code sees one 1×ΣN sequence
     between its layers; `trimkit.packed`): those whose token inputs cover every token or
     state the row that leaves a leading token as it is (`trimkit.describe.TokenInput.leading`,
-    ``neutral``). A stream whose masks are positional packs only in calls that give it none
-    (`trimkit.sites.CallRecord.unmasked`)."""
+    ``neutral``). A stream whose masks are positional packs only where its adapter tells
+    the calls that give it none (`trimkit.sites.TrimContext.unmaskable`)."""
     return frozenset(name for name, s in desc.streams.items()
                      if all(t.leading == 0 or t.neutral is not None
                             for layer in s.layers for t in layer.token_inputs))

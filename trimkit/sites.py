@@ -257,6 +257,10 @@ class TrimContext:
     #: streams that may run packed (`trimkit.packed`), positional ones only in a call that
     #: gives them no mask (`CallRecord.unmasked`); others stay padded whatever the mode
     packable: frozenset[str] = frozenset()
+    #: positional streams whose adapter records, call by call, whether their layers get a
+    #: mask (`CallRecord.unmasked`), so that they may pack in the calls that give none; set
+    #: by `trimkit.Adapter.install` (the others never pack)
+    unmaskable: frozenset[str] = frozenset()
     _local: _PerThread = field(default_factory=_PerThread, init=False, repr=False,
                                compare=False)
 
