@@ -103,6 +103,31 @@ def test_later_layers_cache_only_the_kept_image_tokens():
     assert logits.shape[1] == n  # logits keep the prompt's length
 
 
+def test_shortened_layers_share_one_additive_mask_per_call():
+    """The mask of the layers after the drop is built once per call and level, as additive
+    logits (SDPA would convert a bool mask again in every layer), in the prefill and in
+    each decoding step; a dead slot gets the dtype's lowest logit, a live one 0."""
+    m = model(layers=5)
+    inputs = batch(PROMPTS)
+    trimkit.apply(m, "fastv", layer=2, keep=0.25)
+    seen = []
+    for j in (3, 4):
+        m.model.language_model.layers[j].register_forward_pre_hook(
+            lambda mod, a, k: seen.append(k["attention_mask"]), with_kwargs=True)
+    cache, logits = _prefill(m, inputs)
+    token = logits[:, -1:].argmax(-1)
+    mask = torch.cat([inputs["attention_mask"], torch.ones_like(token)], 1)
+    with torch.no_grad():
+        m(input_ids=token, attention_mask=mask, cache=cache, use_cache=True)
+    level = kept_tokens(cache).levels[0]
+    assert len(seen) == 4 and seen[0] is seen[1] and seen[2] is seen[3]
+    prefill, step = seen[0], seen[2]
+    assert prefill.dtype == step.dtype == torch.float32
+    low = torch.finfo(torch.float32).min
+    assert set(prefill.unique().tolist()) == set(step.unique().tolist()) == {0.0, low}
+    assert torch.equal(step[:, 0, 0, :level.live.shape[1]] == 0, level.live)
+
+
 def test_kept_tokens_are_the_top_by_the_last_tokens_attention():
     """The scores equal the attention weights of the untrimmed model run eagerly."""
     m = model(attn="eager")

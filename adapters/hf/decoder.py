@@ -309,11 +309,13 @@ class DecoderStream:
                                          site.num_heads))
 
     def _format(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """A bool mask (True: attend) as the model's implementation takes it."""
-        if original_implementation(self.config) == "eager":
-            return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
-                ~mask, torch.finfo(dtype).min)
-        return mask
+        """A bool mask (True: attend) as additive logits (0, or the dtype's lowest value),
+        made once per call and level: the eager implementation takes only additive masks,
+        and SDPA would convert a bool mask again in every layer that reads it (on CPU two
+        ``where``s and their scalars per layer and decoding step; an additive mask is also
+        the faster input to its kernel)."""
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+            ~mask, torch.finfo(dtype).min)
 
 
 def _needs(site: Site) -> frozenset[str]:
