@@ -3,6 +3,7 @@
 from . import (  # noqa: F401
     attn_prune,
     cases,  # noqa: F401  (conformance cases of the recipes above)
+    combined,
     fastv,
     prune_heads,
     pumer,

@@ -232,6 +232,14 @@ def _visionzip(desc: ModelDescription, entry: Mapping[str, int]) -> Any:
     return trial()
 
 
+def _visionzip_fastv_fits(desc: ModelDescription, entry: Mapping[str, int]) -> str | None:
+    why = _visionzip_fits(desc, entry) or _fastv_fits(desc, entry)
+    if why:
+        return f"visionzip+fastv: {why}"
+    return ("visionzip+fastv changes how many image tokens a prompt must carry, which fixed "
+            "inputs cannot follow; visionzip and fastv are checked on their own")
+
+
 register_case("tome", Case(_tome, _tome_fits))
 register_case("attn_prune", Case(_attn_prune, _need_attention("attn_prune")))
 register_case("smarttrim", Case(_smarttrim))
@@ -239,3 +247,4 @@ register_case("pumer", Case(_pumer, _need_attention("pumer")))
 register_case("prune_heads", Case(_prune_heads, _prune_heads_fits))
 register_case("fastv", Case(_fastv, _fastv_fits))
 register_case("visionzip", Case(_visionzip, _visionzip_fits))
+register_case("visionzip+fastv", Case(_visionzip, _visionzip_fastv_fits))

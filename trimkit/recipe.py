@@ -17,7 +17,8 @@ from .sites import TokenOp
 if TYPE_CHECKING:
     from .adapter import Adapter
 
-__all__ = ["INTS", "LAYERS", "STREAM", "STREAMS", "Option", "Recipe", "SitePlan", "check_ratio"]
+__all__ = ["INTS", "LAYERS", "STREAM", "STREAMS", "Combined", "Option", "Recipe", "SitePlan",
+           "check_ratio"]
 
 
 #: `Option.kind` values beside Python types (``bool``, ``int``, ``float``, ``str``, ``dict``,
@@ -280,3 +281,57 @@ class Recipe:
         ``forward(model, batch)`` what the caller passed to `trimkit.train`, ``options``
         the resolved options the recipe was applied with."""
         return None
+
+
+class Combined(Recipe):
+    """A recipe made of other recipes that trim different layers (e.g. one in a VLM's
+    vision tower, one in its language model), applied together by one `trimkit.apply`.
+
+    Subclass, set ``name`` and ``parts``: a tuple of ``(Recipe subclass, renames)``, where
+    ``renames`` maps this recipe's option names to the part's (``{"vision_layer":
+    "layer"}``) for options two parts share; every other option of a part keeps its name.
+    The options are the parts' (a name two parts would share without a rename is refused
+    when the class is defined), each part plans with its own, and the plans are joined; a
+    layer that two parts would both trim is refused by `plan` (`ValueError`, nothing
+    changed). Recipes that change the model once (``transforms``) do not combine."""
+
+    parts: tuple[tuple[type[Recipe], dict[str, str]], ...] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not cls.parts:
+            return
+        options: dict[str, Option] = {}
+        for part, renames in cls.parts:
+            if part.transforms:
+                raise TypeError(f"{cls.__name__}: recipe {part.name!r} changes the model once "
+                                f"and installs nothing; it does not combine")
+            own = {theirs: mine for mine, theirs in renames.items()}
+            missing = sorted(set(own) - set(part.options))
+            if missing:
+                raise TypeError(f"{cls.__name__}: recipe {part.name!r} has no option "
+                                f"{missing[0]!r} to rename")
+            for theirs, option in part.options.items():
+                mine = own.get(theirs, theirs)
+                if mine in options:
+                    raise TypeError(f"{cls.__name__}: option {mine!r} of recipe {part.name!r} "
+                                    f"is also another part's; rename one in parts")
+                options[mine] = option
+        cls.options = options
+
+    def plan(self, desc: ModelDescription, options: dict[str, Any]
+             ) -> dict[tuple[str, int], SitePlan]:
+        """Each part's plan with its own options, joined."""
+        joined: dict[tuple[str, int], SitePlan] = {}
+        owner: dict[tuple[str, int], str] = {}
+        for part, renames in self.parts:
+            own = {theirs: mine for mine, theirs in renames.items()}
+            sub = {theirs: options[own.get(theirs, theirs)] for theirs in part.options}
+            for key, site in part().plan(desc, sub).items():
+                if key in joined:
+                    raise ValueError(f"recipe {self.name!r}: {part.name!r} and "
+                                     f"{owner[key]!r} would both trim layer {key[1]} of "
+                                     f"stream {key[0]!r}; they combine only on different "
+                                     f"layers")
+                joined[key], owner[key] = site, part.name
+        return joined
