@@ -208,6 +208,31 @@ def test_a_sample_decodes_the_same_alone_and_in_a_left_padded_batch(family):
         assert torch.equal(_generate(m, alone, num_beams=2), beams[b:b + 1])
 
 
+def test_video_tokens_are_dropped_like_image_tokens():
+    from qwen2_vl_models import PAD, VIDEO_TOKEN, VISION_END, VISION_START
+
+    m = model()
+    frames = 16  # a 2×4×8 grid of patches (4 frames, 2 per temporal patch) → 16 tokens
+    ids = torch.tensor([[1, 5, VISION_START] + [VIDEO_TOKEN] * frames + [VISION_END, 7, 8],
+                        [PAD, 1, VISION_START] + [VIDEO_TOKEN] * frames + [VISION_END, 7, 8]])
+    inputs = dict(input_ids=ids, attention_mask=(ids != PAD).long(),
+                  pixel_values_videos=torch.randn(2, 64, 24,
+                                                  generator=torch.Generator().manual_seed(0)),
+                  video_grid_thw=torch.tensor([[2, 4, 8]] * 2),
+                  mm_token_type_ids=(ids == VIDEO_TOKEN).int() * 2)
+    greedy = _generate(m, inputs)
+    trimkit.apply(m, "fastv", keep=1.0)
+    assert torch.equal(_generate(m, inputs), greedy)
+    trimkit.remove(m)
+    trimkit.apply(m, "fastv", layer=2, keep=0.25)
+    cache, _ = _prefill(m, inputs)
+    level = kept_tokens(cache).levels[0]
+    kept = inputs["input_ids"].gather(1, level.index)
+    assert ((kept == VIDEO_TOKEN) & level.live).sum(1).tolist() == [4, 4]
+    assert cache.layers[3].get_seq_length() == ids.shape[1] - 12
+    assert _generate(m, inputs).shape == (2, NEW)
+
+
 def test_generate_leaves_rope_deltas_as_the_untrimmed_model_does():
     m = model()
     inputs = batch(PROMPTS)
@@ -310,3 +335,37 @@ def test_fastv_passes_the_conformance_kit():
     report = check_adapter(model, _kit_inputs, recipes=["fastv"], max_examples=4,
                            batch_sizes=(1, 3), perturb_padding=_other_padding)
     assert set(report.checked) == {"fastv"}
+
+
+# ------------------------------------------------------------------------- the benchmark
+
+def test_bench_reports_the_kv_cache_each_prefill_leaves():
+    from trimkit.tools.bench import benchmark, format_table
+
+    rows = benchmark("qwen2-vl:tiny?image_size=16", "fastv", {"keep": 0.25}, batch_sizes=[2],
+                     warmup=0, repeats=1, memory=False)
+    assert [r.task for r in rows] == ["prefill", "cache copy", "decode", "per token"]
+    prefill = rows[0]
+    # 34 text and 16 image tokens; the last 2 of 4 layers keep 4 image tokens
+    assert prefill.cache_mb_trim / prefill.cache_mb_base == pytest.approx(
+        (2 * 50 + 2 * 38) / (4 * 50))
+    assert "cache MiB trim" in format_table(rows)
+
+
+def test_bench_decodes_at_the_positions_generate_uses():
+    """The decoding task passes each new token's M-RoPE position itself: its tokens are
+    generate's, untrimmed and trimmed."""
+    from trimkit.adapters.hf.qwen2_vl_bench import qwen2_vl_model
+
+    m, make_inputs, tasks = qwen2_vl_model("tiny", text_len=6, new_tokens=3, image_size=16)
+    ids, mask, pixels, grids, types = make_inputs(2)
+    for keep in (None, 0.25):
+        if keep is not None:
+            trimkit.apply(m, "fastv", keep=keep)
+        with torch.no_grad():
+            tasks["prefill"](m, ids, mask, pixels, grids, types)
+            last = tasks["decode"](m, ids, mask, pixels, grids, types)
+            want = m.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels,
+                              image_grid_thw=grids, mm_token_type_ids=types,
+                              max_new_tokens=4, do_sample=False)
+        assert torch.equal(last[:, 0], want[:, -1])

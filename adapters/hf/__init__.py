@@ -7,7 +7,7 @@ tokens from its later layers and KV cache, `trimkit.adapters.hf.decoder`, docs/l
 Qwen2-VL and Qwen2.5-VL (`trimkit.adapters.hf.qwen2_vl`, FastV with multimodal rotary
 positions, docs/qwen2_vl.md)."""
 
-from . import bench, llava_bench
+from . import bench, llava_bench, qwen2_vl_bench
 from .adapter import HFAdapter, UnsupportedConfigError, pooled_positions
 from .attention import ATTN_IMPLEMENTATION, trimkit_attention
 from .blip import BlipAdapter
@@ -17,4 +17,4 @@ from .vilt import ViltAdapter
 
 __all__ = ["ATTN_IMPLEMENTATION", "BlipAdapter", "HFAdapter", "LlavaAdapter",
            "Qwen2VLAdapter", "UnsupportedConfigError", "ViltAdapter", "bench", "llava_bench",
-           "pooled_positions", "trimkit_attention"]
+           "pooled_positions", "qwen2_vl_bench", "trimkit_attention"]
