@@ -304,6 +304,8 @@ def test_bad_options_and_language_recipes_leave_the_model_unchanged():
         trimkit.apply(m, "fastv", layer=4)
     with pytest.raises(ValueError, match="only drops tokens"):
         trimkit.apply(m, "tome", stream="language", r=2)
+    with pytest.raises(ValueError, match="does not say where this attention keeps its heads"):
+        trimkit.apply(m, "prune_heads", heads={"language.1": [0]})
     m.config.text_config._attn_implementation = "flash_attention_2"
     with pytest.raises(trimkit.UnsupportedConfigError, match="'sdpa' or 'eager'"):
         trimkit.apply(m, "fastv")
