@@ -233,14 +233,21 @@ def test_video_tokens_are_dropped_like_image_tokens():
     assert _generate(m, inputs).shape == (2, NEW)
 
 
-def test_generate_leaves_rope_deltas_as_the_untrimmed_model_does():
+def test_generate_keeps_the_shorter_cache_and_the_untrimmed_rope_deltas():
     m = model()
     inputs = batch(PROMPTS)
     _generate(m, inputs)
     deltas = m.model.rope_deltas.clone()
-    trimkit.apply(m, "fastv", keep=0.25)
-    _generate(m, inputs)
+    trimkit.apply(m, "fastv", layer=2, keep=0.25)
+    with torch.no_grad():
+        out = m.generate(**inputs, max_new_tokens=NEW, do_sample=False,
+                         return_dict_in_generate=True)
     assert torch.equal(m.model.rope_deltas, deltas)
+    # the prompt and the new tokens but the last (whose keys no step needed yet)
+    total = inputs["input_ids"].shape[1] + NEW - 1
+    dropped = TOKENS - math.ceil(0.25 * TOKENS)
+    assert [out.cache.layers[j].get_seq_length() for j in range(4)] == [
+        total, total, total - dropped, total - dropped]
 
 
 def test_eager_and_sdpa_agree_and_masked_agrees_with_compacted():
