@@ -467,7 +467,7 @@ SCENES_MODEL: dict = dict(
 #: trains in float32.
 SCENES_TRAINING: dict = dict(
     seed=0, positions="sincos", patch_epochs=2, patch_lr=2e-3, patch_images_per_batch=32,
-    epochs=4, lr=1e-3, questions_per_batch=32, weight_decay=0.01, warmup=0.05,
+    epochs=4, lr=1e-3, questions_per_batch=32, weight_decay=0.01, warmup=0.1,
     grad_clip=1.0, autocast="bf16")
 
 #: the checkpoint `train_baseline` writes by default (``trimkit.benchmarks/data``)
@@ -782,11 +782,13 @@ def _stages(model: nn.Module, train: ScenesSplit, feats: torch.Tensor, mask: tor
              dict(epochs=cfg["patch_epochs"], lr=cfg["patch_lr"],
                   forward=_Autocast(_patch_call, cfg["autocast"], steps is not None),
                   name="stage 1 (tower, patch labels)")),
-            ("questions", FrozenTower(model),
+            ("questions", lambda: FrozenTower(model),  # freezes the tower: made after stage 1
              lambda: FrozenTower.loader(model, train, feats, mask, cfg),
              dict(epochs=cfg["epochs"], lr=cfg["lr"], name="stage 2 (fusion, tower frozen)",
                   forward=_Autocast(_frozen_call, cfg["autocast"], steps is not None)))):
         t0 = time.perf_counter()
+        if not isinstance(module, nn.Module):
+            module = module()
         if callable(loader):  # stage 2 computes the tower's outputs first: its time counts
             loader = loader()
         if steps is not None:

@@ -243,6 +243,9 @@ def test_train_saves_a_checkpoint_that_loads(tmp_path, monkeypatch):
     path = tmp_path / "scenes.pt"
     model, info = sc.train_baseline(path, tmp_path, splits=splits, log=lambda _: None)
     assert info["steps"] == {"patches": 1, "questions": 1}
+    fresh = sc.build_model(seed=sc.SCENES_TRAINING["seed"])  # stage 1 trained the tower
+    assert not torch.equal(model.vit_model.conv1.weight, fresh.vit_model.conv1.weight)
+    assert all(p.requires_grad for p in model.vit_model.parameters())  # given back
     assert set(info["accuracy_by_kind"]) == set(sc.KINDS) and 0 <= info["accuracy"] <= 1
     assert info["gflops"]["total"] > 1.0  # a layer's work dwarfs a trimmer's
     assert path.stat().st_size < 25e6  # the checkpoint leaves the frozen MiniLM out
