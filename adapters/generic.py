@@ -73,6 +73,8 @@ class _Attention:
     masked: bool
     layout: dict = field(default_factory=dict)
     unprunable: str | None = None
+    #: talking heads: how many H -> H linears mix the heads (`LayerDesc.mixes_heads`)
+    mixes: int = 0
 
 
 @dataclass
@@ -284,7 +286,8 @@ def _read_attention(module: nn.Module) -> _Attention | str | None:
     if width % heads:
         return f"its output projection reads {width} features, not a multiple of {heads} heads"
     masked = spec["attn_mask"] is not None or spec["is_causal"] is not False
-    attn = _Attention(heads, width // heads, dim, masked)
+    mixes = sum(t is not None for t in spec.get("mix") or ())
+    attn = _Attention(heads, width // heads, dim, masked, mixes=mixes)
     _head_layout(module, gm, spec, attn, out)
     return attn
 
@@ -293,6 +296,9 @@ def _head_layout(module: nn.Module, gm: fx.GraphModule, spec: dict, attn: _Atten
                  out: tuple[str, list[fx.Node], bool] | None) -> None:
     """Where the heads live (for static head pruning), or why the graph does not say."""
     h, d = attn.heads, attn.head_dim
+    if attn.mixes:
+        attn.unprunable = "its talking heads mix every head's attention"
+        return
     if out is None:
         attn.unprunable = "no nn.Linear output projection reads the attention product"
         return
@@ -682,7 +688,8 @@ def discover(model: nn.Module, num_protected: int | None = None) -> Discovery:
                          residual=residual,
                          head_dim=None if attn.heads * attn.head_dim == attn.dim
                          else attn.head_dim,
-                         mlp_dim=_mlp_width(module, relative, attn.dim), heads=heads)
+                         mlp_dim=_mlp_width(module, relative, attn.dim), heads=heads,
+                         mixes_heads=attn.mixes)
         side = _side_inputs(module, child, _optional_inputs(module))
         if isinstance(side, str):
             broken.add(container)

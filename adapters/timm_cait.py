@@ -68,7 +68,8 @@ class TimmCaitAdapter(Adapter):
                 dim=model.embed_dim, head_dim=attn.qkv.out_features // (3 * attn.num_heads),
                 mlp_dim=fc1.out_features if isinstance(fc1, nn.Linear) else None,
                 heads=HeadLayout(qkv="attn.qkv", out="attn.proj", counts=("attn.num_heads",),
-                                 unsupported=TALKING_HEADS)))
+                                 unsupported=TALKING_HEADS),
+                mixes_heads=2))
         for i, blk in enumerate(model.blocks_token_only or ()):
             attn = getattr(blk, "attn", None)
             if not all(isinstance(getattr(attn, p, None), nn.Linear) for p in "qkv"):

@@ -11,6 +11,13 @@ token trimmer and a head trimmer at its entry (`trimkit.learned`); a token trimm
 term reads its own stream's pooled token in a uni-modal layer, and its own and the other
 stream's in a cross-modal one (``cross_modal=False``: its own only, the paper's ablation).
 
+No head trimmer goes to a layer whose attention mixes its heads (talking heads, as in CaiT:
+`LayerDesc.mixes_heads`). There every head's weights read every head's scores, so a head
+gated off still runs (q, k, scores, softmax); only its output would be zeroed, and the
+cost model (`trimkit.cost`) counts no saving. ``talking_heads=True`` places them anyway.
+Asking for head trimmers where every chosen layer mixes its heads (``tokens=False``, or
+``heads`` naming such streams) is a `ValueError`.
+
 `apply` refuses (`ValueError`, the model unchanged) a ``ratio`` below the lowest cost ratio
 the placement can reach (`trimkit.cost.lowest_ratio`: every token trimmer down to the
 protected tokens and one more, every head trimmer to one head, the layers before the first
@@ -135,6 +142,11 @@ class SmartTrim(Recipe):
                                "stream -> list); default: with a fusion stack, every layer "
                                "but the first few of an image tower (skip), else the layers "
                                "after the first quarter", kind=LAYERS),
+        "talking_heads": Option(False, "also place head trimmers in layers whose attention "
+                                       "mixes its heads (talking heads, e.g. CaiT): their "
+                                       "gates zero heads' outputs but every head still runs, "
+                                       "so they save no compute and the cost counts none",
+                                kind=bool),
         "skip": Option(None, "layers of an image tower left untrimmed at its start under the "
                              "default placement of a model with a fusion stack (default: a "
                              "sixth of the tower, rounded up)", kind=int, low=0),
@@ -226,11 +238,18 @@ class SmartTrim(Recipe):
         common = dict(hidden=options["hidden"], init_logit=init, tau=options["tau"],
                       span=options["span"])
         plans = {}
+        mixing: list[tuple[str, int]] = []  # head trimmers left out: the heads mix
         for name, layers in self._layers(desc, options).items():
             for i in layers:
                 layer = desc.streams[name].layers[i]
                 tok_budget, head_budget = _budget(options["budget"], (name, i))
                 ops: list[nn.Module] = []
+                # gates of heads that mix save nothing (a cross-attention's gates still do)
+                mixes = (bool(layer.mixes_heads) and layer.cross_attention is None
+                         and not options["talking_heads"])
+                if name in heads and mixes and not layer.keys_only:
+                    mixing.append((name, i))
+                heads_here = name in heads and not mixes
                 if name in tokens:
                     other = None
                     if layer.cross_stream is not None and options["cross_modal"]:
@@ -238,7 +257,7 @@ class SmartTrim(Recipe):
                     ops.append(TokenTrimmer(layer.dim, other_dim=other, rank=options["rank"],
                                             budget=tok_budget, norm_pooled=options["norm_pooled"],
                                             **common))
-                if name in heads and not layer.keys_only:  # its heads are the reader's
+                if heads_here and not layer.keys_only:  # its heads are the reader's
                     cross = 0
                     if layer.cross_attention:
                         cross = layer.cross_num_heads or layer.num_heads
@@ -246,6 +265,7 @@ class SmartTrim(Recipe):
                                            budget=head_budget, **common))
                 if ops:
                     plans[(name, i)] = SitePlan(pre=ops)
+        _check_mixing(plans, mixing, tokens, options["heads"])
         if options["budget"] is None:  # a budget keeps fixed fractions; `train` checks then
             check_reachable(desc, {k: p.pre for k, p in plans.items()}, options,
                             lambda: self._default_floor(desc, options))
@@ -358,6 +378,26 @@ def check_reachable(desc: ModelDescription, ops: Mapping[tuple[str, int], list[n
         f"one more, every head trimmer to one head. The layers with no token trimmer at or "
         f"before them ({where or 'none'}) hold {held / full:.0%} of the cost untrimmed. Add "
         f"trimmers there with layers=...{hint}, {last}. Nothing was changed.")
+
+
+def _check_mixing(plans: Mapping[tuple[str, int], SitePlan], mixing: list[tuple[str, int]],
+                  tokens: set[str], asked: Any) -> None:
+    """A `ValueError` when head trimmers were asked for (``tokens=False``, or ``heads``
+    naming streams) and none was placed because the chosen layers mix their heads
+    (``mixing``)."""
+    asked_for = not tokens or not isinstance(asked, bool)
+    placed = any(isinstance(op, HeadTrimmer) for plan in plans.values() for op in plan.pre)
+    if not mixing or not asked_for or placed:
+        return
+    streams = {name for name, _ in mixing}
+    where = "; ".join(f"{s} {_ranges(sorted(i for n, i in mixing if n == s))}"
+                      for s in sorted(streams))
+    raise ValueError(
+        f"smarttrim: head trimmers were asked for, but every chosen layer ({where}) mixes "
+        f"its heads (talking heads): a head gated off there still runs, so head trimmers "
+        f"save nothing. Trim tokens (tokens=True), or place them anyway with "
+        f"talking_heads=True (their gates zero heads' outputs; the cost counts no saving). "
+        f"Nothing was changed.")
 
 
 def _stream_set(desc: ModelDescription, value: Any) -> set[str]:

@@ -102,13 +102,14 @@ def test_pumer_invariants(cait, merge, proportional):
 @given(caits(), st.sampled_from([None, 0.3, 0.75]), st.booleans())
 def test_smarttrim_invariants(cait, budget, heads):
     """Random (not stable) initialisation, so the trimmers drop per instance for real; head
-    gates act on talking heads' mixed outputs."""
+    gates act on talking heads' mixed outputs (placed there only on request: they save
+    nothing)."""
     cfg, batch = cait
     layers = list(range(cfg["depth"]))
     check_invariants(factory(**cfg), images(cfg["img_size"])(batch), "smarttrim",
                      dict(stable_init=False, budget=budget, heads=heads, lambda_cost=0.0,
-                          layers=layers),
-                     dict(heads=heads, layers=layers, lambda_cost=0.0))
+                          layers=layers, talking_heads=True),
+                     dict(heads=heads, layers=layers, lambda_cost=0.0, talking_heads=True))
 
 
 # ------------------------------------------------------------------ what the blocks read

@@ -15,9 +15,15 @@ heads of Hc):
 A `LayerDesc.keys_only` layer costs nothing itself: its tokens are the keys ``m`` of the
 cross-attention that reads them, counted there.
 
+A `LayerDesc.mixes_heads` layer (talking heads) adds its H × H mixes, ``2·n²·H²`` each, and
+runs every head whatever the gates say: each head's weights read every head's scores, so a
+gated-off head's q, k, scores and softmax are still needed, and execution computes it all
+and zeroes the gated heads' outputs. Its live heads ``h`` are therefore ignored (``h = H``):
+a head trimmer there saves nothing.
+
 ``h'`` (``hc'``) is the heads whose projections run: the live heads where the layer's
-`HeadLayout` (``heads`` / ``cross_heads``) lets the engine skip a gated-off head's
-projections (`trimkit.headskip`), else all of them (``H·d`` is the attention's width,
+`HeadLayout` (``heads`` / ``cross_heads``) names the projections and lets the engine skip a
+gated-off head's (`trimkit.headskip`), else all of them (``H·d`` is the attention's width,
 smaller than D once heads were pruned). Execution computes them anyway, and the model then
 counts less than is spent, for an ``nn.MultiheadAttention`` called with ``need_weights=True``,
 a projection shared between attentions, and the q, k, v of a layer whose ops record keys or
@@ -49,25 +55,31 @@ __all__ = ["LowestRatio", "Reach", "expected_ratio", "layer_flops", "lowest_rati
 
 
 def _skips_projections(layout: HeadLayout | None) -> bool:
-    """Whether the engine skips a gated-off head's projections in an attention laid out so."""
-    return layout is not None and not layout.unsupported
+    """Whether the engine skips a gated-off head's projections in an attention laid out so:
+    the layout is supported and names the projections (an output projection, or an
+    ``nn.MultiheadAttention``); one that only says why heads cannot be pruned names none."""
+    return (layout is not None and not layout.unsupported
+            and (layout.multihead is not None or layout.out is not None))
 
 
 def layer_flops(layer: LayerDesc, n, n_out, heads=None, cross_keys=None, cross_heads=None):
     """FLOPs of ``layer`` for n tokens in, ``n_out`` out, ``heads`` live heads (``None``: all),
     and ``cross_keys`` keys in its cross-attention (ignored without one) with ``cross_heads``
     live heads. Gated-off heads save their attention products, and their projections where
-    the layer's `HeadLayout` lets execution skip them. Works on floats and on tensors alike
-    (per-sample counts, with gradient)."""
+    the layer's `HeadLayout` lets execution skip them; in a layer that mixes its heads
+    (`LayerDesc.mixes_heads`) they save nothing, and the mixes count. Works on floats and on
+    tensors alike (per-sample counts, with gradient)."""
     if layer.keys_only:
         return 0.0
     d_model, h_all = layer.dim, layer.num_heads
     d_head = layer.head_dim or d_model / h_all
     mlp = layer.mlp_dim or 4 * d_model
-    h = h_all if heads is None else heads
+    h = h_all if heads is None or layer.mixes_heads else heads
     # the projections' width: H·d (smaller than D once heads are pruned), or the live heads'
     inner = (h if _skips_projections(layer.heads) else h_all) * d_head
     flops = 8 * n * d_model * inner + 4 * n * n * d_head * h + 4 * n_out * d_model * mlp
+    if layer.mixes_heads:  # talking heads: H -> H mixes of the n×n maps
+        flops = flops + 2 * layer.mixes_heads * n * n * h_all * h_all
     if layer.cross_attention is not None and cross_keys is not None:
         hc_all = layer.cross_num_heads or h_all
         hc = hc_all if cross_heads is None else cross_heads

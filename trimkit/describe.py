@@ -116,6 +116,11 @@ class LayerDesc:
       or match tokens with a layer's self-attention skip it.
     - ``token_inputs``: the block's further inputs indexed by the stream's entry tokens
       (`TokenInput`), which the engine gathers to follow the tokens.
+    - ``mixes_heads``: how many H → H linears mix its self-attention's heads (talking
+      heads, Shazeer et al. 2020: 2, one over the logits' heads before the softmax and one
+      over the weights' after it; 0: the heads are independent). Where they mix, every
+      head's output reads every head's scores: a head gate saves nothing, since every head
+      still runs, and the cost model (`trimkit.cost`) counts all heads and the mixes.
     """
 
     block: str
@@ -137,6 +142,7 @@ class LayerDesc:
     cross_heads: HeadLayout | None = None
     keys_only: bool = False
     token_inputs: tuple[TokenInput, ...] = ()
+    mixes_heads: int = 0
 
 
 @dataclass(frozen=True)
