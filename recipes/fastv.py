@@ -1,5 +1,5 @@
 """FastV (Chen et al., ECCV 2024, arXiv 2403.06764): "an image is worth 1/2 tokens after
-layer 2". Training-free, inside the language model of a decoder VLM (LLaVA).
+layer 2". Training-free, inside the language model of a decoder VLM (LLaVA, Qwen2-VL).
 
 In the prefill, the first ``layer`` = K layers of the language model run on every token.
 The K-th ranks the image tokens by the attention the last prompt token pays them in its
@@ -16,8 +16,9 @@ The paper's reference rounds the kept count; trimkit rounds up (they differ by a
 token).
 
 Where it runs: a model whose adapter describes its language model as a ``"language"``
-stream (`trimkit.adapters.hf.llava`); the adapter does the dropping, masking and caching
-(`trimkit.adapters.hf.decoder`).
+stream (`trimkit.adapters.hf.llava`, and `trimkit.adapters.hf.qwen2_vl` for Qwen2-VL and
+Qwen2.5-VL, whose kept tokens keep their multimodal rotary positions); the adapter does the
+dropping, masking and caching (`trimkit.adapters.hf.decoder`).
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ class FastV(Recipe):
         stream = desc.streams.get(LANGUAGE)
         if stream is None:
             raise ValueError(f"fastv drops image tokens inside the language model of a "
-                             f"decoder VLM (a {LANGUAGE!r} stream, e.g. LLaVA's); this "
+                             f"decoder VLM (a {LANGUAGE!r} stream, e.g. LLaVA's or "
+                             f"Qwen2-VL's); this "
                              f"{desc.family!r} model has streams {sorted(desc.streams)}")
         depth, k = len(stream.layers), options["layer"]
         if not 1 <= k < depth:
