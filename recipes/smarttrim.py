@@ -276,7 +276,10 @@ class SmartTrim(Recipe):
         if options["layers"] is None and options["streams"] is None:
             return None
         default = dict(options, layers=None, streams=None, lambda_cost=0.0)
-        plans = self.plan(desc, default)
+        try:
+            plans = self.plan(desc, default)
+        except ValueError:  # e.g. heads alone, and the default layers' heads all mix
+            return None
         return reach(desc, {k: p.pre for k, p in plans.items()}, options).ratio
 
     def objective(self, model: nn.Module, loss_fn: Callable, forward: Callable | None,
