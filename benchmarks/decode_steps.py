@@ -7,8 +7,10 @@ the few percent a decoding step differs. This script builds the preset
 (``--recipe`` with its options, and the same recipe with ``--zero KEY=VALUE``: every hook
 installed, nothing dropped), runs one prefill each, then times ``--steps`` greedy decoding
 steps *interleaved*: step ``i`` of every model back to back, the order rotating, each
-continuing its own cache. Load that comes and goes then hits every model alike. It prints
-the median, lower quartile and minimum per step of each model and the median ratios.
+continuing its own cache. ``--control`` adds an untrimmed deep copy: the trimmed models are
+copies, whose weights lie elsewhere in memory, which alone can move a memory-bound step.
+Load that comes and goes then hits every model alike. It prints the median, lower quartile
+and minimum per step of each model and the median ratios.
 
 Run (from the repository root; minutes on one thread)::
 
@@ -44,13 +46,16 @@ def _options(pairs: list[str]) -> dict[str, Any]:
 
 
 def measure(preset: str, batch_size: int, steps: int, recipe: str, options: dict[str, Any],
-            zero: dict[str, Any], image_size: int | None = None, threads: int = 1
-            ) -> dict[str, list[float]]:
-    """Seconds per decoding step of each model (``"untrimmed"``, ``recipe``, and ``recipe``
-    with ``zero`` options), the steps interleaved."""
+            zero: dict[str, Any], image_size: int | None = None, threads: int = 1,
+            control: bool = False) -> dict[str, list[float]]:
+    """Seconds per decoding step of each model (``"untrimmed"``, with ``control`` an
+    untrimmed deep copy, ``recipe``, and ``recipe`` with ``zero`` options unless empty),
+    the steps interleaved."""
     torch.set_num_threads(threads)
     base, make_inputs, _ = llava_model(preset, image_size=image_size)
     models = {"untrimmed": base}
+    if control:  # the weights of a deep copy lie elsewhere in memory, as the trimmed ones do
+        models["untrimmed copy"] = copy.deepcopy(base)
     models[recipe] = trimkit.apply(copy.deepcopy(base), recipe, **options)
     if zero:
         models[f"{recipe}, nothing dropped"] = trimkit.apply(copy.deepcopy(base), recipe,
@@ -104,15 +109,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--zero", action="append", default=None, metavar="KEY=VALUE",
                    help="options that drop nothing (default for fastv: keep=1.0)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--control", action="store_true",
+                   help="also time an untrimmed deep copy (the trimmed models are copies: "
+                        "their weights lie elsewhere in memory)")
+    p.add_argument("--no-zero", action="store_true", help="skip the nothing-dropped model")
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.steps < 1:
         p.error("--batch-size and --steps must be >= 1")
     options = _options(args.option) or ({"layer": 2, "keep": 0.5} if args.recipe == "fastv"
                                         else {})
     zero = _options(args.zero) if args.zero is not None else (
-        {"keep": 1.0} if args.recipe == "fastv" else {})
+        {"keep": 1.0} if args.recipe == "fastv" and not args.no_zero else {})
     times = measure(args.model, args.batch_size, args.steps, args.recipe, options, zero,
-                    args.image_size, args.threads)
+                    args.image_size, args.threads, args.control)
     print(f"model {args.model}  image {args.image_size or 'preset'}  batch {args.batch_size}  "
           f"recipe {args.recipe} {options}  {args.steps} interleaved steps  "
           f"threads {args.threads}")
